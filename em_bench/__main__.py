@@ -1,0 +1,3 @@
+from em_bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The EmBenchError family: errors a researcher can act on.
+
+Every message says what was expected, what was found, where (file:line or config key) and what to
+do. The CLI prints them as one line and exits non-zero; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class EmBenchError(Exception):
+    """Base class of every error the CLI reports as one clear line."""
+
+
+class ConfigError(EmBenchError):
+    """A config value or key is wrong."""
+
+
+class DataError(EmBenchError):
+    """A data file is malformed; the message names the file and the line."""
+
+
+class UnknownNameError(EmBenchError):
+    """A name (task, defense, judge, backend) is not registered."""
+
+    def __init__(self, kind: str, name: str, known: list[str]):
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(known))}.")
+        self.kind, self.name, self.known = kind, name, known
+
+
+class StoreError(EmBenchError):
+    """The results store is missing, foreign or damaged."""
+
+
+def missing_extra(package: str, extra: str) -> EmBenchError:
+    """The error for an optional dependency that is not installed."""
+    return EmBenchError(
+        f"{package} is not installed; install it with: pip install 'em-bench[{extra}]'"
+    )
