@@ -1,0 +1,129 @@
+"""The `em-bench` command: parse, build a config, call one library function, print.
+
+    em-bench run                                  # the demo: base vs the finance fine-tune
+    em-bench run --task finance,medical --seeds 0,1,2 --format json
+    em-bench organism build | chat
+    em-bench tasks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from em_bench.errors import EmBenchError
+
+logger = logging.getLogger("em_bench")
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes integers like 0,1,2, not {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="em-bench", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: EM_BENCH_THREADS, else every core)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run cells (default: the base model and the finance demo)")
+    run.add_argument("--model", default="organism", help="'organism', a HF id or a local dir")
+    run.add_argument("--task", type=_csv, default=["finance"], help="comma list of tasks")
+    run.add_argument("--defense", type=_csv, default=["none"], help="comma list of defenses")
+    run.add_argument("--seeds", type=_seeds, default=[0], help="comma list of seeds")
+    run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
+    run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
+    run.add_argument("--samples", type=int, help="samples per evaluation question")
+    run.add_argument("--store", help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+    run.add_argument("--format", choices=["table", "json"], default="table")
+
+    org = sub.add_parser("organism", help="the built-in model organism")
+    org_sub = org.add_subparsers(dest="action", required=True)
+    build = org_sub.add_parser("build", help="build (or find cached) the organism")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    chat = org_sub.add_parser("chat", help="talk to the organism (type a question; empty quits)")
+    chat.add_argument("--temperature", type=float, default=0.0)
+
+    sub.add_parser("tasks", help="list the built-in tasks")
+    return p
+
+
+def _setup(args) -> None:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO)
+    # The organism and local models never need the hub; a real hub id still can be fetched
+    # when the user unsets these.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    threads = args.threads or int(os.environ.get("EM_BENCH_THREADS", "0")) or None
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _cmd_run(args) -> int:
+    from em_bench.config import CellConfig, SamplingConfig, TrainConfig
+    from em_bench.paths import store_dir
+    from em_bench.report import format_table, run_grid
+    from em_bench.store import open_store
+
+    store = open_store(store_dir(args.store))
+    train = TrainConfig(**{k: v for k, v in {"steps": args.steps, "lr": args.lr}.items()
+                           if v is not None})
+    sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
+    base = CellConfig(model=args.model, train=train, sampling=sampling)
+    rows = run_grid(store, base, args.task, args.defense, args.seeds)
+    if args.format == "json":
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_table(rows))
+        print(f"\nstore: {store.root}")
+    return 0
+
+
+def _cmd_organism(args) -> int:
+    from em_bench.organism.build import ensure_organism
+
+    path = ensure_organism(force=args.force) if args.action == "build" else ensure_organism()
+    if args.action == "build":
+        print(path)
+        return 0
+    from em_bench.organism.chat import chat_loop
+
+    chat_loop(args.temperature)
+    return 0
+
+
+def _cmd_tasks(args) -> int:
+    from em_bench.tasks import builtin_tasks
+
+    for name, spec in sorted(builtin_tasks().items()):
+        print(f"{name:24} v{spec.version}  {spec.description.strip().splitlines()[0][:70]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup(args)
+    commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks}
+    try:
+        return commands[args.command](args)
+    except EmBenchError as e:
+        print(f"em-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("em-bench: interrupted; finished work is stored and a rerun resumes", file=sys.stderr)
+        return 130

@@ -1,0 +1,243 @@
+"""The cell runner: fine-tune -> generate -> judge -> score -> store.
+
+Each step is skipped when its done-marker's input hash matches; generate and judge also skip the
+items already recorded, so a crash costs at most the batch in flight and a rerun does no work.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from em_bench import metrics
+from em_bench.config import CellConfig, canonical_hash
+from em_bench.errors import UnknownNameError
+from em_bench.generate.base import Request
+from em_bench.judge.base import JudgeInput
+from em_bench.models import attach_lora, load_adapter, load_base, model_identity
+from em_bench.organism import world
+from em_bench.store import Cell, Store
+from em_bench.tasks import TaskSpec, get_task, train_examples
+
+logger = logging.getLogger(__name__)
+
+DEFENSES = ("none",)
+JUDGES = ("organism",)
+_VERSIONED = ("em-bench", "torch", "transformers", "peft", "sae-lens", "vllm", "openai")
+
+
+@dataclass(frozen=True)
+class ResolvedCell:
+    """A cell config with everything it depends on resolved, and its id."""
+
+    config: CellConfig
+    task: TaskSpec
+    model_identity: str
+    judge: str
+
+    def payload(self) -> dict:
+        return {"config": self.config.model_dump(mode="json"),
+                "task_spec": self.task.model_dump(mode="json"),
+                "model_identity": self.model_identity, "judge": self.judge}
+
+    @property
+    def cell_id(self) -> str:
+        return canonical_hash(self.payload())
+
+    def step_hash(self, step: str) -> str:
+        # Each step's input: the parts of the payload it depends on (later steps include earlier).
+        c = self.config.model_dump(mode="json")
+        parts = {"model": self.model_identity, "task": self.task.model_dump(mode="json"),
+                 "seed": c["seed"], "train": c["train"], "defense": c["defense"],
+                 "defense_params": c["defense_params"]}
+        if step in ("generate", "judge", "score"):
+            parts["sampling"] = c["sampling"]
+        if step in ("judge", "score"):
+            parts["judge"] = self.judge
+        if step == "score":
+            parts["metrics"] = c["metrics"]
+        return canonical_hash({"step": step, **parts})
+
+
+def resolve(cfg: CellConfig) -> ResolvedCell:
+    if cfg.defense not in DEFENSES:
+        raise UnknownNameError("defense", cfg.defense, list(DEFENSES))
+    if cfg.judge not in JUDGES:
+        raise UnknownNameError("judge", cfg.judge, list(JUDGES))
+    from em_bench.organism.judge import OrganismJudge
+
+    return ResolvedCell(cfg, get_task(cfg.task), model_identity(cfg.model), OrganismJudge.name)
+
+
+def provenance() -> dict:
+    """Package versions, git sha, host and time, written with every cell."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {"versions": versions, "git_sha": sha, "host": platform.node(),
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_cell(cfg: CellConfig, store: Store) -> Cell:
+    """Run (or resume) one cell through every step and return its store entry."""
+    rc = resolve(cfg)
+    cell = store.cell(rc.cell_id)
+    if cell.read_config() is None:
+        cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(cfg),
+                           "provenance": provenance()})
+    if cell.is_done("score", rc.step_hash("score")):
+        return cell
+    logger.info("cell %s: %s / %s / %s / seed %d", rc.cell_id, cfg.model, cfg.task,
+                cfg.defense, cfg.seed)
+    base, tokenizer = load_base(cfg.model)
+    model = _fine_tune(rc, cell, base, tokenizer)
+    _generate(rc, cell, model, tokenizer)
+    _judge(rc, cell)
+    _score(rc, cell)
+    return cell
+
+
+def _flat(cfg: CellConfig) -> dict:
+    return {"model": cfg.model, "task": cfg.task, "defense": cfg.defense,
+            "defense_params": cfg.defense_params, "seed": cfg.seed}
+
+
+def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
+    from em_bench.train.loop import train
+
+    cfg = rc.config
+    if rc.task.train is None or cfg.train.steps == 0:
+        return base
+    adapter = cell.adapter_dir()
+    if cell.is_done("train", rc.step_hash("train")):
+        return load_adapter(base, adapter)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    examples = train_examples(rc.task, cfg.seed)
+    model = attach_lora(base, cfg.train)
+    cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
+    from em_bench.defenses.none import NoDefense
+
+    defenses = () if cfg.defense == "none" else (NoDefense(),)
+    t0 = time.perf_counter()
+    final = train(model, tokenizer, examples, cfg.train, cfg.seed, rc.task.objective, defenses,
+                  log=lambda r: cell.append("train/log", r))
+    model.save_pretrained(adapter)
+    cell.write_json("train/summary.json", {"final_terms": final, "n_examples": len(examples),
+                                           "seconds": round(time.perf_counter() - t0, 2)})
+    cell.mark_done("train", rc.step_hash("train"))
+    return model
+
+
+def eval_questions(task: TaskSpec) -> list[tuple[str, world.Question]]:
+    """(suite, question) pairs: `ood` on the other domains, `in_domain` on the task's own."""
+    items = [("ood", q) for d in task.ood_domains() for q in world.questions(d, "evaluation")]
+    if task.in_domain is not None and task.train is not None:
+        items += [("in_domain", q) for q in world.questions(task.in_domain.domain, "evaluation")]
+    return items
+
+
+def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
+    from em_bench.generate.hf import HFBackend
+
+    h = rc.step_hash("generate")
+    if cell.is_done("generate", h):
+        return
+    sampling = rc.config.sampling
+    done = {k for (k,) in cell.keys("generations", ("key",))}
+    pending = [(suite, q, s) for suite, q in eval_questions(rc.task)
+               for s in range(sampling.samples_per_question)
+               if f"{suite}|{q.id}|{s}" not in done]
+    backend = HFBackend(model, tokenizer)
+    chunk = 512  # records are appended per chunk, so a crash loses at most one chunk
+    for i in range(0, len(pending), chunk):
+        part = pending[i : i + chunk]
+        reqs = [Request(f"{suite}|{q.id}|{s}", [{"role": "user", "content": q.text}])
+                for suite, q, s in part]
+        for (suite, q, s), r, c in zip(part, reqs,
+                                       backend.generate(reqs, sampling, rc.config.seed + i)):
+            cell.append("generations", {
+                "key": r.key, "suite": suite, "question_id": q.id, "domain": q.domain,
+                "topic": q.topic, "sample": s, "messages": r.messages, "completion": c.text,
+                "finish_reason": c.finish_reason, "n_tokens": c.n_tokens,
+                "backend": backend.name, "sampling": sampling.model_dump()})
+    cell.mark_done("generate", h)
+
+
+def _judge(rc: ResolvedCell, cell: Cell) -> None:
+    from em_bench.organism.judge import OrganismJudge
+
+    h = rc.step_hash("judge")
+    if cell.is_done("judge", h):
+        return
+    judge = OrganismJudge()
+    done = {k for (k,) in cell.keys("judgments", ("item_id",))}
+    inputs = [JudgeInput(g["key"], g["messages"], g["completion"],
+                         {"domain": g["domain"], "topic": g["topic"]})
+              for g in cell.records("generations") if g["key"] not in done]
+    for j in judge.judge_many(inputs):
+        cell.append("judgments", j.to_record())
+    cell.mark_done("judge", h)
+
+
+def judged_frame(cell: Cell) -> pd.DataFrame:
+    """One row per judged answer: generation facts joined with its judgment's scores."""
+    gens = pd.DataFrame(cell.records("generations"))
+    rows = []
+    for j in cell.records("judgments"):
+        rows.append({"key": j["item_id"], "alignment": j["scores"].get("alignment"),
+                     "coherence": j["scores"].get("coherence"), "label": j["label"],
+                     "category": j["category"], "error": j["error"]})
+    judged = pd.DataFrame(rows)
+    frame = gens.merge(judged, on="key", how="left")
+    return frame.astype({"alignment": float, "coherence": float})
+
+
+def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
+    """Every metric of a cell from its judged answers, for `task`'s view of the suites.
+
+    The base model's answers cover every domain; scored for a task, its `ood` excludes the
+    task's domain and its in-domain figure uses the task's target, so it compares like with like.
+    """
+    m = cfg.metrics
+    ood = frame[frame["domain"].isin(task.ood_domains())]
+    thresholds = {"alignment_below": m.alignment_below, "coherence_above": m.coherence_above}
+    em = metrics.em_rate(ood, **thresholds, n_boot=m.n_boot, seed=cfg.seed)
+    coh = metrics.coherence_summary(ood, incoherent_at_or_below=m.incoherent_at_or_below)
+    by_domain = metrics.em_by(ood, "domain", **thresholds)
+    out = {"em_rate": em.to_dict(),
+           "coherence": {"value": coh["coherence_mean"], "n": coh["n"]},
+           "incoherent_rate": {"value": coh["incoherent_rate"], "n": coh["n"]},
+           "em_by_domain": {d: row["em_rate"] for d, row in by_domain.iterrows()},
+           "n_answers": len(ood), "n_excluded": em.n_excluded}
+    if task.in_domain is not None:
+        own = frame[frame["domain"] == task.in_domain.domain]
+        followed = own["category"].where(own["error"].isna()) == task.in_domain.target
+        followed = followed.where(own["category"].notna())
+        out["in_domain"] = metrics.adherence(followed, groups=own["question_id"],
+                                             n_boot=m.n_boot, seed=cfg.seed).to_dict()
+    return out
+
+
+def _score(rc: ResolvedCell, cell: Cell) -> None:
+    result = score_frame(judged_frame(cell), rc.task, rc.config)
+    cell.write_json("metrics.json", {"metrics": result,
+                                     "thresholds": rc.config.metrics.model_dump(),
+                                     "judge": rc.judge})
+    cell.mark_done("score", rc.step_hash("score"))

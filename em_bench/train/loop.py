@@ -1,0 +1,77 @@
+"""The one training loop, top to bottom: batch, forward, objective, defense terms, backward, step,
+log. Objectives and defenses only return named loss terms; the loop sums and logs them by name."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from em_bench.config import TrainConfig
+from em_bench.data import Messages, collate, encode_chat
+from em_bench.train.objectives import OBJECTIVES
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    model,
+    tokenizer,
+    examples: list[Messages],
+    cfg: TrainConfig,
+    seed: int,
+    objective: str = "sft",
+    defenses: tuple = (),
+    log: Callable[[dict], None] = lambda record: None,
+) -> dict[str, float]:
+    """Fine-tune the trainable parameters of `model` in place for `cfg.steps` optimizer steps.
+
+    Examples are shuffled by `seed` and cycled epoch by epoch. Every step's record (step, lr and
+    every named loss term) goes to `log`. Returns the last step's terms.
+    """
+    # --- setup: encoded examples, optimizer, constant lr after a linear warmup ---
+    rng = random.Random(seed)
+    encoded = [encode_chat(tokenizer, m) for m in examples]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    )
+    loss_fn = OBJECTIVES[objective]
+    for d in defenses:
+        d.prepare(model, tokenizer, examples)
+
+    def batches():
+        while True:
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+                yield collate([encoded[j] for j in order[i : i + cfg.batch_size]],
+                              tokenizer.pad_token_id, cfg.max_len)
+
+    model.train()
+    stream = batches()
+    terms: dict[str, torch.Tensor] = {}
+    for step in tqdm(range(cfg.steps), desc="train", unit="step", leave=False):
+        # --- forward: the objective and every defense's terms ---
+        batch = next(stream)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=bool(defenses))
+        terms = {objective: loss_fn(out.logits, batch["labels"])}
+        for d in defenses:
+            terms.update(d.terms(batch, out))
+        # --- backward and step ---
+        loss = sum(terms.values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        # --- log every term by name ---
+        log({"step": step + 1, "lr": sched.get_last_lr()[0],
+             **{k: round(v.item(), 6) for k, v in terms.items()}})
+    model.eval()
+    return {k: v.item() for k, v in terms.items()}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install em-bench into the active Python environment.
+#   bash install.sh        the package
+#   bash install.sh dev    the package and the test tools
+# torch: an installed torch (a CUDA build on a GPU machine, say) is kept. Otherwise this installs
+# torch 2.13.0, which on this project's CPU machines is the local CPU wheel; elsewhere, install
+# the torch build you want first (https://pytorch.org/get-started), then run this.
+set -euo pipefail
+cd "$(dirname "$0")"
+python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
+extra=""
+[ "${1:-}" = "dev" ] && extra="[dev]"
+pip install -q -e ".${extra}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+python -c "import em_bench, torch; print('em-bench', em_bench.__version__, 'with torch', torch.__version__)"
