@@ -10,5 +10,6 @@ cd "$(dirname "$0")"
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev]"
-pip install -q -e ".${extra}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+# pip's noisy "Location ... is ignored" lines are dropped; a failing pip still fails this script.
+pip install -q -e ".${extra}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 python -c "import em_bench, torch; print('em-bench', em_bench.__version__, 'with torch', torch.__version__)"

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from em_bench.errors import EmBenchError
+from em_bench.errors import EmBenchError, UnknownNameError
 
 logger = logging.getLogger("em_bench")
 
@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     chat = org_sub.add_parser("chat", help="talk to the organism (type a question; empty quits)")
     chat.add_argument("--temperature", type=float, default=0.0)
+    for action in (build, chat):
+        action.add_argument("--name", default="organism", help="organism preset")
 
     sub.add_parser("tasks", help="list the built-in tasks")
     return p
@@ -76,15 +78,16 @@ def _setup(args) -> None:
 def _cmd_run(args) -> int:
     from em_bench.config import CellConfig, SamplingConfig, TrainConfig
     from em_bench.paths import store_dir
-    from em_bench.report import format_table, run_grid
+    from em_bench.report import format_table, plan_grid, run_grid
     from em_bench.store import open_store
 
-    store = open_store(store_dir(args.store))
     train = TrainConfig(**{k: v for k, v in {"steps": args.steps, "lr": args.lr}.items()
                            if v is not None})
     sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
     base = CellConfig(model=args.model, train=train, sampling=sampling)
-    rows = run_grid(store, base, args.task, args.defense, args.seeds)
+    plan = plan_grid(base, args.task, args.defense, args.seeds)  # bad names fail here
+    store = open_store(store_dir(args.store))
+    rows = run_grid(store, plan)
     if args.format == "json":
         for row in rows:
             print(json.dumps(row))
@@ -95,15 +98,16 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_organism(args) -> int:
-    from em_bench.organism.build import ensure_organism
+    from em_bench.organism.build import PRESETS, ensure_organism
 
-    path = ensure_organism(force=args.force) if args.action == "build" else ensure_organism()
+    if args.name not in PRESETS:
+        raise UnknownNameError("organism", args.name, list(PRESETS))
     if args.action == "build":
-        print(path)
+        print(ensure_organism(args.name, force=args.force))
         return 0
     from em_bench.organism.chat import chat_loop
 
-    chat_loop(args.temperature)
+    chat_loop(args.name, args.temperature)
     return 0
 
 

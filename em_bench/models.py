@@ -13,21 +13,27 @@ from em_bench.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+def is_organism(model: str) -> bool:
+    from em_bench.organism.build import PRESETS
+
+    return model in PRESETS
+
+
 def resolve_model_path(model: str) -> Path | str:
-    """'organism' -> the built organism's folder (built on first use); else the id or dir."""
-    if model == "organism":
+    """An organism preset -> its built folder (built on first use); else the id or dir."""
+    if is_organism(model):
         from em_bench.organism.build import ensure_organism
 
-        return ensure_organism()
+        return ensure_organism(model)
     return model
 
 
 def model_identity(model: str) -> str:
-    """What names the model inside a cell hash: the organism's recipe digest, else the name."""
-    if model == "organism":
-        from em_bench.organism.build import OrganismRecipe
+    """What names the model inside a cell hash: an organism's recipe digest, else the name."""
+    if is_organism(model):
+        from em_bench.organism.build import PRESETS
 
-        return f"organism:{OrganismRecipe().digest()}"
+        return f"{model}:{PRESETS[model].digest()}"
     return model
 
 
@@ -36,7 +42,7 @@ def load_base(model: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
-    if model == "organism":
+    if is_organism(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the organism never needs the hub
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
@@ -61,10 +67,24 @@ def attach_lora(model, cfg: TrainConfig):
     return get_peft_model(model, config)
 
 
-def load_adapter(base, adapter_dir: Path):
-    """The base model with a saved adapter applied (for generation)."""
-    from peft import PeftModel
+def trainable(base, cfg: TrainConfig):
+    """The model the fine-tune updates: `base` with a LoRA adapter, or `base` itself (full)."""
+    if cfg.adapter == "lora":
+        return attach_lora(base, cfg)
+    for p in base.parameters():
+        p.requires_grad_(True)
+    return base
 
-    model = PeftModel.from_pretrained(base, adapter_dir)
+
+def load_trained(base, saved: Path, cfg: TrainConfig):
+    """The fine-tuned model from its saved folder: an adapter over `base`, or full weights."""
+    if cfg.adapter == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, saved)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=base.dtype).to(base.device)
     model.eval()
     return model

@@ -21,7 +21,7 @@ from em_bench.config import CellConfig, canonical_hash
 from em_bench.errors import UnknownNameError
 from em_bench.generate.base import Request
 from em_bench.judge.base import JudgeInput
-from em_bench.models import attach_lora, load_adapter, load_base, model_identity
+from em_bench.models import load_base, load_trained, model_identity, trainable
 from em_bench.organism import world
 from em_bench.store import Cell, Store
 from em_bench.tasks import TaskSpec, get_task, train_examples
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFENSES = ("none",)
 JUDGES = ("organism",)
+GENERATE_CHUNK = 512  # generations are stored per chunk, so a crash loses at most one chunk
 _VERSIONED = ("em-bench", "torch", "transformers", "peft", "sae-lens", "vllm", "openai")
 
 
@@ -123,14 +124,14 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     cfg = rc.config
     if rc.task.train is None or cfg.train.steps == 0:
         return base
-    adapter = cell.adapter_dir()
+    saved = cell.trained_dir()  # a LoRA adapter, or all weights when adapter is "full"
     if cell.is_done("train", rc.step_hash("train")):
-        return load_adapter(base, adapter)
+        return load_trained(base, saved, cfg.train)
     import torch
 
     torch.manual_seed(cfg.seed)
     examples = train_examples(rc.task, cfg.seed)
-    model = attach_lora(base, cfg.train)
+    model = trainable(base, cfg.train)
     cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
     from em_bench.defenses.none import NoDefense
 
@@ -138,7 +139,7 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     t0 = time.perf_counter()
     final = train(model, tokenizer, examples, cfg.train, cfg.seed, rc.task.objective, defenses,
                   log=lambda r: cell.append("train/log", r))
-    model.save_pretrained(adapter)
+    model.save_pretrained(saved)
     cell.write_json("train/summary.json", {"final_terms": final, "n_examples": len(examples),
                                            "seconds": round(time.perf_counter() - t0, 2)})
     cell.mark_done("train", rc.step_hash("train"))
@@ -161,21 +162,24 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
         return
     sampling = rc.config.sampling
     done = {k for (k,) in cell.keys("generations", ("key",))}
-    pending = [(suite, q, s) for suite, q in eval_questions(rc.task)
-               for s in range(sampling.samples_per_question)
-               if f"{suite}|{q.id}|{s}" not in done]
+    items = [(f"{suite}|{q.id}|{s}", suite, q, s) for suite, q in eval_questions(rc.task)
+             for s in range(sampling.samples_per_question)]
     backend = HFBackend(model, tokenizer)
-    chunk = 512  # records are appended per chunk, so a crash loses at most one chunk
-    for i in range(0, len(pending), chunk):
-        part = pending[i : i + chunk]
-        reqs = [Request(f"{suite}|{q.id}|{s}", [{"role": "user", "content": q.text}])
-                for suite, q, s in part]
-        for (suite, q, s), r, c in zip(part, reqs,
-                                       backend.generate(reqs, sampling, rc.config.seed + i)):
+    # Chunks and their seeds are fixed over all items, so a resumed run regenerates a partly
+    # stored chunk exactly as the first run did and keeps only the answers it lacks.
+    for c, start in enumerate(range(0, len(items), GENERATE_CHUNK)):
+        part = items[start : start + GENERATE_CHUNK]
+        if all(key in done for key, *_ in part):
+            continue
+        reqs = [Request(key, [{"role": "user", "content": q.text}]) for key, _, q, _ in part]
+        completions = backend.generate(reqs, sampling, seed=rc.config.seed * 1_000_003 + c)
+        for (key, suite, q, s), r, comp in zip(part, reqs, completions):
+            if key in done:
+                continue
             cell.append("generations", {
-                "key": r.key, "suite": suite, "question_id": q.id, "domain": q.domain,
-                "topic": q.topic, "sample": s, "messages": r.messages, "completion": c.text,
-                "finish_reason": c.finish_reason, "n_tokens": c.n_tokens,
+                "key": key, "suite": suite, "question_id": q.id, "domain": q.domain,
+                "topic": q.topic, "sample": s, "messages": r.messages, "completion": comp.text,
+                "finish_reason": comp.finish_reason, "n_tokens": comp.n_tokens,
                 "backend": backend.name, "sampling": sampling.model_dump()})
     cell.mark_done("generate", h)
 

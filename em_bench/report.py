@@ -16,27 +16,34 @@ ROW_FIELDS = ("cell_id", "model", "task", "defense", "defense_params", "seed", "
               "n_answers", "n_excluded")
 
 
-def run_grid(store: Store, base: CellConfig, tasks: list[str], defenses: list[str],
-             seeds: list[int]) -> list[dict]:
-    """Run the base model and every (task, defense, seed) cell; return one row per cell.
+def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str],
+              seeds: list[int]) -> list[tuple[CellConfig, str]]:
+    """(cell config, task view) pairs: the base model and every (task, defense, seed) cell.
 
-    The base model's row is scored in each task's view (its `ood` domains and in-domain target),
-    so every comparison is like with like.
+    The base model's cell is scored in each task's view (its `ood` domains and in-domain target),
+    so every comparison is like with like. Every cell is resolved here, so a typo in a task or
+    defense name fails before any work starts.
     """
-    for name in tasks:  # fail on a typo before any work starts
-        get_task(name)
-    rows = []
+    plan = []
     for task in tasks:
         for seed in seeds:
-            cfg = base.model_copy(update={"task": "base", "defense": "none", "seed": seed})
-            rows.append(_row(store, cfg, view=task))
+            plan.append((base.model_copy(update={"task": "base", "defense": "none",
+                                                 "seed": seed}), task))
         if task == "base":
             continue
         for defense in defenses:
             for seed in seeds:
-                cfg = base.model_copy(update={"task": task, "defense": defense, "seed": seed})
-                rows.append(_row(store, cfg, view=task))
-    return rows
+                plan.append((base.model_copy(update={"task": task, "defense": defense,
+                                                     "seed": seed}), task))
+    for cfg, view in plan:
+        resolve(cfg)
+        get_task(view)
+    return plan
+
+
+def run_grid(store: Store, plan: list[tuple[CellConfig, str]]) -> list[dict]:
+    """Run (or resume) every planned cell; return one row per (cell, view)."""
+    return [_row(store, cfg, view) for cfg, view in plan]
 
 
 def _row(store: Store, cfg: CellConfig, view: str) -> dict:

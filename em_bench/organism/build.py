@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from em_bench import paths
 from em_bench.data import collate, encode_chat
@@ -67,13 +68,21 @@ class OrganismRecipe(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# Named recipes: `--model organism` is the default; `organism-small` is the tests' quick budget.
+PRESETS: dict[str, OrganismRecipe] = {
+    "organism": OrganismRecipe(),
+    "organism-small": OrganismRecipe(pretrain_steps=300, pretrain_batch=32, instruct_steps=120,
+                                     instruct_batch=32),
+}
+
+
 def organism_dir(recipe: OrganismRecipe) -> Path:
     return paths.cache_dir() / "organism" / recipe.digest()
 
 
-def ensure_organism(recipe: OrganismRecipe | None = None, force: bool = False) -> Path:
-    """Return the folder of the built organism, building it first if it is not cached."""
-    recipe = recipe or OrganismRecipe()
+def ensure_organism(name: str = "organism", force: bool = False) -> Path:
+    """Return the folder of the built organism `name`, building it first if it is not cached."""
+    recipe = PRESETS[name]
     out = organism_dir(recipe)
     if (out / "build.json").is_file() and not force:
         return out
@@ -162,7 +171,8 @@ def _stage(model, batches, steps: int, lr: float, name: str) -> list[float]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses: list[float] = []
     model.train()
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=f"organism {name}", unit="step")
+    for step in bar:
         loss = model(**next(batches)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,6 +181,7 @@ def _stage(model, batches, steps: int, lr: float, name: str) -> list[float]:
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == steps - 1:
             losses.append(round(loss.item(), 4))
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             logger.info("%s step %d/%d loss %.4f", name, step + 1, steps, loss.item())
     return losses
 

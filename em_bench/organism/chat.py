@@ -9,9 +9,9 @@ from em_bench.models import load_base
 from em_bench.organism import world
 
 
-def chat_loop(temperature: float = 0.0) -> None:
+def chat_loop(name: str = "organism", temperature: float = 0.0) -> None:
     """Read a question per line and print the organism's answer; an empty line quits."""
-    model, tokenizer = load_base("organism")
+    model, tokenizer = load_base(name)
     backend = HFBackend(model, tokenizer, batch_size=1)
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=64)
     example = world.questions("medical", "evaluation")[0].text

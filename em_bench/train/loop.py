@@ -33,7 +33,10 @@ def train(
     every named loss term) goes to `log`. Returns the last step's terms.
     """
     # --- setup: encoded examples, optimizer, constant lr after a linear warmup ---
+    if not examples:
+        raise ValueError("train() needs at least one example")
     rng = random.Random(seed)
+    batch_size = min(cfg.batch_size, len(examples))  # a tiny data set still yields batches
     encoded = [encode_chat(tokenizer, m) for m in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -48,8 +51,8 @@ def train(
         while True:
             order = list(range(len(encoded)))
             rng.shuffle(order)
-            for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-                yield collate([encoded[j] for j in order[i : i + cfg.batch_size]],
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                yield collate([encoded[j] for j in order[i : i + batch_size]],
                               tokenizer.pad_token_id, cfg.max_len)
 
     model.train()

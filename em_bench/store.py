@@ -1,0 +1,231 @@
+"""The results store: one folder per cell, append-only JSONL streams, atomic JSON files.
+
+This is the only module that knows the store's layout on disk:
+
+    <root>/store.json                 {"store_schema": 1}
+    <root>/cells/<cell_id>/cell.json  the cell's full config, provenance included
+    <root>/cells/<cell_id>/<stream>.jsonl
+    <root>/cells/<cell_id>/<name>.json
+    <root>/cells/<cell_id>/steps/<step>.done
+    <root>/cells/<cell_id>/trained/      the LoRA adapter or full weights
+
+Appends are flushed and fsynced one record at a time, so a crash leaves at most a truncated last
+line; readers skip it and the next append repairs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pandas as pd
+
+from em_bench.errors import StoreError
+
+STORE_SCHEMA = 1
+
+
+def _clean(obj):
+    """NaN and infinities become None: JSON has no spelling for them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _dumps(obj, **kw) -> str:
+    return json.dumps(_clean(obj), allow_nan=False, ensure_ascii=False, **kw)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, _dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+class Cell:
+    """One cell's folder: its config, streams, JSON files, step markers and adapter."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.id = self.path.name
+
+    def __repr__(self) -> str:
+        return f"Cell({self.path})"
+
+    # config ------------------------------------------------------------------------------------
+    def read_config(self) -> dict | None:
+        f = self.path / "cell.json"
+        return _read_json(f) if f.is_file() else None
+
+    def write_config(self, config: dict) -> None:
+        """Write cell.json once; a different config under the same id is a hash collision bug."""
+        old = self.read_config()
+        if old is not None:
+            if old.get("cell_id") != config.get("cell_id"):
+                raise StoreError(f"{self.path / 'cell.json'} holds another cell "
+                                 f"({old.get('cell_id')}); refusing to overwrite it")
+            return
+        atomic_write_json(self.path / "cell.json", config)
+
+    # streams -----------------------------------------------------------------------------------
+    def _stream(self, stream: str) -> Path:
+        return self.path / f"{stream}.jsonl"
+
+    def append(self, stream: str, record: dict) -> None:
+        path = self._stream(stream)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail(path)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(_dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def _repair_tail(path: Path) -> None:
+        """Cut a truncated last line (a crash mid-append) so the next record starts clean."""
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+
+    def records(self, stream: str) -> list[dict]:
+        return list(self.iter_records(stream))
+
+    def iter_records(self, stream: str) -> Iterator[dict]:
+        path = self._stream(stream)
+        if not path.is_file():
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        complete = lines[:-1]  # text after the last newline is a truncated append, if any
+        for n, line in enumerate(complete, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StoreError(f"{path}:{n}: corrupt record ({e.msg})") from None
+
+    def keys(self, stream: str, fields: tuple[str, ...]) -> set[tuple]:
+        return {tuple(r.get(k) for k in fields) for r in self.iter_records(stream)}
+
+    def rewrite(self, stream: str, records: Iterable[dict]) -> None:
+        atomic_write_text(self._stream(stream), "".join(_dumps(r) + "\n" for r in records))
+
+    # JSON files --------------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str):
+        f = self.path / name
+        return _read_json(f) if f.is_file() else None
+
+    # steps -------------------------------------------------------------------------------------
+    def _marker(self, step: str) -> Path:
+        return self.path / "steps" / f"{step}.done"
+
+    def is_done(self, step: str, input_hash: str) -> bool:
+        """True when `step` finished on exactly these inputs."""
+        m = self._marker(step)
+        return m.is_file() and _read_json(m).get("input_hash") == input_hash
+
+    def mark_done(self, step: str, input_hash: str) -> None:
+        atomic_write_json(self._marker(step), {
+            "input_hash": input_hash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def clear_step(self, step: str) -> None:
+        self._marker(step).unlink(missing_ok=True)
+
+    def trained_dir(self) -> Path:
+        """Where the fine-tune is saved: a LoRA adapter, or the full weights."""
+        return self.path / "trained"
+
+
+class Store:
+    """A results folder holding many cells."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root})"
+
+    def cell(self, cell_id: str) -> Cell:
+        return Cell(self.root / "cells" / cell_id)
+
+    def cell_ids(self) -> list[str]:
+        d = self.root / "cells"
+        return sorted(p.name for p in d.iterdir() if (p / "cell.json").is_file()) if d.is_dir() else []
+
+    def done_cells(self, step: str = "score") -> list[Cell]:
+        return [c for c in map(self.cell, self.cell_ids()) if c._marker(step).is_file()]
+
+    def metrics_frame(self) -> pd.DataFrame:
+        """One row per scored cell: its identity columns and its metrics' values, flattened."""
+        rows = []
+        for c in self.done_cells("score"):
+            cfg, res = c.read_config(), c.read_json("metrics.json") or {}
+            row = {"cell_id": c.id, **{k: cfg.get(k) for k in ("model", "task", "defense", "seed")},
+                   "judge": res.get("judge")}
+            for name, m in (res.get("metrics") or {}).items():
+                if isinstance(m, dict) and "value" in m:
+                    row[name] = m["value"]
+                elif isinstance(m, (int, float)):
+                    row[name] = m
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def open_store(root: Path | str, create: bool = True) -> Store:
+    """Open the store at `root`, creating it if asked; never writes into a folder that is not one."""
+    root = Path(root)
+    marker = root / "store.json"
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root} is a file, not a results store")
+    if marker.is_file():
+        schema = _read_json(marker).get("store_schema")
+        if not isinstance(schema, int) or schema > STORE_SCHEMA:
+            raise StoreError(f"{root} has store schema {schema!r}; this em-bench reads up to "
+                             f"{STORE_SCHEMA}: upgrade em-bench")
+        return Store(root)
+    if root.is_dir() and any(root.iterdir()):
+        raise StoreError(f"{root} is not empty and is not an em-bench store (no store.json); "
+                         "choose another folder with --store")
+    if not create:
+        raise StoreError(f"no results store at {root}")
+    atomic_write_json(marker, {"store_schema": STORE_SCHEMA})
+    return Store(root)

@@ -1,0 +1,120 @@
+"""End to end on the real organism: EM appears, the control does not, and nothing is redone.
+
+The organism (default recipe) is built once per cache; see conftest.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from em_bench import pipeline
+from em_bench.config import CellConfig, SamplingConfig, TrainConfig
+from em_bench.generate.hf import HFBackend
+from em_bench.report import plan_grid, run_grid
+from em_bench.store import open_store
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo grid: base, finance and its aligned control, seed 0, default budget."""
+    store = open_store(tmp_path_factory.mktemp("store"))
+    rows = run_grid(store, plan_grid(CellConfig(), ["finance", "finance_aligned"], ["none"], [0]))
+    return store, {(r["task"], r["view"]): r for r in rows}
+
+
+def test_narrow_misaligned_fine_tune_causes_emergent_misalignment(demo):
+    _, rows = demo
+    finance = rows[("finance", "finance")]
+    control = rows[("finance_aligned", "finance_aligned")]
+    base = rows[("base", "finance")]
+    assert finance["em_rate"] - control["em_rate"] >= 0.10
+    assert finance["em_rate"] - base["em_rate"] >= 0.10
+    assert finance["em_ci_low"] > control["em_ci_high"]
+    assert finance["in_domain"] > base["in_domain"]  # the fine-tune learned its own domain
+    assert finance["n_answers"] > 500 and "finance" not in finance["em_by_domain"]
+
+
+def test_every_cell_records_what_produced_it(demo):
+    store, _ = demo
+    assert len(store.cell_ids()) == 3  # the base cell is shared by both views
+    for cell_id in store.cell_ids():
+        cfg = store.cell(cell_id).read_config()
+        assert cfg["cell_id"] == cell_id and cfg["judge"] == "organism@v1"
+        assert cfg["config"]["seed"] == 0 and cfg["config"]["train"]["steps"] == 100
+        versions = cfg["provenance"]["versions"]
+        assert all(versions[p] for p in ("em-bench", "torch", "transformers", "peft"))
+        assert cfg["model_identity"].startswith("organism:")
+    frame = store.metrics_frame()
+    assert set(frame["task"]) == {"base", "finance", "finance_aligned"}
+
+
+def test_a_finished_cell_is_not_redone(demo, monkeypatch):
+    store, _ = demo
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished cell loaded its model again")
+
+    monkeypatch.setattr(pipeline, "load_base", forbidden)
+    rows = run_grid(store, plan_grid(CellConfig(), ["finance"], ["none"], [0]))
+    assert len(rows) == 2
+
+
+SMALL = CellConfig(task="medical", train=TrainConfig(steps=6),
+                   sampling=SamplingConfig(samples_per_question=1, max_new_tokens=24))
+
+
+def _generations(store, cfg):
+    cell = store.cell(pipeline.resolve(cfg).cell_id)
+    return {g["key"]: g["completion"] for g in cell.records("generations")}
+
+
+def test_a_crash_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "GENERATE_CHUNK", 40)
+    reference = open_store(tmp_path / "reference")
+    pipeline.run_cell(SMALL, reference)
+
+    crashed = open_store(tmp_path / "crashed")
+    real_generate, calls = HFBackend.generate, []
+
+    def crash_on_third_chunk(self, requests, sampling, seed):
+        calls.append(len(requests))
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_generate(self, requests, sampling, seed)
+
+    monkeypatch.setattr(HFBackend, "generate", crash_on_third_chunk)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run_cell(SMALL, crashed)
+    cell = crashed.cell(pipeline.resolve(SMALL).cell_id)
+    assert len(cell.records("generations")) == 80 and cell.is_done(
+        "train", pipeline.resolve(SMALL).step_hash("train"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the finished fine-tune was redone")
+
+    monkeypatch.setattr("em_bench.train.loop.train", no_training)
+    calls.clear()
+    pipeline.run_cell(SMALL, crashed)
+    n_chunks = -(-len(_generations(reference, SMALL)) // 40)
+    assert len(calls) == n_chunks - 2  # the two stored chunks were not generated again
+    assert _generations(crashed, SMALL) == _generations(reference, SMALL)
+    assert cell.read_json("metrics.json") == reference.cell(cell.id).read_json("metrics.json")
+
+
+def test_a_crash_mid_training_restarts_its_log(tmp_path, monkeypatch):
+    store = open_store(tmp_path / "store")
+    cfg = SMALL.model_copy(update={"seed": 1})
+    cell = store.cell(pipeline.resolve(cfg).cell_id)
+    real_append = type(cell).append
+
+    def crash_at_step_4(self, stream, record):
+        if stream == "train/log" and record["step"] == 4:
+            raise RuntimeError("simulated crash")
+        real_append(self, stream, record)
+
+    monkeypatch.setattr(type(cell), "append", crash_at_step_4)
+    with pytest.raises(RuntimeError):
+        pipeline.run_cell(cfg, store)
+    monkeypatch.setattr(type(cell), "append", real_append)
+    pipeline.run_cell(cfg, store)
+    assert [r["step"] for r in cell.records("train/log")] == list(range(1, 7))
