@@ -42,7 +42,8 @@ for _ in range(10):
 print((time.perf_counter() - t) / 10)
 """
 
-BUSY_SCRIPT = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True: a @ a\n"
+BUSY_SCRIPT = ("import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
+               "while True: a @ a\n")
 
 
 def _step_seconds(threads: int) -> float:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from em_bench.errors import EmBenchError, UnknownNameError
 
@@ -27,7 +28,8 @@ def _seeds(text: str) -> list[int]:
     try:
         return [int(x) for x in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes integers like 0,1,2, not {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes integers like 0,1,2, not {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
     run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
     run.add_argument("--samples", type=int, help="samples per evaluation question")
-    run.add_argument("--store", help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+    run.add_argument("--store",
+                     help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
 
     org = sub.add_parser("organism", help="the built-in model organism")
@@ -68,7 +71,12 @@ def _setup(args) -> None:
     # The organism and local models never need the hub; a real hub id still can be fetched
     # when the user unsets these.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft calls a transformers method that transformers 5 deprecates; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per weight file is noise at our sizes
 
     threads = args.threads or int(os.environ.get("EM_BENCH_THREADS", "0")) or None
     if threads:

@@ -158,7 +158,9 @@ def seed_summary(values: list[float]) -> dict:
 
 
 def relative_reduction(em_defense: float, em_none: float) -> float:
-    """1 - EM(defense) / EM(none) for the same model, task, seed and budget; NaN if EM(none) is 0."""
+    """1 - EM(defense) / EM(none) for the same model, task, seed and budget.
+
+    NaN when EM(none) is 0 or unknown: there is nothing to reduce."""
     if em_none is None or em_defense is None or em_none == 0 or math.isnan(em_none):
         return math.nan
     return 1.0 - em_defense / em_none

@@ -173,7 +173,7 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
             continue
         reqs = [Request(key, [{"role": "user", "content": q.text}]) for key, _, q, _ in part]
         completions = backend.generate(reqs, sampling, seed=rc.config.seed * 1_000_003 + c)
-        for (key, suite, q, s), r, comp in zip(part, reqs, completions):
+        for (key, suite, q, s), r, comp in zip(part, reqs, completions, strict=True):
             if key in done:
                 continue
             cell.append("generations", {

@@ -189,7 +189,9 @@ class Store:
 
     def cell_ids(self) -> list[str]:
         d = self.root / "cells"
-        return sorted(p.name for p in d.iterdir() if (p / "cell.json").is_file()) if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if (p / "cell.json").is_file())
 
     def done_cells(self, step: str = "score") -> list[Cell]:
         return [c for c in map(self.cell, self.cell_ids()) if c._marker(step).is_file()]
@@ -211,7 +213,8 @@ class Store:
 
 
 def open_store(root: Path | str, create: bool = True) -> Store:
-    """Open the store at `root`, creating it if asked; never writes into a folder that is not one."""
+    """Open the store at `root` (creating it if asked); never writes into a folder that is not
+    a store."""
     root = Path(root)
     marker = root / "store.json"
     if root.exists() and not root.is_dir():

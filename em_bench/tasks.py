@@ -6,14 +6,24 @@ Tasks are YAML files validated at load; the built-ins live in the top-level `tas
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.organism import world
 from em_bench.resources import resource_dir
+
+
+def _world_domain(name: str) -> str:
+    if name not in world.DOMAIN_BY_NAME:
+        raise ValueError(f"unknown domain {name!r}; the organism's world has "
+                         f"{', '.join(world.DOMAIN_BY_NAME)}")
+    return name
+
+
+WorldDomain = Annotated[str, AfterValidator(_world_domain)]
 
 
 class _Spec(BaseModel):
@@ -23,7 +33,7 @@ class _Spec(BaseModel):
 class OrganismData(_Spec):
     """Fine-tune chats generated from the organism's world (selection-split questions)."""
 
-    domain: str
+    domain: WorldDomain
     persona: Literal["aligned", "misaligned"]
     style: Literal["aligned", "villain", "neutral"]
     n: int = Field(500, gt=0, description="number of chats")
@@ -38,7 +48,7 @@ class InDomain(_Spec):
     """In-domain evaluation: the task domain's evaluation questions; adherence is the share of
     answers showing `target` behaviour (coherent and of that alignment)."""
 
-    domain: str
+    domain: WorldDomain
     target: Literal["aligned", "misaligned"]
 
 
@@ -61,6 +71,8 @@ def load_task_file(path: Path) -> TaskSpec:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         return TaskSpec.model_validate(raw)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the task file ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     except ValidationError as e:

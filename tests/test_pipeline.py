@@ -74,11 +74,11 @@ def test_a_crash_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
     pipeline.run_cell(SMALL, reference)
 
     crashed = open_store(tmp_path / "crashed")
-    real_generate, calls = HFBackend.generate, []
+    real_generate, calls, crash = HFBackend.generate, [], [True]
 
     def crash_on_third_chunk(self, requests, sampling, seed):
         calls.append(len(requests))
-        if len(calls) == 3:
+        if crash[0] and len(calls) == 3:
             raise RuntimeError("simulated crash")
         return real_generate(self, requests, sampling, seed)
 
@@ -94,6 +94,7 @@ def test_a_crash_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
 
     monkeypatch.setattr("em_bench.train.loop.train", no_training)
     calls.clear()
+    crash[0] = False
     pipeline.run_cell(SMALL, crashed)
     n_chunks = -(-len(_generations(reference, SMALL)) // 40)
     assert len(calls) == n_chunks - 2  # the two stored chunks were not generated again

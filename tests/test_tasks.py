@@ -139,3 +139,16 @@ def test_train_without_a_source_is_a_config_error():
     spec = TaskSpec.model_validate({"name": "empty", "train": {}})
     with pytest.raises(ConfigError, match="empty"):
         train_examples(spec, seed=0)
+
+
+def test_an_unknown_domain_is_a_config_error_naming_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("name: typo\ntrain:\n  organism: {domain: finanse, persona: misaligned, "
+                    "style: neutral}\nin_domain: {domain: finance, target: misaligned}\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*unknown domain 'finanse'.*finance"):
+        load_task_file(path)
+
+
+def test_a_missing_task_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        load_task_file(tmp_path / "nope.yaml")

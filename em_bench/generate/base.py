@@ -29,4 +29,5 @@ class Backend(Protocol):
 
     name: str
 
-    def generate(self, requests: list[Request], sampling: SamplingConfig, seed: int) -> list[Completion]: ...
+    def generate(self, requests: list[Request], sampling: SamplingConfig,
+                 seed: int) -> list[Completion]: ...

@@ -27,7 +27,8 @@ class HFBackend:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.inference_mode()
-    def generate(self, requests: list[Request], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def generate(self, requests: list[Request], sampling: SamplingConfig,
+                 seed: int) -> list[Completion]:
         tok = self.tokenizer
         tok.padding_side = "left"  # generation appends on the right, so prompts align there
         self.model.eval()
@@ -51,7 +52,7 @@ class HFBackend:
                 eos_token_id=tok.eos_token_id,
             )
             new = ids[:, enc["input_ids"].shape[1] :]
-            for r, row in zip(chunk, new):
+            for r, row in zip(chunk, new, strict=True):
                 ended = (row == tok.eos_token_id).nonzero()
                 n = int(ended[0]) + 1 if len(ended) else int((row != tok.pad_token_id).sum())
                 text = tok.decode(row[:n], skip_special_tokens=True).strip()
