@@ -63,29 +63,42 @@ def _row(store: Store, cfg: CellConfig, view: str) -> dict:
 
 
 def _pct(x: float | None) -> str:
-    return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _align(table: list[list[str]], left: int) -> list[str]:
+    """Pad columns to their widest cell: the first `left` columns left-aligned, the rest right."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) if i < left else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in table]
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows per cell, then mean and seed spread per (task view, task, defense) group."""
-    head = (f"{'task':16} {'ood of':14} {'defense':8} {'seed':>4}  {'EM':>6}  {'95% CI':>15}  "
-            f"{'coher.':>6}  {'incoh.':>6}  {'in-dom':>6}  {'n':>5} {'excl':>4}")
-    lines = [head, "-" * len(head)]
+    """One line per cell, then the mean and spread across seeds per (task, view, defense).
+
+    `scored for` is the task whose view the row uses: the base model is scored once per task,
+    on that task's out-of-domain questions and with its in-domain target.
+    """
+    table = [["task", "scored for", "defense", "seed", "EM", "95% CI", "coherence", "incoherent",
+              "in-domain", "n", "excluded"]]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["view"], r["task"], r["defense"])].append(r)
-        ci = f"[{_pct(r['em_ci_low'])},{_pct(r['em_ci_high'])}]"
-        lines.append(
-            f"{r['task']:16} {r['view']:14} {r['defense']:8} {r['seed']:>4}  {_pct(r['em_rate'])}  "
-            f"{ci:>15}  {r['coherence']:6.1f}  {_pct(r['incoherent_rate'])}  "
-            f"{_pct(r['in_domain'])}  {r['n_answers']:>5} {r['n_excluded']:>4}")
+        groups[(r["task"], r["view"], r["defense"])].append(r)
+        table.append([r["task"], r["view"], r["defense"], str(r["seed"]), _pct(r["em_rate"]),
+                      f"[{_pct(r['em_ci_low'])}, {_pct(r['em_ci_high'])}]",
+                      f"{r['coherence']:.1f}", _pct(r["incoherent_rate"]),
+                      _pct(r["in_domain"]), str(r["n_answers"]), str(r["n_excluded"])])
+    lines = _align(table, left=3)
+    lines.insert(1, "-" * len(lines[0]))
     multi = [(k, g) for k, g in groups.items() if len(g) > 1]
     if multi:
-        lines += ["", "across seeds: EM mean (sd) / in-domain mean"]
-        for (view, task, defense), g in multi:
+        summary = [["task", "scored for", "defense", "seeds", "EM mean", "sd", "min", "max",
+                    "in-domain mean"]]
+        for (task, view, defense), g in multi:
             em = metrics.seed_summary([r["em_rate"] for r in g])
-            ind = [r["in_domain"] for r in g if r["in_domain"] is not None]
-            ind_s = _pct(metrics.seed_summary(ind)["mean"]) if ind else "   -  "
-            lines.append(f"{task:16} {view:14} {defense:8} {len(g):>3}x  {_pct(em['mean'])} "
-                         f"({100 * em['sd']:.1f})  in-domain {ind_s}")
+            ind = metrics.seed_summary([r["in_domain"] for r in g])
+            summary.append([task, view, defense, str(em["n"]), _pct(em["mean"]), _pct(em["sd"]),
+                            _pct(em["min"]), _pct(em["max"]), _pct(ind["mean"])])
+        lines += ["", "across seeds:", *_align(summary, left=3)]
     return "\n".join(lines)
