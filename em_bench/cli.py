@@ -34,7 +34,7 @@ def _seeds(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="em-bench", description=__doc__.split("\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step in detail")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: EM_BENCH_THREADS, else every core)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,9 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def _setup(args) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(logging.INFO)
-    # The organism and local models never need the hub; a real hub id still can be fetched
-    # when the user unsets these.
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)  # a line per cell at least
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft calls a transformers method that transformers 5 deprecates; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

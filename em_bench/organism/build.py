@@ -182,7 +182,7 @@ def _stage(model, batches, steps: int, lr: float, name: str) -> list[float]:
         if step % 10 == 0 or step == steps - 1:
             losses.append(round(loss.item(), 4))
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            logger.info("%s step %d/%d loss %.4f", name, step + 1, steps, loss.item())
+            logger.debug("%s step %d/%d loss %.4f", name, step + 1, steps, loss.item())
     return losses
 
 
