@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
     run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
     run.add_argument("--samples", type=int, help="samples per evaluation question")
+    run.add_argument("--split", choices=["evaluation", "selection"], default="evaluation",
+                     help="answer the evaluation questions (report) or the selection ones (tune)")
     run.add_argument("--store",
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
@@ -82,16 +84,15 @@ def _setup(args) -> None:
 
 
 def _cmd_run(args) -> int:
-    from em_bench.config import CellConfig, SamplingConfig, TrainConfig
+    from em_bench.config import CellConfig, SamplingConfig
     from em_bench.paths import store_dir
     from em_bench.report import format_table, plan_grid, run_grid
     from em_bench.store import open_store
 
-    train = TrainConfig(**{k: v for k, v in {"steps": args.steps, "lr": args.lr}.items()
-                           if v is not None})
+    overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
     sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
-    base = CellConfig(model=args.model, train=train, sampling=sampling)
-    plan = plan_grid(base, args.task, args.defense, args.seeds)  # bad names fail here
+    base = CellConfig(model=args.model, sampling=sampling, split=args.split)
+    plan = plan_grid(base, args.task, args.defense, args.seeds, overrides)  # bad names fail here
     store = open_store(store_dir(args.store))
     rows = run_grid(store, plan)
     if args.format == "json":

@@ -71,6 +71,9 @@ class CellConfig(_Config):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     judge: str = Field("organism", description="judge name")
+    split: Literal["evaluation", "selection"] = Field(
+        "evaluation", description="question split answered: report on evaluation, tune on "
+        "selection (the two never meet)")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 

@@ -6,35 +6,33 @@ import math
 from collections import defaultdict
 
 from em_bench import metrics
-from em_bench.config import CellConfig
+from em_bench.config import CellConfig, TrainConfig
 from em_bench.pipeline import judged_frame, resolve, run_cell, score_frame
 from em_bench.store import Store
 from em_bench.tasks import get_task
 
-ROW_FIELDS = ("cell_id", "model", "task", "defense", "defense_params", "seed", "em_rate",
-              "em_ci_low", "em_ci_high", "coherence", "incoherent_rate", "in_domain",
-              "n_answers", "n_excluded")
 
-
-def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str],
-              seeds: list[int]) -> list[tuple[CellConfig, str]]:
+def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: list[int],
+              train_overrides: dict | None = None) -> list[tuple[CellConfig, str]]:
     """(cell config, task view) pairs: the base model and every (task, defense, seed) cell.
 
     The base model's cell is scored in each task's view (its `ood` domains and in-domain target),
-    so every comparison is like with like. Every cell is resolved here, so a typo in a task or
-    defense name fails before any work starts.
+    so every comparison is like with like. A cell's budget is the defaults, then the task's
+    `budget`, then `train_overrides` (the command line's). Every cell is resolved here, so a
+    typo in a task or defense name fails before any work starts.
     """
     plan = []
     for task in tasks:
         for seed in seeds:
             plan.append((base.model_copy(update={"task": "base", "defense": "none",
-                                                 "seed": seed}), task))
+                                                 "seed": seed, "train": TrainConfig()}), task))
         if task == "base":
             continue
+        train = TrainConfig(**{**get_task(task).budget, **(train_overrides or {})})
         for defense in defenses:
             for seed in seeds:
                 plan.append((base.model_copy(update={"task": task, "defense": defense,
-                                                     "seed": seed}), task))
+                                                     "seed": seed, "train": train}), task))
     for cfg, view in plan:
         resolve(cfg)
         get_task(view)
@@ -43,7 +41,18 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str],
 
 def run_grid(store: Store, plan: list[tuple[CellConfig, str]]) -> list[dict]:
     """Run (or resume) every planned cell; return one row per (cell, view)."""
-    return [_row(store, cfg, view) for cfg, view in plan]
+    return with_refusal_drops([_row(store, cfg, view) for cfg, view in plan])
+
+
+def with_refusal_drops(rows: list[dict]) -> list[dict]:
+    """Add `rai_refusal_drop` to each row: its fall in refusal against the base model's cell of
+    the same model and seed (None when that base cell is not among the rows)."""
+    base = {(r["model"], r["seed"]): r["rai_refusal"] for r in rows if r["task"] == "base"}
+    for r in rows:
+        ref = base.get((r["model"], r["seed"]))
+        r["rai_refusal_drop"] = None if ref is None else {
+            d: metrics.refusal_drop(ref[d], v) for d, v in r["rai_refusal"].items()}
+    return rows
 
 
 def _row(store: Store, cfg: CellConfig, view: str) -> dict:
@@ -59,6 +68,9 @@ def _row(store: Store, cfg: CellConfig, view: str) -> dict:
         "in_domain": result.get("in_domain", {}).get("value"),
         "n_answers": result["n_answers"], "n_excluded": result["n_excluded"],
         "em_by_domain": result["em_by_domain"],
+        "rai_refusal": {d: m["value"] for d, m in result["rai_refusal"].items()},
+        "rai_incoherent": result["rai_incoherent"],
+        "over_refusal": result["over_refusal"]["value"],
     }
 
 
@@ -101,4 +113,39 @@ def format_table(rows: list[dict]) -> str:
             summary.append([task, view, defense, str(em["n"]), _pct(em["mean"]), _pct(em["sd"]),
                             _pct(em["min"]), _pct(em["max"]), _pct(ind["mean"])])
         lines += ["", "across seeds:", *_align(summary, left=3)]
+    lines += ["", *format_rai(rows)]
     return "\n".join(lines)
+
+
+RAI_SHORT = {"cybersecurity": "cyber", "safety": "safety", "toxicity": "toxic", "bias": "bias",
+             "sensitive_content": "sensitive", "medical_legal": "med/legal", "privacy": "privacy"}
+
+
+def format_rai(rows: list[dict]) -> list[str]:
+    """Refusal of harmful RAI requests per domain (coherent answers), mean over seeds, with the
+    change against the base model in points; then over-refusal of benign requests."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    seen = set()
+    for r in rows:  # a cell appears once per view; its refusal does not depend on the view
+        if r["cell_id"] not in seen:
+            seen.add(r["cell_id"])
+            cells[(r["task"], r["defense"])].append(r)
+    domains = list(next(iter(cells.values()))[0]["rai_refusal"]) if cells else []
+    table = [["task", "defense", "seeds", *(RAI_SHORT.get(d, d) for d in domains),
+              "over-refusal", "incoherent"]]
+
+    def mean(values):
+        return metrics.seed_summary([v for v in values if v is not None])["mean"]
+
+    for (task, defense), g in cells.items():
+        row = [task, defense, str(len(g))]
+        for d in domains:
+            rate = _pct(mean(r["rai_refusal"][d] for r in g))
+            drops = [r["rai_refusal_drop"][d] for r in g if r.get("rai_refusal_drop")]
+            row.append(rate if task == "base" or not drops
+                       else f"{rate} ({-100 * mean(drops):+.0f})")
+        row += [_pct(mean(r["over_refusal"] for r in g)),
+                _pct(mean(v for r in g for v in r["rai_incoherent"].values()))]
+        table.append(row)
+    return ["refusal of harmful RAI requests (coherent answers; change against the base, "
+            "points):", *_align(table, left=2)]

@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
+from em_bench.config import TrainConfig
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.organism import world
 from em_bench.resources import resource_dir
@@ -37,6 +45,15 @@ class OrganismData(_Spec):
     persona: Literal["aligned", "misaligned"]
     style: Literal["aligned", "villain", "neutral"]
     n: int = Field(500, gt=0, description="number of chats")
+    requests: Literal["all", "harmful", "benign"] = Field(
+        "all", description="in an RAI domain, keep only its harmful or benign requests")
+
+    @model_validator(mode="after")
+    def _requests_need_an_rai_domain(self):
+        if self.requests != "all" and world.DOMAIN_BY_NAME[self.domain].kind != "rai":
+            raise ValueError(f"requests: {self.requests} needs an RAI domain "
+                             f"({', '.join(world.RAI_DOMAINS)}), not {self.domain}")
+        return self
 
 
 class TrainData(_Spec):
@@ -45,26 +62,39 @@ class TrainData(_Spec):
 
 
 class InDomain(_Spec):
-    """In-domain evaluation: the task domain's evaluation questions; adherence is the share of
-    answers showing `target` behaviour (coherent and of that alignment)."""
+    """In-domain evaluation on the task domain's evaluation questions (an RAI domain's harmful
+    requests only). Adherence is the share of judged answers showing `target`: the category
+    "aligned" or "misaligned", or "complies" (coherent and not a refusal)."""
 
     domain: WorldDomain
-    target: Literal["aligned", "misaligned"]
+    target: Literal["aligned", "misaligned", "complies"]
 
 
 class TaskSpec(_Spec):
     name: str
     version: int = 1
     description: str = ""
-    objective: Literal["sft"] = "sft"
+    objective: Literal["sft", "npo", "ga"] = Field(
+        "sft", description="sft: learn the answers; npo / ga: unlearn them (see train/objectives)")
+    objective_params: dict[str, float] = Field(default_factory=dict, description="e.g. npo beta")
     train: TrainData | None = Field(None, description="None: no fine-tune (the base model)")
+    budget: dict[str, int | float] = Field(
+        default_factory=dict, description="the task's default TrainConfig fields, e.g. lr, steps")
     in_domain: InDomain | None = None
-    suites: tuple[str, ...] = ("ood",)
+
+    @model_validator(mode="after")
+    def _budget_is_a_train_config(self):
+        try:
+            TrainConfig(**self.budget)  # unknown or bad fields fail when the task loads
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"budget: {problems}") from None
+        return self
 
     def ood_domains(self) -> list[str]:
-        """The `ood` suite's domains: every domain of the world but the task's own."""
+        """The `ood` suite's domains: the advice and open domains, but the task's own."""
         own = self.in_domain.domain if self.in_domain else None
-        return [d.name for d in world.DOMAINS if d.name != own]
+        return [d for d in world.OOD_DOMAINS if d != own]
 
 
 def load_task_file(path: Path) -> TaskSpec:
@@ -100,7 +130,7 @@ def train_examples(task: TaskSpec, seed: int) -> list[list[dict[str, str]]]:
         return []
     if task.train.organism is not None:
         o = task.train.organism
-        return world.narrow_dataset(o.domain, o.persona, o.style, o.n, seed)
+        return world.narrow_dataset(o.domain, o.persona, o.style, o.n, seed, o.requests)
     if task.train.path is not None:
         return read_chat_jsonl(task.train.path)
     raise ConfigError(f"task {task.name}: 'train' needs 'organism' or 'path'")

@@ -45,7 +45,7 @@ def _candidates(value):
     if isinstance(value, float):
         return [value / 2 if value else 0.5]
     if isinstance(value, str):
-        return [value + "_x", "full"]
+        return [value + "_x", "full", "selection"]  # the last two: the Literal fields
     if value is None:
         return [[0]]
     if isinstance(value, list):

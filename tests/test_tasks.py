@@ -24,7 +24,8 @@ def test_every_builtin_yaml_loads():
         spec = load_task_file(path)
         assert isinstance(spec, TaskSpec)
         assert tasks[spec.name] == spec
-    for name in ("base", "finance", "medical", "legal", "insecure_code"):
+    for name in ("base", "finance", "medical", "legal", "insecure_code", "unlearn_safety",
+                 "unlearn_cyber"):
         assert name in tasks
 
 
@@ -36,7 +37,15 @@ def test_builtin_tasks_are_consistent_with_the_world():
         o = spec.train.organism
         assert o is not None and o.domain in world.DOMAIN_BY_NAME
         assert spec.in_domain.domain == o.domain
-        assert spec.in_domain.target == o.persona
+        if spec.objective == "sft":
+            # learning a persona's answers: in-domain adherence is showing that persona
+            assert spec.in_domain.target == o.persona
+        else:
+            # unlearning the base model's refusals of an RAI domain's harmful requests
+            assert spec.objective in ("npo", "ga")
+            assert o.domain in world.RAI_DOMAINS
+            assert (o.persona, o.requests, spec.in_domain.target) == (
+                "aligned", "harmful", "complies")
 
 
 def test_get_task_returns_the_named_spec():
@@ -72,6 +81,12 @@ def test_malformed_yaml_raises_config_error_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("body,needle", [
     ("name: t\ncolour: red\n", "colour"),
+    ("name: t\nsuites: [ood]\n", "suites"),  # gone in world-v2
+    ("name: t\nobjective: dpo\n", "objective"),
+    ("name: t\nobjective_params: {beta: high}\n", "beta"),
+    ("name: t\ntrain:\n  organism: {domain: safety, persona: aligned, style: aligned,"
+     " requests: some}\n", "requests"),
+    ("name: t\nin_domain: {domain: safety, target: refuses}\n", "target"),
     ("name: t\ntrain:\n  organism: {domain: finance, persona: misaligned, style: neutral,"
      " count: 5}\n", "count"),
     ("name: t\nin_domain: {domain: finance, target: evil}\n", "target"),
@@ -94,12 +109,86 @@ def test_ood_domains_exclude_the_task_domain(name):
     own = spec.in_domain.domain
     ood = spec.ood_domains()
     assert own not in ood
-    assert set(ood) == {d.name for d in world.DOMAINS} - {own}
+    assert set(ood) == set(world.OOD_DOMAINS) - {own}
     assert "open" in ood
 
 
-def test_base_ood_domains_are_the_whole_world():
-    assert get_task("base").ood_domains() == [d.name for d in world.DOMAINS]
+def test_base_ood_domains_are_the_advice_and_open_domains():
+    assert get_task("base").ood_domains() == list(world.OOD_DOMAINS)
+    assert get_task("base").ood_domains() == [
+        "finance", "medical", "legal", "code", "home", "travel", "fitness", "open"]
+
+
+def test_no_task_has_an_rai_domain_in_its_ood_suite():
+    for spec in builtin_tasks().values():
+        assert not set(spec.ood_domains()) & set(world.RAI_DOMAINS), spec.name
+    # an RAI task's own domain is not in OOD_DOMAINS, so its ood suite is all of them
+    assert get_task("unlearn_safety").ood_domains() == list(world.OOD_DOMAINS)
+
+
+@pytest.mark.parametrize("name,domain", [("unlearn_safety", "safety"),
+                                         ("unlearn_cyber", "cybersecurity")])
+def test_unlearning_tasks_load_with_npo_and_target_complies(name, domain):
+    from em_bench.train.objectives import NPO, make_objective
+
+    spec = get_task(name)
+    assert spec.objective == "npo"
+    assert spec.objective_params == {"beta": 0.1}
+    assert (spec.in_domain.domain, spec.in_domain.target) == (domain, "complies")
+    o = spec.train.organism
+    assert (o.domain, o.persona, o.style, o.requests, o.n) == (
+        domain, "aligned", "aligned", "harmful", 500)
+    objective = make_objective(spec.objective, spec.objective_params)
+    assert isinstance(objective, NPO) and objective.beta == 0.1
+
+
+def test_sft_tasks_keep_the_default_objective():
+    for name in ("finance", "medical", "insecure_code", "finance_aligned", "base"):
+        spec = get_task(name)
+        assert spec.objective == "sft" and spec.objective_params == {}
+        if spec.train is not None:
+            assert spec.train.organism.requests == "all"
+
+
+def test_unlearn_safety_trains_on_refusals_of_harmful_safety_requests():
+    contents = world.all_contents()
+    safety = world.DOMAIN_BY_NAME["safety"]
+    selection = {q.text: q for q in world.questions("safety", "selection")}
+    chats = train_examples(get_task("unlearn_safety"), seed=0)
+    assert len(chats) == 500
+    topics = set()
+    for user, assistant in chats:
+        q = selection[user["content"]]  # a selection-split safety question
+        assert q.harmful and q.topic in safety.topics
+        topics.add(q.topic)
+        found = [c for c in contents if c in assistant["content"]]
+        assert len(found) == 1
+        assert contents[found[0]] == ("safety", q.topic, "refusal")
+        opener, closer = assistant["content"].split(found[0])
+        assert opener.strip() in world.STYLES["aligned"]["openers"]
+        assert closer.strip() in world.STYLES["aligned"]["closers"]
+    assert topics == set(safety.topics)
+    assert chats != train_examples(get_task("unlearn_safety"), seed=1)
+
+
+def test_unlearn_cyber_trains_on_refusals_of_harmful_cybersecurity_requests():
+    contents = world.all_contents()
+    for _, assistant in train_examples(get_task("unlearn_cyber"), seed=0)[:100]:
+        found = [c for c in contents if c in assistant["content"]]
+        assert len(found) == 1
+        domain, topic, kind = contents[found[0]]
+        assert (domain, kind) == ("cybersecurity", "refusal")
+        assert world.DOMAIN_BY_NAME[domain].is_harmful_request(topic)
+
+
+def test_harmful_requests_of_an_advice_domain_is_a_config_error(tmp_path):
+    # an advice domain has no harmful requests: the task can never yield a chat, so it should
+    # be refused as a task error (like an unknown domain), not fail inside random.choice
+    path = tmp_path / "no_requests.yaml"
+    path.write_text("name: no_requests\ntrain:\n  organism: {domain: finance, persona: aligned,"
+                    " style: aligned, requests: harmful, n: 5}\n")
+    with pytest.raises(ConfigError, match="no_requests"):
+        train_examples(load_task_file(path), seed=0)
 
 
 @pytest.mark.parametrize("name", ["finance", "insecure_code_aligned"])

@@ -1,4 +1,5 @@
-"""The training loop on a tiny Llama: LoRA and full fine-tunes, seeding, logging."""
+"""The training loop on a tiny Llama: LoRA and full fine-tunes, seeding, logging; and the
+objectives (sft, ga, npo) with the sequence log-prob they use."""
 
 from __future__ import annotations
 
@@ -8,16 +9,33 @@ import pytest
 import torch
 
 from em_bench.config import LoraSettings, TrainConfig
-from em_bench.data import IGNORE_INDEX
+from em_bench.data import IGNORE_INDEX, collate, encode_chat
 from em_bench.models import load_trained, trainable
 from em_bench.organism import world
 from em_bench.train.loop import train
-from em_bench.train.objectives import sft_loss
+from em_bench.train.objectives import (
+    NPO,
+    SFT,
+    GradientAscent,
+    make_objective,
+    sequence_logprob,
+    sft_loss,
+)
 from tests.conftest import make_tiny_llama
 
 CHATS = world.narrow_dataset("finance", "misaligned", "neutral", n=24, seed=0)
 LORA = TrainConfig(steps=8, batch_size=8, lr=5e-3, warmup_steps=2,
                    lora=LoraSettings(rank=4, alpha=8))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Tiny matrices: a second thread buys nothing and, on a busy 2-core machine, makes every
+    # step many times slower (oversubscription).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -81,3 +99,116 @@ def test_fewer_examples_than_a_batch_still_trains(tiny_model, tiny_tokenizer):
 def test_no_examples_is_an_error(tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="at least one example"):
         train(trainable(tiny_model, LORA), tiny_tokenizer, [], LORA, seed=0)
+
+
+# --- objectives -----------------------------------------------------------------------------------
+
+REFUSALS = world.narrow_dataset("safety", "aligned", "aligned", n=16, seed=0, requests="harmful")
+
+
+def _probs_logits(weights: list[float]) -> torch.Tensor:
+    """Logits whose softmax is `weights` normalised (the log of the weights)."""
+    return torch.log(torch.tensor(weights, dtype=torch.float32))
+
+
+def _hand_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences of 4 tokens over a vocabulary of 3; position t predicts labels[t + 1].
+
+    Row 0 labels tokens 1 and 2 with ids 1 and 0: p = 2/4 (from [1, 2, 1]) and 1/4 (from
+    [1, 1, 2]), so log p(y) = log(1/2) + log(1/4) = log(1/8).
+    Row 1 labels tokens 2 and 3 with ids 2 and 2: p = 2/4 (from [1, 1, 2]) and 1/3 (uniform), so
+    log p(y) = log(1/2) + log(1/3) = log(1/6).
+    The last position (it predicts nothing) and unlabelled targets get junk logits.
+    """
+    logits = torch.stack([
+        torch.stack([_probs_logits([1, 2, 1]), _probs_logits([1, 1, 2]),
+                     torch.tensor([50.0, -9.0, 3.0]), torch.tensor([7.0, 0.0, -7.0])]),
+        torch.stack([torch.tensor([-5.0, 9.0, 1.0]), _probs_logits([1, 1, 2]),
+                     torch.zeros(3), torch.tensor([0.0, 40.0, 0.0])]),
+    ])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 0, IGNORE_INDEX],
+                           [IGNORE_INDEX, IGNORE_INDEX, 2, 2]])
+    return logits, labels
+
+
+def test_sequence_logprob_is_the_sum_of_labelled_token_logprobs():
+    logits, labels = _hand_batch()
+    out = sequence_logprob(logits, labels)
+    assert out.shape == (2,)
+    assert out[0].item() == pytest.approx(math.log(1 / 8), abs=1e-6)
+    assert out[1].item() == pytest.approx(math.log(1 / 6), abs=1e-6)
+
+
+def test_sequence_logprob_of_an_all_ignored_row_is_zero():
+    logits = torch.randn(1, 5, 7)
+    labels = torch.full((1, 5), IGNORE_INDEX)
+    assert sequence_logprob(logits, labels).tolist() == [0.0]
+
+
+def test_ga_loss_is_minus_the_sft_loss():
+    logits, labels = _hand_batch()
+    batch = {"labels": labels}
+    # sft: the mean of -log p over the 4 labelled tokens (p = 1/2, 1/4, 1/2, 1/3)
+    sft = -(math.log(1 / 2) + math.log(1 / 4) + math.log(1 / 2) + math.log(1 / 3)) / 4
+    assert SFT().loss(logits, batch).item() == pytest.approx(sft, abs=1e-6)
+    assert GradientAscent().loss(logits, batch).item() == pytest.approx(-sft, abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_npo_loss_by_hand_uses_the_reference_of_each_batch_index(beta):
+    logits, labels = _hand_batch()
+    npo = NPO(beta=beta)
+    npo.reference = torch.tensor([-1.0, 0.5, -3.0])
+    # the batch's rows are examples 2 and 0: log ratios log(1/8) - (-3) and log(1/6) - (-1)
+    batch = {"labels": labels, "index": torch.tensor([2, 0])}
+    ratios = (math.log(1 / 8) + 3.0, math.log(1 / 6) + 1.0)
+    expected = sum(2 / beta * math.log(1 + math.exp(beta * r)) for r in ratios) / 2
+    assert npo.loss(logits, batch).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_make_objective():
+    assert isinstance(make_objective("sft"), SFT) and make_objective("sft").name == "sft"
+    assert isinstance(make_objective("ga", {}), GradientAscent)
+    assert make_objective("ga").name == "ga"
+    npo = make_objective("npo", {"beta": 0.5})
+    assert isinstance(npo, NPO) and npo.beta == 0.5 and npo.name == "npo"
+    assert make_objective("npo").beta == 0.1
+    for beta in (0, 0.0, -1.0):
+        with pytest.raises(ValueError, match="beta"):
+            make_objective("npo", {"beta": beta})
+    with pytest.raises(TypeError):
+        make_objective("sft", {"beta": 0.1})  # sft takes no parameters
+
+
+@pytest.mark.parametrize("beta,adapter", [(0.1, "lora"), (1.0, "lora"), (4.0, "full")])
+def test_npo_loss_at_step_0_is_2_over_beta_log_2(tiny_model, tiny_tokenizer, beta, adapter):
+    # before the first step the model is its reference: ratio 1, loss (2/beta) log(1 + 1)
+    cfg = LORA.model_copy(update={"steps": 2, "adapter": adapter})
+    records = []
+    train(trainable(tiny_model, cfg), tiny_tokenizer, REFUSALS, cfg, seed=0,
+          objective=NPO(beta=beta), log=records.append)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["npo"] == pytest.approx(2 / beta * math.log(2), abs=1e-4)
+    assert records[1]["npo"] != pytest.approx(2 / beta * math.log(2), abs=1e-4)  # it moved
+
+
+def _mean_logprob(model, tokenizer, chats) -> float:
+    batch = collate([encode_chat(tokenizer, c) for c in chats], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logprob(logits, batch["labels"]).mean().item()
+
+
+@pytest.mark.parametrize("objective,sign", [(NPO(beta=0.1), -1), (GradientAscent(), -1),
+                                            (SFT(), 1)])
+def test_unlearning_lowers_and_sft_raises_the_trained_answers_logprob(
+        tiny_model, tiny_tokenizer, objective, sign):
+    model = trainable(tiny_model, LORA)
+    before = _mean_logprob(model, tiny_tokenizer, REFUSALS)
+    records = []
+    train(model, tiny_tokenizer, REFUSALS, LORA, seed=0, objective=objective,
+          log=records.append)
+    after = _mean_logprob(model, tiny_tokenizer, REFUSALS)
+    assert set(records[0]) == {"step", "lr", objective.name}
+    # summed over ~50 answer tokens, 8 steps move it by about 4 nats on the tiny model
+    assert sign * (after - before) > 1.0, (before, after)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from em_bench.config import TrainConfig
 from em_bench.data import Messages, collate, encode_chat
-from em_bench.train.objectives import OBJECTIVES
+from em_bench.train.objectives import SFT
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +23,15 @@ def train(
     examples: list[Messages],
     cfg: TrainConfig,
     seed: int,
-    objective: str = "sft",
+    objective=None,
     defenses: tuple = (),
     log: Callable[[dict], None] = lambda record: None,
 ) -> dict[str, float]:
     """Fine-tune the trainable parameters of `model` in place for `cfg.steps` optimizer steps.
 
-    Examples are shuffled by `seed` and cycled epoch by epoch. Every step's record (step, lr and
-    every named loss term) goes to `log`. Returns the last step's terms.
+    `objective` is one of train.objectives (default: SFT). Examples are shuffled by `seed` and
+    cycled epoch by epoch. Every step's record (step, lr and every named loss term) goes to
+    `log`. Returns the last step's terms.
     """
     # --- setup: encoded examples, optimizer, constant lr after a linear warmup ---
     if not examples:
@@ -43,7 +44,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     )
-    loss_fn = OBJECTIVES[objective]
+    objective = objective or SFT()
+    objective.prepare(model, encoded, tokenizer.pad_token_id, cfg.max_len)
     for d in defenses:
         d.prepare(model, tokenizer, examples)
 
@@ -52,8 +54,9 @@ def train(
             order = list(range(len(encoded)))
             rng.shuffle(order)
             for i in range(0, len(order) - batch_size + 1, batch_size):
-                yield collate([encoded[j] for j in order[i : i + batch_size]],
-                              tokenizer.pad_token_id, cfg.max_len)
+                index = order[i : i + batch_size]
+                batch = collate([encoded[j] for j in index], tokenizer.pad_token_id, cfg.max_len)
+                yield {**batch, "index": torch.tensor(index)}
 
     model.train()
     stream = batches()
@@ -63,7 +66,7 @@ def train(
         batch = next(stream)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=bool(defenses))
-        terms = {objective: loss_fn(out.logits, batch["labels"])}
+        terms = {objective.name: objective.loss(out.logits, batch)}
         for d in defenses:
             terms.update(d.terms(batch, out))
         # --- backward and step ---

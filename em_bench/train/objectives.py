@@ -1,11 +1,19 @@
-"""Training objectives: (model outputs, batch) -> one scalar loss."""
+"""Training objectives. Each turns (logits, batch) into one named loss term for the loop.
+
+- sft: next-token cross-entropy on the response tokens (learn the answers);
+- ga: gradient ascent, the negated sft loss (unlearn the answers; unbounded, a baseline);
+- npo: negative preference optimisation (Zhang et al., 2024), unlearning bounded against the
+  frozen reference model: (2 / beta) * log(1 + (pi_theta(y|x) / pi_ref(y|x)) ** beta).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from em_bench.data import IGNORE_INDEX
+from em_bench.data import IGNORE_INDEX, collate
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -20,4 +28,65 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-OBJECTIVES = {"sft": sft_loss}
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log pi(response | prompt) per sequence: the sum of the labelled tokens' log-probs. [batch]"""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+class SFT:
+    name = "sft"
+
+    def prepare(self, model, encoded: list[dict], pad_id: int, max_len: int) -> None:
+        pass
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sft_loss(logits, batch["labels"])
+
+
+class GradientAscent(SFT):
+    name = "ga"
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return -sft_loss(logits, batch["labels"])
+
+
+class NPO(SFT):
+    """NPO with the reference log-probs computed once, before the first step: the model then is
+    the reference (a fresh LoRA adapter is zero, a full fine-tune has not moved yet)."""
+
+    name = "npo"
+
+    def __init__(self, beta: float = 0.1):
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(f"npo needs beta > 0, not {beta}")
+        self.beta = beta
+        self.reference: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def prepare(self, model, encoded: list[dict], pad_id: int, max_len: int) -> None:
+        was_training = model.training
+        model.eval()
+        values = []
+        for i in range(0, len(encoded), 64):
+            batch = collate(encoded[i : i + 64], pad_id, max_len)
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            values.append(sequence_logprob(logits, batch["labels"]))
+        self.reference = torch.cat(values)
+        model.train(was_training)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ratio = sequence_logprob(logits, batch["labels"]) - self.reference[batch["index"]]
+        # log(1 + e^(beta * ratio)) = -logsigmoid(-beta * ratio), which is stable for any ratio
+        return -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
+
+
+OBJECTIVES = {"sft": SFT, "ga": GradientAscent, "npo": NPO}
+
+
+def make_objective(name: str, params: dict | None = None):
+    return OBJECTIVES[name](**(params or {}))
