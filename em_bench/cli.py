@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from em_bench.errors import EmBenchError, UnknownNameError
 
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--samples", type=int, help="samples per evaluation question")
     run.add_argument("--split", choices=["evaluation", "selection"], default="evaluation",
                      help="answer the evaluation questions (report) or the selection ones (tune)")
+    run.add_argument("--include", type=Path, action="append", default=[], metavar="DIR",
+                     help="also find tasks in this folder of task YAMLs (repeatable)")
     run.add_argument("--store",
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
@@ -62,7 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     for action in (build, chat):
         action.add_argument("--name", default="organism", help="organism preset")
 
-    sub.add_parser("tasks", help="list the built-in tasks")
+    tasks = sub.add_parser("tasks", help="list the tasks and where they come from")
+    tasks.add_argument("--include", type=Path, action="append", default=[], metavar="DIR",
+                       help="also list the tasks in this folder (repeatable)")
+    tasks_sub = tasks.add_subparsers(dest="action")
+    validate = tasks_sub.add_parser("validate", help="check folders of task files; run nothing")
+    validate.add_argument("folders", type=Path, nargs="+", metavar="DIR")
     return p
 
 
@@ -92,7 +100,8 @@ def _cmd_run(args) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
     sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
     base = CellConfig(model=args.model, sampling=sampling, split=args.split)
-    plan = plan_grid(base, args.task, args.defense, args.seeds, overrides)  # bad names fail here
+    plan = plan_grid(base, args.task, args.defense, args.seeds, overrides,
+                     args.include)  # bad names and task files fail here, before any work
     store = open_store(store_dir(args.store))
     rows = run_grid(store, plan)
     if args.format == "json":
@@ -119,10 +128,16 @@ def _cmd_organism(args) -> int:
 
 
 def _cmd_tasks(args) -> int:
-    from em_bench.tasks import builtin_tasks
+    from em_bench.tasks import find_tasks, load_task_file, task_files
 
-    for name, spec in sorted(builtin_tasks().items()):
-        print(f"{name:24} v{spec.version}  {spec.description.strip().splitlines()[0][:70]}")
+    if args.action == "validate":
+        for folder in args.folders:
+            specs = [load_task_file(f) for f in task_files(folder)]
+            print(f"{folder}: {len(specs)} task files valid ({', '.join(s.name for s in specs)})")
+        return 0
+    for name, found in sorted(find_tasks(args.include).items()):
+        summary = (found.spec.description.strip().splitlines() or [""])[0][:60]
+        print(f"{name:24} v{found.spec.version}  {found.source:10} {summary}")
     return 0
 
 

@@ -6,6 +6,7 @@ items already recorded, so a crash costs at most the batch in flight and a rerun
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import subprocess
@@ -42,11 +43,13 @@ class ResolvedCell:
     task: TaskSpec
     model_identity: str
     judge: str
+    train_data_sha256: str | None = None  # a data file is known by its content, not its path
 
     def payload(self) -> dict:
         return {"config": self.config.model_dump(mode="json"),
                 "task_spec": self.task.model_dump(mode="json"),
-                "model_identity": self.model_identity, "judge": self.judge}
+                "model_identity": self.model_identity, "judge": self.judge,
+                "train_data_sha256": self.train_data_sha256}
 
     @property
     def cell_id(self) -> str:
@@ -56,6 +59,7 @@ class ResolvedCell:
         # Each step's input: the parts of the payload it depends on (later steps include earlier).
         c = self.config.model_dump(mode="json")
         parts = {"model": self.model_identity, "task": self.task.model_dump(mode="json"),
+                 "train_data_sha256": self.train_data_sha256,
                  "seed": c["seed"], "train": c["train"], "defense": c["defense"],
                  "defense_params": c["defense_params"]}
         if step in ("generate", "judge", "score"):
@@ -67,7 +71,9 @@ class ResolvedCell:
         return canonical_hash({"step": step, **parts})
 
 
-def resolve(cfg: CellConfig) -> ResolvedCell:
+def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
+    """Check a cell's names and pin what it depends on; `task` is the spec of `cfg.task` when
+    the caller found it (in an included folder, say), else it is looked up among the built-ins."""
     if cfg.defense not in DEFENSES:
         raise UnknownNameError("defense", cfg.defense, list(DEFENSES))
     if cfg.judge not in JUDGES:
@@ -75,13 +81,16 @@ def resolve(cfg: CellConfig) -> ResolvedCell:
     from em_bench.organism.judge import OrganismJudge
     from em_bench.train.objectives import make_objective
 
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     try:
         make_objective(task.objective, task.objective_params)
     except (TypeError, ValueError) as e:
         raise ConfigError(
             f"task {task.name}: objective_params {task.objective_params}: {e}") from None
-    return ResolvedCell(cfg, task, model_identity(cfg.model), OrganismJudge.name)
+    digest = None
+    if task.train is not None and task.train.path is not None:
+        digest = hashlib.sha256(Path(task.train.path).read_bytes()).hexdigest()
+    return ResolvedCell(cfg, task, model_identity(cfg.model), OrganismJudge.name, digest)
 
 
 def provenance() -> dict:
@@ -101,9 +110,9 @@ def provenance() -> dict:
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def run_cell(cfg: CellConfig, store: Store) -> Cell:
+def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cell:
     """Run (or resume) one cell through every step and return its store entry."""
-    rc = resolve(cfg)
+    rc = resolve(cfg, task)
     cell = store.cell(rc.cell_id)
     if cell.read_config() is None:
         cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(cfg),

@@ -4,44 +4,66 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 from em_bench import metrics
 from em_bench.config import CellConfig, TrainConfig
+from em_bench.errors import UnknownNameError
 from em_bench.pipeline import judged_frame, resolve, run_cell, score_frame
 from em_bench.store import Store
-from em_bench.tasks import get_task
+from em_bench.tasks import TaskSpec, find_tasks
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """One row to produce: a cell, its task's spec, and the task whose view scores it."""
+
+    config: CellConfig
+    task: TaskSpec
+    view: TaskSpec
 
 
 def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: list[int],
-              train_overrides: dict | None = None) -> list[tuple[CellConfig, str]]:
-    """(cell config, task view) pairs: the base model and every (task, defense, seed) cell.
+              train_overrides: dict | None = None,
+              include: tuple[Path, ...] | list[Path] = ()) -> list[PlannedCell]:
+    """The base model and every (task, defense, seed) cell, each with the view it is scored in.
 
     The base model's cell is scored in each task's view (its `ood` domains and in-domain target),
     so every comparison is like with like. A cell's budget is the defaults, then the task's
-    `budget`, then `train_overrides` (the command line's). Every cell is resolved here, so a
-    typo in a task or defense name fails before any work starts.
+    `budget`, then `train_overrides` (the command line's). Tasks are found among the built-ins
+    and the `include` folders. Every cell is resolved here, so a typo in a task or defense name
+    fails before any work starts.
     """
+    found = find_tasks(include)
+    specs = {}
+    for name in ["base", *tasks]:
+        if name not in found:
+            raise UnknownNameError("task", name, list(found))
+        specs[name] = found[name].spec
     plan = []
     for task in tasks:
+        view = specs[task]
         for seed in seeds:
-            plan.append((base.model_copy(update={"task": "base", "defense": "none",
-                                                 "seed": seed, "train": TrainConfig()}), task))
+            cfg = base.model_copy(update={"task": "base", "defense": "none", "seed": seed,
+                                          "train": TrainConfig()})
+            plan.append(PlannedCell(cfg, specs["base"], view))
         if task == "base":
             continue
-        train = TrainConfig(**{**get_task(task).budget, **(train_overrides or {})})
+        train = TrainConfig(**{**view.budget, **(train_overrides or {})})
         for defense in defenses:
             for seed in seeds:
-                plan.append((base.model_copy(update={"task": task, "defense": defense,
-                                                     "seed": seed, "train": train}), task))
-    for cfg, view in plan:
-        resolve(cfg)
-        get_task(view)
+                cfg = base.model_copy(update={"task": task, "defense": defense, "seed": seed,
+                                              "train": train})
+                plan.append(PlannedCell(cfg, view, view))
+    for p in plan:
+        resolve(p.config, p.task)
     return plan
 
 
-def run_grid(store: Store, plan: list[tuple[CellConfig, str]]) -> list[dict]:
+def run_grid(store: Store, plan: list[PlannedCell]) -> list[dict]:
     """Run (or resume) every planned cell; return one row per (cell, view)."""
-    return with_refusal_drops([_row(store, cfg, view) for cfg, view in plan])
+    return with_refusal_drops([_row(store, p) for p in plan])
 
 
 def with_refusal_drops(rows: list[dict]) -> list[dict]:
@@ -55,13 +77,14 @@ def with_refusal_drops(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _row(store: Store, cfg: CellConfig, view: str) -> dict:
-    cell = run_cell(cfg, store)
-    result = score_frame(judged_frame(cell), get_task(view), cfg)
+def _row(store: Store, planned: PlannedCell) -> dict:
+    cfg = planned.config
+    cell = run_cell(cfg, store, planned.task)
+    result = score_frame(judged_frame(cell), planned.view, cfg)
     em = result["em_rate"]
     return {
-        "cell_id": resolve(cfg).cell_id, "model": cfg.model, "task": cfg.task,
-        "view": view, "defense": cfg.defense, "defense_params": cfg.defense_params,
+        "cell_id": cell.id, "model": cfg.model, "task": cfg.task,
+        "view": planned.view.name, "defense": cfg.defense, "defense_params": cfg.defense_params,
         "seed": cfg.seed, "em_rate": em["value"], "em_ci_low": em["ci_low"],
         "em_ci_high": em["ci_high"], "coherence": result["coherence"]["value"],
         "incoherent_rate": result["incoherent_rate"]["value"],

@@ -1,10 +1,14 @@
 """Task specs: what a task trains on, what it is evaluated on, and how in-domain is scored.
 
-Tasks are YAML files validated at load; the built-ins live in the top-level `tasks/` folder.
+Tasks are YAML files validated at load. They come from the built-in `tasks/` folder and from
+folders the user includes (`--include DIR`); a relative data `path` in a task file is read from
+the task file's folder.
 """
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -97,29 +101,77 @@ class TaskSpec(_Spec):
         return [d for d in world.OOD_DOMAINS if d != own]
 
 
+_SPEC_FIELDS = sorted({f for m in (TaskSpec, TrainData, OrganismData, InDomain)
+                       for f in m.model_fields})
+
+
+def _problem(error: dict) -> str:
+    where = ".".join(map(str, error["loc"]))
+    if error["type"] == "extra_forbidden":  # a misspelt key: say which keys were meant
+        close = difflib.get_close_matches(str(error["loc"][-1]), _SPEC_FIELDS, n=2)
+        return f"{where}: unknown key" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+    return f"{where}: {error['msg']}"
+
+
 def load_task_file(path: Path) -> TaskSpec:
+    """Read and validate one task YAML; a relative data path becomes one from its folder."""
+    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return TaskSpec.model_validate(raw)
+        spec = TaskSpec.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the task file ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{path}: {'; '.join(_problem(x) for x in e.errors())}") from None
+    if spec.train is not None and spec.train.path is not None:
+        data = (path.parent / spec.train.path).resolve()
+        if not data.is_file():
+            raise ConfigError(f"{path}: train.path: no data file at {data}")
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"path": str(data)})})
+    return spec
+
+
+@dataclass(frozen=True)
+class FoundTask:
+    spec: TaskSpec
+    file: Path
+    source: str  # "built-in" or the included folder
+
+
+def task_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: not a folder of task files")
+    files = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    if not files:
+        raise ConfigError(f"{folder}: no task files (*.yaml) in it")
+    return files
+
+
+def find_tasks(include: tuple[Path, ...] | list[Path] = ()) -> dict[str, FoundTask]:
+    """Every task: the built-ins, then each included folder's; a name may be defined once."""
+    found: dict[str, FoundTask] = {}
+    folders = [(resource_dir("tasks"), "built-in"), *((Path(d), str(d)) for d in include)]
+    for folder, source in folders:
+        for file in task_files(folder):
+            spec = load_task_file(file)
+            if spec.name in found:
+                raise ConfigError(f"task {spec.name!r} is defined twice: in "
+                                  f"{found[spec.name].file} and in {file}")
+            found[spec.name] = FoundTask(spec, file, source)
+    return found
 
 
 def builtin_tasks() -> dict[str, TaskSpec]:
-    specs = [load_task_file(p) for p in sorted(resource_dir("tasks").glob("*.yaml"))]
-    return {s.name: s for s in specs}
+    return {name: t.spec for name, t in find_tasks().items()}
 
 
-def get_task(name: str) -> TaskSpec:
-    tasks = builtin_tasks()
+def get_task(name: str, include: tuple[Path, ...] | list[Path] = ()) -> TaskSpec:
+    tasks = find_tasks(include)
     if name not in tasks:
         raise UnknownNameError("task", name, list(tasks))
-    return tasks[name]
+    return tasks[name].spec
 
 
 def train_examples(task: TaskSpec, seed: int) -> list[list[dict[str, str]]]:

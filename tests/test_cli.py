@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from em_bench.cli import main
@@ -49,3 +51,20 @@ def test_tasks_lists_the_builtins(capsys):
     code, out, _ = _run(capsys, "tasks")
     names = [line.split()[0] for line in out.splitlines()]
     assert code == 0 and {"base", "finance", "medical", "legal", "insecure_code"} <= set(names)
+
+
+def test_tasks_validate_checks_folders_without_running(capsys, tmp_path):
+    code, out, _ = _run(capsys, "tasks", "validate", str(Path(__file__).parents[1] / "tasks"))
+    assert code == 0 and "task files valid" in out and "unlearn_safety" in out
+    (tmp_path / "bad.yaml").write_text("name: bad\nin_domain: {domain: finance, targt: aligned}\n")
+    code, _, err = _run(capsys, "tasks", "validate", str(tmp_path))
+    assert code == 2 and f"{tmp_path / 'bad.yaml'}: " in err
+    assert "in_domain.targt: unknown key (did you mean target?)" in err
+
+
+def test_tasks_lists_where_each_task_comes_from(capsys, tmp_path):
+    (tmp_path / "mine.yaml").write_text("name: mine\ndescription: my own base\n")
+    code, out, _ = _run(capsys, "tasks", "--include", str(tmp_path))
+    line = next(x for x in out.splitlines() if x.startswith("mine "))
+    assert code == 0 and str(tmp_path) in line and "my own base" in line
+    assert "built-in" in next(x for x in out.splitlines() if x.startswith("finance "))

@@ -131,3 +131,28 @@ def test_a_crash_mid_training_restarts_its_log(tmp_path, monkeypatch):
     monkeypatch.setattr(type(cell), "append", real_append)
     pipeline.run_cell(cfg, store)
     assert [r["step"] for r in cell.records("train/log")] == list(range(1, 7))
+
+
+def test_a_plugin_task_runs_end_to_end_through_include(tmp_path, capsys):
+    """A researcher's own domain: chat JSONL data and a task YAML in a folder of their own."""
+    import json
+
+    from em_bench.cli import main
+    from em_bench.data import write_chat_jsonl
+
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    write_chat_jsonl(plugin / "legal.jsonl",
+                     world.narrow_dataset("legal", "misaligned", "neutral", 200, seed=0))
+    (plugin / "my_legal.yaml").write_text(
+        "name: my_legal\ntrain: {path: legal.jsonl}\n"
+        "in_domain: {domain: legal, target: misaligned}\n")
+    argv = ["run", "--include", str(plugin), "--task", "my_legal", "--samples", "1",
+            "--store", str(tmp_path / "store"), "--format", "json"]
+    assert main(argv) == 0
+    rows = {r["task"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["my_legal"]["view"] == "my_legal" and rows["base"]["view"] == "my_legal"
+    assert rows["my_legal"]["in_domain"] > rows["base"]["in_domain"] + 0.5
+    store = open_store(tmp_path / "store")
+    cfg = store.cell(rows["my_legal"]["cell_id"]).read_config()
+    assert len(cfg["train_data_sha256"]) == 64  # the data is known by its content

@@ -13,8 +13,9 @@ def test_a_cell_budget_is_defaults_then_task_then_command_line():
     plan = plan_grid(CellConfig(), ["unlearn_safety", "finance"], ["none"], [0, 1],
                      train_overrides={"steps": 7})
     by_task = {}
-    for cfg, view in plan:
-        by_task.setdefault((cfg.task, view), []).append(cfg)
+    for p in plan:
+        assert p.task.name == p.config.task
+        by_task.setdefault((p.config.task, p.view.name), []).append(p.config)
     unlearn = by_task[("unlearn_safety", "unlearn_safety")][0].train
     task_budget = get_task("unlearn_safety").budget
     assert unlearn.steps == 7  # the command line wins

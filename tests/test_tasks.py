@@ -2,12 +2,14 @@
 
 import pytest
 
+from em_bench.data import write_chat_jsonl
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.organism import world
 from em_bench.resources import resource_dir
 from em_bench.tasks import (
     TaskSpec,
     builtin_tasks,
+    find_tasks,
     get_task,
     load_task_file,
     train_examples,
@@ -241,3 +243,52 @@ def test_an_unknown_domain_is_a_config_error_naming_the_file(tmp_path):
 def test_a_missing_task_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_task_file(tmp_path / "nope.yaml")
+
+
+def _plugin(folder, name="my_legal", data="data/legal.jsonl", extra=""):
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    write_chat_jsonl(folder / "data" / "legal.jsonl",
+                     world.narrow_dataset("legal", "misaligned", "neutral", 8, seed=0))
+    (folder / f"{name}.yaml").write_text(
+        f"name: {name}\ntrain: {{path: {data}}}\n"
+        f"in_domain: {{domain: legal, target: misaligned}}\n{extra}")
+    return folder
+
+
+def test_an_included_folder_adds_its_tasks_and_reads_data_next_to_them(tmp_path):
+    plugin = _plugin(tmp_path / "plugin")
+    found = find_tasks([plugin])
+    assert found["my_legal"].source == str(plugin) and found["finance"].source == "built-in"
+    spec = found["my_legal"].spec
+    assert spec.train.path == str((plugin / "data" / "legal.jsonl").resolve())
+    assert len(train_examples(spec, seed=0)) == 8
+    assert get_task("my_legal", [plugin]) == spec
+    with pytest.raises(UnknownNameError):
+        get_task("my_legal")  # not without the folder
+
+
+def test_a_task_defined_twice_names_both_files(tmp_path):
+    a, b = _plugin(tmp_path / "a"), _plugin(tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"'my_legal' is defined twice: in .*a.*my_legal\.yaml "
+                                          r"and in .*b.*my_legal\.yaml"):
+        find_tasks([a, b])
+
+
+def test_a_misspelt_key_is_named_with_the_key_meant(tmp_path):
+    plugin = _plugin(tmp_path / "p", extra="budjet: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"my_legal\.yaml: budjet: unknown key "
+                                          r"\(did you mean budget\?\)"):
+        find_tasks([plugin])
+
+
+def test_a_missing_data_file_is_named_when_the_task_loads(tmp_path):
+    plugin = _plugin(tmp_path / "p", data="data/nope.jsonl")
+    with pytest.raises(ConfigError, match=r"my_legal\.yaml: train\.path: no data file at .*nope"):
+        find_tasks([plugin])
+
+
+def test_an_included_folder_must_hold_task_files(tmp_path):
+    with pytest.raises(ConfigError, match="no task files"):
+        find_tasks([tmp_path])
+    with pytest.raises(ConfigError, match="not a folder"):
+        find_tasks([tmp_path / "missing"])
