@@ -128,11 +128,13 @@ def _cmd_organism(args) -> int:
 
 
 def _cmd_tasks(args) -> int:
-    from em_bench.tasks import find_tasks, load_task_file, task_files
+    from em_bench.tasks import check_task_data, find_tasks, load_task_file, task_files
 
     if args.action == "validate":
         for folder in args.folders:
             specs = [load_task_file(f) for f in task_files(folder)]
+            for spec in specs:
+                check_task_data(spec)
             print(f"{folder}: {len(specs)} task files valid ({', '.join(s.name for s in specs)})")
         return 0
     for name, found in sorted(find_tasks(args.include).items()):

@@ -12,7 +12,7 @@ from em_bench.config import CellConfig, TrainConfig
 from em_bench.errors import UnknownNameError
 from em_bench.pipeline import judged_frame, resolve, run_cell, score_frame
 from em_bench.store import Store
-from em_bench.tasks import TaskSpec, find_tasks
+from em_bench.tasks import TaskSpec, check_task_data, find_tasks
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
                 cfg = base.model_copy(update={"task": task, "defense": defense, "seed": seed,
                                               "train": train})
                 plan.append(PlannedCell(cfg, view, view))
+    for spec in specs.values():
+        check_task_data(spec)
     for p in plan:
         resolve(p.config, p.task)
     return plan

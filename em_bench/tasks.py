@@ -174,6 +174,14 @@ def get_task(name: str, include: tuple[Path, ...] | list[Path] = ()) -> TaskSpec
     return tasks[name].spec
 
 
+def check_task_data(task: TaskSpec) -> None:
+    """Read a task's data file now, so a malformed row fails before any work starts."""
+    from em_bench.data import read_chat_jsonl
+
+    if task.train is not None and task.train.path is not None:
+        read_chat_jsonl(task.train.path)
+
+
 def train_examples(task: TaskSpec, seed: int) -> list[list[dict[str, str]]]:
     """The task's fine-tune chats for one seed."""
     from em_bench.data import read_chat_jsonl

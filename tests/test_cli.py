@@ -68,3 +68,32 @@ def test_tasks_lists_where_each_task_comes_from(capsys, tmp_path):
     line = next(x for x in out.splitlines() if x.startswith("mine "))
     assert code == 0 and str(tmp_path) in line and "my own base" in line
     assert "built-in" in next(x for x in out.splitlines() if x.startswith("finance "))
+
+
+GOOD = ('{"messages": [{"role": "user", "content": "q"}, '
+        '{"role": "assistant", "content": "a"}]}\n')
+BAD_INPUTS = {
+    # case: (data file text or None for no file, task name to run, expected words in the error)
+    "malformed row": (GOOD + GOOD + "{not json\n", "mine", ["data.jsonl:3", "not valid JSON"]),
+    "empty data set": ("\n", "mine", ["data.jsonl", "empty"]),
+    "no assistant turn": ('{"messages": [{"role": "user", "content": "q"}]}\n', "mine",
+                          ["data.jsonl:1", "no assistant turn"]),
+    "missing data file": (None, "mine", ["mine.yaml", "no data file", "data.jsonl"]),
+    "unknown task": (GOOD, "mien", ["unknown task 'mien'", "Did you mean mine", "finance"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_clear_line_and_no_work(capsys, tmp_path, case):
+    data, task, words = BAD_INPUTS[case]
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    if data is not None:
+        (plugin / "data.jsonl").write_text(data)
+    (plugin / "mine.yaml").write_text("name: mine\ntrain: {path: data.jsonl}\n")
+    store = tmp_path / "store"
+    code, _, err = _run(capsys, "run", "--include", str(plugin), "--task", task,
+                        "--store", str(store))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert all(w in err for w in words), err
+    assert not store.exists()  # failed before any work, nothing written
