@@ -35,9 +35,3 @@ class UnknownNameError(EmBenchError):
 class StoreError(EmBenchError):
     """The results store is missing, foreign or damaged."""
 
-
-def missing_extra(package: str, extra: str) -> EmBenchError:
-    """The error for an optional dependency that is not installed."""
-    return EmBenchError(
-        f"{package} is not installed; install it with: pip install 'em-bench[{extra}]'"
-    )

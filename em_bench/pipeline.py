@@ -150,9 +150,7 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     examples = train_examples(rc.task, cfg.seed)
     model = trainable(base, cfg.train)
     cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
-    from em_bench.defenses.none import NoDefense
-
-    defenses = () if cfg.defense == "none" else (NoDefense(),)
+    defenses = ()  # "none" is the only defense so far (DEFENSES); each adds its loss terms here
     t0 = time.perf_counter()
     objective = make_objective(rc.task.objective, rc.task.objective_params)
     final = train(model, tokenizer, examples, cfg.train, cfg.seed, objective, defenses,
