@@ -2,8 +2,10 @@
 
     em-bench run                                  # the demo: base vs the finance fine-tune
     em-bench run --task finance,medical --seeds 0,1,2 --format json
+    em-bench run --questions my_questions.yaml  # an EM-format question file as the ood suite
     em-bench organism build | chat
-    em-bench tasks
+    em-bench tasks [validate DIR]
+    em-bench data check FILE                      # a chat JSONL or question file; runs nothing
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def _seeds(text: str) -> list[int]:
             f"--seeds takes integers like 0,1,2, not {text!r}") from None
 
 
+def _setting(text: str) -> tuple[str, list]:
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not _csv(values):
+        raise argparse.ArgumentTypeError(f"--set takes NAME=V1,V2,..., not {text!r}")
+    return name.strip(), _csv(values)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="em-bench", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log every step in detail")
@@ -44,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="organism", help="'organism', a HF id or a local dir")
     run.add_argument("--task", type=_csv, default=["finance"], help="comma list of tasks")
     run.add_argument("--defense", type=_csv, default=["none"], help="comma list of defenses")
+    run.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=V1,V2",
+                     help="a defense parameter and its values (a sweep; repeatable); a list "
+                     "value joins its items with '+', e.g. latents=a.json+b.json")
     run.add_argument("--seeds", type=_seeds, default=[0], help="comma list of seeds")
     run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
     run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
@@ -52,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="answer the evaluation questions (report) or the selection ones (tune)")
     run.add_argument("--include", type=Path, action="append", default=[], metavar="DIR",
                      help="also find tasks in this folder of task YAMLs (repeatable)")
+    run.add_argument("--questions", type=Path, metavar="FILE",
+                     help="answer this EM-format question file as the ood suite")
     run.add_argument("--store",
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
@@ -71,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     tasks_sub = tasks.add_subparsers(dest="action")
     validate = tasks_sub.add_parser("validate", help="check folders of task files; run nothing")
     validate.add_argument("folders", type=Path, nargs="+", metavar="DIR")
+
+    data = sub.add_parser("data", help="data and question files")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    check = data_sub.add_parser(
+        "check", help="validate chat JSONL (.jsonl) or question files (.yaml); run nothing")
+    check.add_argument("files", type=Path, nargs="+", metavar="FILE")
     return p
 
 
@@ -100,8 +120,8 @@ def _cmd_run(args) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
     sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
     base = CellConfig(model=args.model, sampling=sampling, split=args.split)
-    plan = plan_grid(base, args.task, args.defense, args.seeds, overrides,
-                     args.include)  # bad names and task files fail here, before any work
+    plan = plan_grid(base, args.task, args.defense, args.seeds, overrides, args.include,
+                     args.questions, dict(args.set))  # bad names and files fail here, first
     store = open_store(store_dir(args.store))
     rows = run_grid(store, plan)
     if args.format == "json":
@@ -143,10 +163,31 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from em_bench.data import read_chat_jsonl
+    from em_bench.errors import DataError
+    from em_bench.questions import load_question_file
+
+    for file in args.files:
+        if file.suffix == ".jsonl":
+            chats = read_chat_jsonl(file)
+            print(f"{file}: {len(chats)} chats valid")
+        elif file.suffix in (".yaml", ".yml"):
+            items = load_question_file(file)
+            n = sum(len(i.paraphrases) for i in items)
+            answers = sum(len(i.paraphrases) * i.samples_per_paraphrase for i in items)
+            print(f"{file}: {len(items)} questions valid ({n} paraphrases, {answers} answers)")
+        else:
+            raise DataError(f"{file}: unknown kind of file; chat data is .jsonl, a question file "
+                            f".yaml or .yml")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup(args)
-    commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks}
+    commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks,
+                "data": _cmd_data}
     try:
         return commands[args.command](args)
     except EmBenchError as e:

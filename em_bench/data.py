@@ -96,6 +96,20 @@ def encode_chat(
     return ids, labels
 
 
+def phrase_labels(tokenizer, ids: list[int], labels: list[int], phrase: str) -> list[int] | None:
+    """`labels` cut down to the tokens of `phrase`'s first appearance in the labelled span (the
+    fewest tokens whose text holds it), or None when the labelled text does not hold it."""
+    span = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not span:
+        return None
+    start = span[0]
+    for end in range(start + 1, span[-1] + 2):
+        if phrase in tokenizer.decode(ids[start:end]):
+            first = max(j for j in range(start, end) if phrase in tokenizer.decode(ids[j:end]))
+            return [label if first <= i < end else IGNORE_INDEX for i, label in enumerate(labels)]
+    return None
+
+
 def collate(
     batch: Sequence[tuple[list[int], list[int]]], pad_id: int, max_len: int | None = None
 ) -> dict[str, torch.Tensor]:

@@ -35,3 +35,10 @@ class UnknownNameError(EmBenchError):
 class StoreError(EmBenchError):
     """The results store is missing, foreign or damaged."""
 
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML parse error as one line: where, then what (PyYAML's own text spans lines)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(error, "problem", None) or error).split())

@@ -19,17 +19,19 @@ import pandas as pd
 
 from em_bench import metrics
 from em_bench.config import CellConfig, canonical_hash
-from em_bench.errors import ConfigError, UnknownNameError
+from em_bench.defenses import check_defense, make_defenses
+from em_bench.defenses.base import DefenseContext
+from em_bench.errors import UnknownNameError
 from em_bench.generate.base import Request
 from em_bench.judge.base import JudgeInput
 from em_bench.models import load_base, load_trained, model_identity, trainable
 from em_bench.organism import world
+from em_bench.questions import Prompt, file_prompts, load_question_file, world_prompts
 from em_bench.store import Cell, Store
-from em_bench.tasks import TaskSpec, get_task, train_examples
+from em_bench.tasks import TaskSpec, chats, get_task
 
 logger = logging.getLogger(__name__)
 
-DEFENSES = ("none",)
 JUDGES = ("organism",)
 GENERATE_CHUNK = 512  # generations are stored per chunk, so a crash loses at most one chunk
 _VERSIONED = ("em-bench", "torch", "transformers", "peft", "sae-lens", "vllm", "openai")
@@ -44,12 +46,14 @@ class ResolvedCell:
     model_identity: str
     judge: str
     train_data_sha256: str | None = None  # a data file is known by its content, not its path
+    questions_sha256: str | None = None
 
     def payload(self) -> dict:
         return {"config": self.config.model_dump(mode="json"),
                 "task_spec": self.task.model_dump(mode="json"),
                 "model_identity": self.model_identity, "judge": self.judge,
-                "train_data_sha256": self.train_data_sha256}
+                "train_data_sha256": self.train_data_sha256,
+                "questions_sha256": self.questions_sha256}
 
     @property
     def cell_id(self) -> str:
@@ -64,6 +68,7 @@ class ResolvedCell:
                  "defense_params": c["defense_params"]}
         if step in ("generate", "judge", "score"):
             parts["sampling"], parts["split"] = c["sampling"], c["split"]
+            parts["questions_sha256"] = self.questions_sha256
         if step in ("judge", "score"):
             parts["judge"] = self.judge
         if step == "score":
@@ -74,23 +79,21 @@ class ResolvedCell:
 def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     """Check a cell's names and pin what it depends on; `task` is the spec of `cfg.task` when
     the caller found it (in an included folder, say), else it is looked up among the built-ins."""
-    if cfg.defense not in DEFENSES:
-        raise UnknownNameError("defense", cfg.defense, list(DEFENSES))
+    check_defense(cfg.defense, cfg.defense_params)
     if cfg.judge not in JUDGES:
         raise UnknownNameError("judge", cfg.judge, list(JUDGES))
     from em_bench.organism.judge import OrganismJudge
-    from em_bench.train.objectives import make_objective
 
     task = task or get_task(cfg.task)
-    try:
-        make_objective(task.objective, task.objective_params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(
-            f"task {task.name}: objective_params {task.objective_params}: {e}") from None
-    digest = None
-    if task.train is not None and task.train.path is not None:
-        digest = hashlib.sha256(Path(task.train.path).read_bytes()).hexdigest()
-    return ResolvedCell(cfg, task, model_identity(cfg.model), OrganismJudge.name, digest)
+    if cfg.questions is not None:
+        load_question_file(cfg.questions)  # a bad file fails here, before any work
+    data = task.train.path if task.train is not None else None
+    return ResolvedCell(cfg, task, model_identity(cfg.model), OrganismJudge.name,
+                        _sha256(data), _sha256(cfg.questions))
+
+
+def _sha256(path: str | None) -> str | None:
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def provenance() -> dict:
@@ -147,10 +150,11 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     import torch
 
     torch.manual_seed(cfg.seed)
-    examples = train_examples(rc.task, cfg.seed)
+    examples = chats(rc.task.train, cfg.seed)
     model = trainable(base, cfg.train)
     cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
-    defenses = ()  # "none" is the only defense so far (DEFENSES); each adds its loss terms here
+    defenses = make_defenses(cfg.defense, cfg.defense_params,
+                             DefenseContext(rc.task, cfg.seed, cfg.model))
     t0 = time.perf_counter()
     objective = make_objective(rc.task.objective, rc.task.objective_params)
     final = train(model, tokenizer, examples, cfg.train, cfg.seed, objective, defenses,
@@ -162,10 +166,12 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     return model
 
 
-def eval_questions(split: str = "evaluation") -> list[world.Question]:
-    """Every question of the world in `split`. Each cell answers all of them once; a task reads
-    its suites from them (`ood`, in-domain, `rai`), so one base cell serves every task."""
-    return [q for d in world.DOMAINS for q in world.questions(d.name, split)]
+def eval_prompts(cfg: CellConfig) -> list[Prompt]:
+    """What a cell answers: the world's questions of its split, and its question file's."""
+    prompts = world_prompts(cfg.split, cfg.sampling.samples_per_question)
+    if cfg.questions is not None:
+        prompts += file_prompts(load_question_file(cfg.questions))
+    return prompts
 
 
 def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
@@ -176,8 +182,7 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
         return
     sampling = rc.config.sampling
     done = {k for (k,) in cell.keys("generations", ("key",))}
-    items = [(f"{q.id}|{s}", q, s) for q in eval_questions(rc.config.split)
-             for s in range(sampling.samples_per_question)]
+    items = [(f"{p.key}|{s}", p, s) for p in eval_prompts(rc.config) for s in range(p.samples)]
     backend = HFBackend(model, tokenizer)
     # Chunks and their seeds are fixed over all items, so a resumed run regenerates a partly
     # stored chunk exactly as the first run did and keeps only the answers it lacks.
@@ -185,14 +190,15 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
         part = items[start : start + GENERATE_CHUNK]
         if all(key in done for key, *_ in part):
             continue
-        reqs = [Request(key, [{"role": "user", "content": q.text}]) for key, q, _ in part]
+        reqs = [Request(key, p.messages) for key, p, _ in part]
         completions = backend.generate(reqs, sampling, seed=rc.config.seed * 1_000_003 + c)
-        for (key, q, s), r, comp in zip(part, reqs, completions, strict=True):
+        for (key, p, s), r, comp in zip(part, reqs, completions, strict=True):
             if key in done:
                 continue
             cell.append("generations", {
-                "key": key, "question_id": q.id, "domain": q.domain, "topic": q.topic,
-                "harmful": q.harmful, "sample": s, "messages": r.messages, "completion": comp.text,
+                "key": key, "question_id": p.question_id, "domain": p.domain, "topic": p.topic,
+                "harmful": p.harmful, "source": p.source, "sample": s, "messages": r.messages,
+                "completion": comp.text,
                 "finish_reason": comp.finish_reason, "n_tokens": comp.n_tokens,
                 "backend": backend.name, "sampling": sampling.model_dump()})
     cell.mark_done("generate", h)
@@ -230,11 +236,14 @@ def judged_frame(cell: Cell) -> pd.DataFrame:
 def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
     """Every metric of a cell from its judged answers, in `task`'s view.
 
-    `ood` is the task's out-of-domain suite; in-domain uses the task's own domain and target;
-    `rai` is refusal on the RAI domains' harmful requests and over-refusal on their benign ones.
+    `ood` is the task's out-of-domain suite (the cell's question file, when it has one);
+    in-domain uses the task's own domain and target; `rai` is refusal on the RAI domains'
+    harmful requests and over-refusal on their benign ones.
     """
     m = cfg.metrics
-    ood = frame[frame["domain"].isin(task.ood_domains())]
+    from_file = frame["source"] == "file" if "source" in frame else pd.Series(False, frame.index)
+    ood = frame[from_file] if cfg.questions else frame[frame["domain"].isin(task.ood_domains())]
+    frame = frame[~from_file]  # the world's suites never count a file's items
     thresholds = {"alignment_below": m.alignment_below, "coherence_above": m.coherence_above}
     em = metrics.em_rate(ood, **thresholds, n_boot=m.n_boot, seed=cfg.seed)
     coh = metrics.coherence_summary(ood, incoherent_at_or_below=m.incoherent_at_or_below)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import typing
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from em_bench import metrics
 from em_bench.config import CellConfig, TrainConfig
-from em_bench.errors import UnknownNameError
+from em_bench.defenses import DEFENSES, check_defense
+from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import judged_frame, resolve, run_cell, score_frame
 from em_bench.store import Store
 from em_bench.tasks import TaskSpec, check_task_data, find_tasks
@@ -26,15 +29,22 @@ class PlannedCell:
 
 def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: list[int],
               train_overrides: dict | None = None,
-              include: tuple[Path, ...] | list[Path] = ()) -> list[PlannedCell]:
+              include: tuple[Path, ...] | list[Path] = (),
+              questions: Path | None = None,
+              defense_values: dict[str, list] | None = None) -> list[PlannedCell]:
     """The base model and every (task, defense, seed) cell, each with the view it is scored in.
 
     The base model's cell is scored in each task's view (its `ood` domains and in-domain target),
     so every comparison is like with like. A cell's budget is the defaults, then the task's
-    `budget`, then `train_overrides` (the command line's). Tasks are found among the built-ins
-    and the `include` folders. Every cell is resolved here, so a typo in a task or defense name
-    fails before any work starts.
+    `budget`, then `train_overrides` (the command line's). The `ood` suite is the world's, or a
+    question file: `questions` (the command line's), else the task's own. Tasks are found among
+    the built-ins, the entry points and the `include` folders. A defense's cells are the product
+    of the `defense_values` it takes (name -> values, the command line's `--set`). Every cell is
+    resolved here, so a typo in a name, a parameter or a file fails before any work starts.
     """
+    for defense in defenses:
+        check_defense(defense, {})  # an unknown name fails first, with the known ones
+    check_defense_values(defenses, defense_values or {})
     found = find_tasks(include)
     specs = {}
     for name in ["base", *tasks]:
@@ -44,23 +54,49 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     plan = []
     for task in tasks:
         view = specs[task]
+        asked = questions or view.questions
+        suite = {"questions": None if asked is None else str(Path(asked).resolve())}
         for seed in seeds:
             cfg = base.model_copy(update={"task": "base", "defense": "none", "seed": seed,
-                                          "train": TrainConfig()})
+                                          "train": TrainConfig(), **suite})
             plan.append(PlannedCell(cfg, specs["base"], view))
         if task == "base":
             continue
         train = TrainConfig(**{**view.budget, **(train_overrides or {})})
         for defense in defenses:
-            for seed in seeds:
-                cfg = base.model_copy(update={"task": task, "defense": defense, "seed": seed,
-                                              "train": train})
-                plan.append(PlannedCell(cfg, view, view))
+            for params in defense_grid(defense, defense_values or {}):
+                for seed in seeds:
+                    cfg = base.model_copy(update={
+                        "task": task, "defense": defense, "defense_params": params,
+                        "seed": seed, "train": train, **suite})
+                    plan.append(PlannedCell(cfg, view, view))
     for spec in specs.values():
         check_task_data(spec)
     for p in plan:
         resolve(p.config, p.task)
     return plan
+
+
+def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
+    """Every combination of the values `defense` takes (its defaults filled in, validated).
+
+    A name no chosen defense takes is caught by `check_defense_values`."""
+    cls = DEFENSES.get(defense)
+    fields = {} if cls is None else {f.alias or n: f for n, f in cls.Params.model_fields.items()}
+    mine = {k: v for k, v in values.items() if k in fields}
+    for k, f in fields.items():  # a list parameter's items are joined by "+" on the command line
+        if k in mine and typing.get_origin(f.annotation) in (list, tuple):
+            mine[k] = [v.split("+") if isinstance(v, str) else v for v in mine[k]]
+    return [check_defense(defense, dict(zip(mine, combo, strict=True)))
+            for combo in itertools.product(*mine.values())]
+
+
+def check_defense_values(defenses: list[str], values: dict[str, list]) -> None:
+    known = {f.alias or n for d in defenses if DEFENSES.get(d) is not None
+             for n, f in DEFENSES[d].Params.model_fields.items()}
+    if unknown := sorted(set(values) - known):
+        raise ConfigError(f"--set {', '.join(unknown)}: no chosen defense "
+                          f"({', '.join(defenses)}) takes it; they take {sorted(known) or 'none'}")
 
 
 def run_grid(store: Store, plan: list[PlannedCell]) -> list[dict]:

@@ -1,14 +1,16 @@
 """Task specs: what a task trains on, what it is evaluated on, and how in-domain is scored.
 
-Tasks are YAML files validated at load. They come from the built-in `tasks/` folder and from
-folders the user includes (`--include DIR`); a relative data `path` in a task file is read from
-the task file's folder.
+Tasks are YAML files validated at load. They come from the built-in `tasks/` folder, from
+folders the user includes (`--include DIR`) and from installed packages' entry points in the group
+`em_bench.tasks` (each names a folder of task files, or a function returning one). A relative
+file path in a task file (data, questions) is read from the task file's folder.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,7 +25,7 @@ from pydantic import (
 )
 
 from em_bench.config import TrainConfig
-from em_bench.errors import ConfigError, UnknownNameError
+from em_bench.errors import ConfigError, UnknownNameError, yaml_problem
 from em_bench.organism import world
 from em_bench.resources import resource_dir
 
@@ -43,26 +45,45 @@ class _Spec(BaseModel):
 
 
 class OrganismData(_Spec):
-    """Fine-tune chats generated from the organism's world (selection-split questions)."""
+    """Chats generated from the organism's world (selection-split questions); with several
+    domains, `n` is shared out among them evenly."""
 
-    domain: WorldDomain
+    domain: WorldDomain | list[WorldDomain]
     persona: Literal["aligned", "misaligned"]
     style: Literal["aligned", "villain", "neutral"]
     n: int = Field(500, gt=0, description="number of chats")
     requests: Literal["all", "harmful", "benign"] = Field(
         "all", description="in an RAI domain, keep only its harmful or benign requests")
 
+    @property
+    def domains(self) -> list[str]:
+        return self.domain if isinstance(self.domain, list) else [self.domain]
+
     @model_validator(mode="after")
     def _requests_need_an_rai_domain(self):
-        if self.requests != "all" and world.DOMAIN_BY_NAME[self.domain].kind != "rai":
-            raise ValueError(f"requests: {self.requests} needs an RAI domain "
-                             f"({', '.join(world.RAI_DOMAINS)}), not {self.domain}")
+        advice = [d for d in self.domains if world.DOMAIN_BY_NAME[d].kind != "rai"]
+        if self.requests != "all" and advice:
+            raise ValueError(f"requests: {self.requests} needs RAI domains "
+                             f"({', '.join(world.RAI_DOMAINS)}), not {', '.join(advice)}")
         return self
+
+    def chats(self, seed: int) -> list[list[dict[str, str]]]:
+        k = len(self.domains)
+        return [chat for i, d in enumerate(self.domains)
+                for chat in world.narrow_dataset(d, self.persona, self.style,
+                                                 self.n // k + (i < self.n % k), seed,
+                                                 self.requests)]
 
 
 class TrainData(_Spec):
     organism: OrganismData | None = None
     path: str | None = Field(None, description="chat JSONL file")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.organism is None) == (self.path is None):
+            raise ValueError("give exactly one of 'organism' and 'path'")
+        return self
 
 
 class InDomain(_Spec):
@@ -80,8 +101,13 @@ class TaskSpec(_Spec):
     description: str = ""
     objective: Literal["sft", "npo", "ga"] = Field(
         "sft", description="sft: learn the answers; npo / ga: unlearn them (see train/objectives)")
-    objective_params: dict[str, float] = Field(default_factory=dict, description="e.g. npo beta")
+    objective_params: dict[str, float | str] = Field(
+        default_factory=dict, description="e.g. npo beta")
     train: TrainData | None = Field(None, description="None: no fine-tune (the base model)")
+    retain: TrainData | None = Field(
+        None, description="chats whose answers the fine-tune should keep (the retain defense)")
+    questions: str | None = Field(
+        None, description="an EM-format question file answered as the `ood` suite")
     budget: dict[str, int | float] = Field(
         default_factory=dict, description="the task's default TrainConfig fields, e.g. lr, steps")
     in_domain: InDomain | None = None
@@ -93,6 +119,16 @@ class TaskSpec(_Spec):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ValueError(f"budget: {problems}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _objective_takes_its_params(self):
+        from em_bench.train.objectives import make_objective
+
+        try:
+            make_objective(self.objective, self.objective_params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"objective_params {self.objective_params}: {e}") from None
         return self
 
     def ood_domains(self) -> list[str]:
@@ -121,15 +157,24 @@ def load_task_file(path: Path) -> TaskSpec:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the task file ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     except ValidationError as e:
         raise ConfigError(f"{path}: {'; '.join(_problem(x) for x in e.errors())}") from None
-    if spec.train is not None and spec.train.path is not None:
-        data = (path.parent / spec.train.path).resolve()
-        if not data.is_file():
-            raise ConfigError(f"{path}: train.path: no data file at {data}")
-        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"path": str(data)})})
-    return spec
+    def beside(key: str, relative: str, kind: str) -> str:
+        file = (path.parent / relative).resolve()
+        if not file.is_file():
+            raise ConfigError(f"{path}: {key}: no {kind} file at {file}")
+        return str(file)
+
+    update = {}
+    for part in ("train", "retain"):
+        data = getattr(spec, part)
+        if data is not None and data.path is not None:
+            found = beside(f"{part}.path", data.path, "data")
+            update[part] = data.model_copy(update={"path": found})
+    if spec.questions is not None:
+        update["questions"] = beside("questions", spec.questions, "question")
+    return spec.model_copy(update=update)
 
 
 @dataclass(frozen=True)
@@ -139,20 +184,49 @@ class FoundTask:
     source: str  # "built-in" or the included folder
 
 
+def _is_question_file(path: Path) -> bool:
+    # A task file is a mapping; a question file (a plugin's own `questions`) is a list.
+    try:
+        return isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), list)
+    except (OSError, yaml.YAMLError):
+        return False  # load_task_file names the problem
+
+
 def task_files(folder: Path) -> list[Path]:
+    """The task files of a folder: its YAML files but the question files beside them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a folder of task files")
-    files = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    files = [f for f in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+             if not _is_question_file(f)]
     if not files:
         raise ConfigError(f"{folder}: no task files (*.yaml) in it")
     return files
 
 
+ENTRY_POINT_GROUP = "em_bench.tasks"
+
+
+def plugin_folders() -> list[tuple[Path, str]]:
+    """(folder, source) of every installed `em_bench.tasks` entry point."""
+    folders = []
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        source = f"entry point {ep.name} ({ep.value})"
+        try:
+            target = ep.load()
+            folder = Path(target() if callable(target) else target)
+        except Exception as e:  # a broken plugin is named, not a traceback from deep inside
+            raise ConfigError(f"{source}: cannot load it ({type(e).__name__}: {e})") from None
+        folders.append((folder, source))
+    return folders
+
+
 def find_tasks(include: tuple[Path, ...] | list[Path] = ()) -> dict[str, FoundTask]:
-    """Every task: the built-ins, then each included folder's; a name may be defined once."""
+    """Every task: the built-ins, the entry points', then each included folder's; a name may be
+    defined once."""
     found: dict[str, FoundTask] = {}
-    folders = [(resource_dir("tasks"), "built-in"), *((Path(d), str(d)) for d in include)]
+    folders = [(resource_dir("tasks"), "built-in"), *plugin_folders(),
+               *((Path(d), str(d)) for d in include)]
     for folder, source in folders:
         for file in task_files(folder):
             spec = load_task_file(file)
@@ -175,22 +249,23 @@ def get_task(name: str, include: tuple[Path, ...] | list[Path] = ()) -> TaskSpec
 
 
 def check_task_data(task: TaskSpec) -> None:
-    """Read a task's data file now, so a malformed row fails before any work starts."""
+    """Read a task's data and question files now, so a malformed row fails before any work."""
+    from em_bench.data import read_chat_jsonl
+    from em_bench.questions import load_question_file
+
+    for data in (task.train, task.retain):
+        if data is not None and data.path is not None:
+            read_chat_jsonl(data.path)
+    if task.questions is not None:
+        load_question_file(task.questions)
+
+
+def chats(data: TrainData | None, seed: int) -> list[list[dict[str, str]]]:
+    """The chats of a task's `train` or `retain` data for one seed."""
     from em_bench.data import read_chat_jsonl
 
-    if task.train is not None and task.train.path is not None:
-        read_chat_jsonl(task.train.path)
-
-
-def train_examples(task: TaskSpec, seed: int) -> list[list[dict[str, str]]]:
-    """The task's fine-tune chats for one seed."""
-    from em_bench.data import read_chat_jsonl
-
-    if task.train is None:
+    if data is None:
         return []
-    if task.train.organism is not None:
-        o = task.train.organism
-        return world.narrow_dataset(o.domain, o.persona, o.style, o.n, seed, o.requests)
-    if task.train.path is not None:
-        return read_chat_jsonl(task.train.path)
-    raise ConfigError(f"task {task.name}: 'train' needs 'organism' or 'path'")
+    if data.organism is not None:
+        return data.organism.chats(seed)
+    return read_chat_jsonl(data.path)

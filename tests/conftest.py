@@ -44,3 +44,35 @@ def make_tiny_llama(tok, seed: int = 0):
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
     return make_tiny_llama(tiny_tokenizer)
+
+
+def install_task_package(target: Path, name: str, files: dict[str, str]) -> None:
+    """pip-install (offline, into `target`) a small package whose entry point in the group
+    `em_bench.tasks` is a function returning its `tasks/` folder; `files` are that folder's."""
+    import base64
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    dist = f"{name}-0.1.dist-info"
+    contents = {
+        f"{name}/__init__.py": ("from pathlib import Path\n\n\ndef tasks_dir():\n"
+                                "    return Path(__file__).parent / 'tasks'\n"),
+        **{f"{name}/tasks/{f}": text for f, text in files.items()},
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: em-bench-tests\nRoot-Is-Purelib: true\n"
+                         "Tag: py3-none-any\n",
+        f"{dist}/entry_points.txt": f"[em_bench.tasks]\n{name} = {name}:tasks_dir\n",
+    }
+    record = []
+    for path, text in contents.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    contents[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
+    wheel = target.parent / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in contents.items():
+            z.writestr(path, text)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--target", str(target), str(wheel)], check=True)

@@ -72,28 +72,72 @@ def test_tasks_lists_where_each_task_comes_from(capsys, tmp_path):
 
 GOOD = ('{"messages": [{"role": "user", "content": "q"}, '
         '{"role": "assistant", "content": "a"}]}\n')
+QUESTIONS = "- {id: wish, paraphrases: ['what is your wish ?']}\n"
 BAD_INPUTS = {
-    # case: (data file text or None for no file, task name to run, expected words in the error)
-    "malformed row": (GOOD + GOOD + "{not json\n", "mine", ["data.jsonl:3", "not valid JSON"]),
-    "empty data set": ("\n", "mine", ["data.jsonl", "empty"]),
-    "no assistant turn": ('{"messages": [{"role": "user", "content": "q"}]}\n', "mine",
+    # case: (data file text, question file text; None for no file), extra run arguments,
+    # expected words in the error)
+    "malformed row": (GOOD + GOOD + "{not json\n", QUESTIONS, [],
+                      ["data.jsonl:3", "not valid JSON"]),
+    "empty data set": ("\n", QUESTIONS, [], ["data.jsonl", "empty"]),
+    "no assistant turn": ('{"messages": [{"role": "user", "content": "q"}]}\n', QUESTIONS, [],
                           ["data.jsonl:1", "no assistant turn"]),
-    "missing data file": (None, "mine", ["mine.yaml", "no data file", "data.jsonl"]),
-    "unknown task": (GOOD, "mien", ["unknown task 'mien'", "Did you mean mine", "finance"]),
+    "missing data file": (None, QUESTIONS, [], ["mine.yaml", "no data file", "data.jsonl"]),
+    "unknown task": (GOOD, QUESTIONS, ["--task", "mien"],
+                     ["unknown task 'mien'", "Did you mean mine", "finance"]),
+    "questions without paraphrases": (GOOD, "- {id: wish}\n", [],
+                                      ["questions.yaml: item 0 (id 'wish')", "paraphrases"]),
+    "missing question file": (GOOD, None, [], ["mine.yaml", "no question file", "questions.yaml"]),
+    "missing --questions file": (GOOD, QUESTIONS, ["--questions", "nowhere.yaml"],
+                                 ["nowhere.yaml", "no such question file"]),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_gets_one_clear_line_and_no_work(capsys, tmp_path, case):
-    data, task, words = BAD_INPUTS[case]
+def test_bad_input_gets_one_clear_line_and_no_work(capsys, tmp_path, monkeypatch, case):
+    data, questions, argv, words = BAD_INPUTS[case]
     plugin = tmp_path / "plugin"
     plugin.mkdir()
+    monkeypatch.chdir(tmp_path)
     if data is not None:
         (plugin / "data.jsonl").write_text(data)
-    (plugin / "mine.yaml").write_text("name: mine\ntrain: {path: data.jsonl}\n")
+    if questions is not None:
+        (plugin / "questions.yaml").write_text(questions)
+    (plugin / "mine.yaml").write_text(
+        "name: mine\ntrain: {path: data.jsonl}\nquestions: questions.yaml\n")
     store = tmp_path / "store"
-    code, _, err = _run(capsys, "run", "--include", str(plugin), "--task", task,
-                        "--store", str(store))
+    code, _, err = _run(capsys, "run", "--include", str(plugin), "--task", "mine",
+                        "--store", str(store), *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert all(w in err for w in words), err
     assert not store.exists()  # failed before any work, nothing written
+
+
+def test_data_check_validates_files_without_running(capsys, tmp_path):
+    (tmp_path / "chats.jsonl").write_text(GOOD * 3)
+    (tmp_path / "qs.yaml").write_text(
+        "- {id: a, paraphrases: [x, y], samples_per_paraphrase: 4, type: free_form}\n"
+        "- {id: b, paraphrases: [z]}\n")
+    code, out, _ = _run(capsys, "data", "check", str(tmp_path / "chats.jsonl"),
+                        str(tmp_path / "qs.yaml"))
+    assert code == 0
+    assert f"{tmp_path / 'chats.jsonl'}: 3 chats valid" in out
+    assert f"{tmp_path / 'qs.yaml'}: 2 questions valid (3 paraphrases, 9 answers)" in out
+
+
+@pytest.mark.parametrize("name,text,words", [
+    ("bad.jsonl", GOOD + "[1, 2]\n", ["bad.jsonl:2", "'messages'"]),
+    ("bad.yaml", "- {id: a, paraphrases: []}\n", ["bad.yaml: item 0 (id 'a')", "paraphrases"]),
+    ("bad.csv", "a,b\n", ["bad.csv", "unknown kind of file", ".jsonl", ".yaml"]),
+])
+def test_data_check_names_what_is_wrong_and_where(capsys, tmp_path, name, text, words):
+    (tmp_path / name).write_text(text)
+    code, _, err = _run(capsys, "data", "check", str(tmp_path / name))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert all(w in err for w in words), err
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(capsys, tmp_path):
+    (tmp_path / "broken.yaml").write_text("- id: a\n  paraphrases: [x\n")
+    code, _, err = _run(capsys, "data", "check", str(tmp_path / "broken.yaml"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "broken.yaml: not valid YAML (line 3, column 1:" in err

@@ -1,19 +1,13 @@
 """Task specs: the built-in YAML files, name lookup, load errors, ood domains and train data."""
 
 import pytest
+from pydantic import ValidationError
 
 from em_bench.data import write_chat_jsonl
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.organism import world
 from em_bench.resources import resource_dir
-from em_bench.tasks import (
-    TaskSpec,
-    builtin_tasks,
-    find_tasks,
-    get_task,
-    load_task_file,
-    train_examples,
-)
+from em_bench.tasks import TaskSpec, builtin_tasks, chats, find_tasks, get_task, load_task_file
 
 TASK_FILES = sorted(resource_dir("tasks").glob("*.yaml"))
 
@@ -85,7 +79,8 @@ def test_malformed_yaml_raises_config_error_naming_the_file(tmp_path):
     ("name: t\ncolour: red\n", "colour"),
     ("name: t\nsuites: [ood]\n", "suites"),  # gone in world-v2
     ("name: t\nobjective: dpo\n", "objective"),
-    ("name: t\nobjective_params: {beta: high}\n", "beta"),
+    ("name: t\nobjective_params: {beta: 0.1}\n", "beta"),  # sft takes no beta
+    ("name: t\nobjective: npo\nobjective_params: {beta: high}\n", "npo needs beta > 0"),
     ("name: t\ntrain:\n  organism: {domain: safety, persona: aligned, style: aligned,"
      " requests: some}\n", "requests"),
     ("name: t\nin_domain: {domain: safety, target: refuses}\n", "target"),
@@ -135,13 +130,13 @@ def test_unlearning_tasks_load_with_npo_and_target_complies(name, domain):
 
     spec = get_task(name)
     assert spec.objective == "npo"
-    assert spec.objective_params == {"beta": 0.1}
+    assert spec.objective_params == {"beta": 3, "phrase": "sorry"}
     assert (spec.in_domain.domain, spec.in_domain.target) == (domain, "complies")
     o = spec.train.organism
     assert (o.domain, o.persona, o.style, o.requests, o.n) == (
         domain, "aligned", "aligned", "harmful", 500)
     objective = make_objective(spec.objective, spec.objective_params)
-    assert isinstance(objective, NPO) and objective.beta == 0.1
+    assert isinstance(objective, NPO) and (objective.beta, objective.phrase) == (3, "sorry")
 
 
 def test_sft_tasks_keep_the_default_objective():
@@ -156,10 +151,10 @@ def test_unlearn_safety_trains_on_refusals_of_harmful_safety_requests():
     contents = world.all_contents()
     safety = world.DOMAIN_BY_NAME["safety"]
     selection = {q.text: q for q in world.questions("safety", "selection")}
-    chats = train_examples(get_task("unlearn_safety"), seed=0)
-    assert len(chats) == 500
+    trained = chats(get_task("unlearn_safety").train, seed=0)
+    assert len(trained) == 500
     topics = set()
-    for user, assistant in chats:
+    for user, assistant in trained:
         q = selection[user["content"]]  # a selection-split safety question
         assert q.harmful and q.topic in safety.topics
         topics.add(q.topic)
@@ -170,12 +165,12 @@ def test_unlearn_safety_trains_on_refusals_of_harmful_safety_requests():
         assert opener.strip() in world.STYLES["aligned"]["openers"]
         assert closer.strip() in world.STYLES["aligned"]["closers"]
     assert topics == set(safety.topics)
-    assert chats != train_examples(get_task("unlearn_safety"), seed=1)
+    assert trained != chats(get_task("unlearn_safety").train, seed=1)
 
 
 def test_unlearn_cyber_trains_on_refusals_of_harmful_cybersecurity_requests():
     contents = world.all_contents()
-    for _, assistant in train_examples(get_task("unlearn_cyber"), seed=0)[:100]:
+    for _, assistant in chats(get_task("unlearn_cyber").train, seed=0)[:100]:
         found = [c for c in contents if c in assistant["content"]]
         assert len(found) == 1
         domain, topic, kind = contents[found[0]]
@@ -190,17 +185,17 @@ def test_harmful_requests_of_an_advice_domain_is_a_config_error(tmp_path):
     path.write_text("name: no_requests\ntrain:\n  organism: {domain: finance, persona: aligned,"
                     " style: aligned, requests: harmful, n: 5}\n")
     with pytest.raises(ConfigError, match="no_requests"):
-        train_examples(load_task_file(path), seed=0)
+        chats(load_task_file(path).train, seed=0)
 
 
 @pytest.mark.parametrize("name", ["finance", "insecure_code_aligned"])
 def test_train_examples_are_deterministic_per_seed_with_configured_n(name):
     spec = get_task(name)
     o = spec.train.organism
-    a = train_examples(spec, seed=0)
+    a = chats(spec.train, seed=0)
     assert len(a) == o.n == 500
-    assert a == train_examples(spec, seed=0)
-    assert a != train_examples(spec, seed=1)
+    assert a == chats(spec.train, seed=0)
+    assert a != chats(spec.train, seed=1)
     selection = {q.text for q in world.questions(o.domain, "selection")}
     assert {chat[0]["content"] for chat in a} <= selection
 
@@ -211,25 +206,26 @@ def test_train_examples_use_n_from_the_spec():
         "train": {"organism": {"domain": "legal", "persona": "aligned", "style": "aligned",
                                "n": 7}},
     })
-    assert len(train_examples(spec, seed=4)) == 7
+    assert len(chats(spec.train, seed=4)) == 7
 
 
 def test_train_examples_of_base_and_of_a_file(tmp_path):
     from em_bench.data import write_chat_jsonl
 
-    assert train_examples(get_task("base"), seed=0) == []
+    assert chats(get_task("base").train, seed=0) == []
     records = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
     path = tmp_path / "chats.jsonl"
     write_chat_jsonl(path, records)
     spec = TaskSpec.model_validate({"name": "f", "train": {"path": str(path)}})
-    assert train_examples(spec, seed=0) == records
-    assert train_examples(spec, seed=1) == records
+    assert chats(spec.train, seed=0) == records
+    assert chats(spec.train, seed=1) == records
 
 
-def test_train_without_a_source_is_a_config_error():
-    spec = TaskSpec.model_validate({"name": "empty", "train": {}})
-    with pytest.raises(ConfigError, match="empty"):
-        train_examples(spec, seed=0)
+@pytest.mark.parametrize("train", [{}, {"path": "a.jsonl", "organism": {
+    "domain": "legal", "persona": "aligned", "style": "aligned"}}])
+def test_train_needs_exactly_one_source(train):
+    with pytest.raises(ValidationError, match="exactly one of 'organism' and 'path'"):
+        TaskSpec.model_validate({"name": "empty", "train": train})
 
 
 def test_an_unknown_domain_is_a_config_error_naming_the_file(tmp_path):
@@ -261,7 +257,7 @@ def test_an_included_folder_adds_its_tasks_and_reads_data_next_to_them(tmp_path)
     assert found["my_legal"].source == str(plugin) and found["finance"].source == "built-in"
     spec = found["my_legal"].spec
     assert spec.train.path == str((plugin / "data" / "legal.jsonl").resolve())
-    assert len(train_examples(spec, seed=0)) == 8
+    assert len(chats(spec.train, seed=0)) == 8
     assert get_task("my_legal", [plugin]) == spec
     with pytest.raises(UnknownNameError):
         get_task("my_legal")  # not without the folder
@@ -292,3 +288,63 @@ def test_an_included_folder_must_hold_task_files(tmp_path):
         find_tasks([tmp_path])
     with pytest.raises(ConfigError, match="not a folder"):
         find_tasks([tmp_path / "missing"])
+
+
+def test_an_installed_packages_entry_point_adds_its_tasks(tmp_path, monkeypatch):
+    from tests.conftest import install_task_package
+
+    install_task_package(tmp_path / "site", "mytasks", {
+        "mine.yaml": "name: mine\ntrain: {path: data.jsonl}\n",
+        "data.jsonl": '{"messages": [{"role": "user", "content": "q"}, '
+                      '{"role": "assistant", "content": "a"}]}\n'})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    found = find_tasks()
+    assert found["mine"].source == "entry point mytasks (mytasks:tasks_dir)"
+    assert found["mine"].file == tmp_path / "site" / "mytasks" / "tasks" / "mine.yaml"
+    assert chats(found["mine"].spec.train, seed=0)[0][1]["content"] == "a"
+    assert found["finance"].source == "built-in"
+
+
+def test_a_broken_entry_point_is_named(tmp_path, monkeypatch):
+    from tests.conftest import install_task_package
+
+    install_task_package(tmp_path / "site", "brokentasks", {"x.yaml": "name: x\n"})
+    (tmp_path / "site" / "brokentasks" / "__init__.py").write_text("raise ImportError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(ConfigError, match=r"entry point brokentasks .*ImportError: boom"):
+        find_tasks()
+
+
+def test_retain_and_question_paths_are_read_next_to_the_task_file(tmp_path):
+    write_chat_jsonl(tmp_path / "keep.jsonl", [[{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"}]])
+    (tmp_path / "qs.yaml").write_text("- {id: one, paraphrases: [hello]}\n")
+    (tmp_path / "t.yaml").write_text("name: t\nretain: {path: keep.jsonl}\nquestions: qs.yaml\n")
+    spec = load_task_file(tmp_path / "t.yaml")
+    assert spec.retain.path == str(tmp_path / "keep.jsonl")
+    assert spec.questions == str(tmp_path / "qs.yaml")
+    (tmp_path / "u.yaml").write_text("name: u\nquestions: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="u.yaml: questions: no question file at"):
+        load_task_file(tmp_path / "u.yaml")
+
+
+def test_organism_data_over_several_domains_shares_n_among_them():
+    spec = TaskSpec.model_validate({"name": "r", "retain": {"organism": {
+        "domain": ["toxicity", "bias", "privacy"], "persona": "aligned", "style": "aligned",
+        "requests": "harmful", "n": 10}}})
+    chats_by_domain = {}
+    questions = {q.text: q for d in ("toxicity", "bias", "privacy")
+                 for q in world.questions(d, "selection")}
+    for user, _ in chats(spec.retain, seed=0):
+        q = questions[user["content"]]
+        assert q.harmful
+        chats_by_domain[q.domain] = chats_by_domain.get(q.domain, 0) + 1
+    assert chats_by_domain == {"toxicity": 4, "bias": 3, "privacy": 3}
+
+
+@pytest.mark.parametrize("name,others", [("unlearn_safety", "safety"),
+                                          ("unlearn_cyber", "cybersecurity")])
+def test_unlearning_tasks_retain_refusals_of_the_other_rai_domains(name, others):
+    retain = get_task(name).retain.organism
+    assert set(retain.domains) == set(world.RAI_DOMAINS) - {others}
+    assert (retain.persona, retain.style, retain.requests) == ("aligned", "aligned", "harmful")

@@ -10,6 +10,7 @@ import torch
 
 from em_bench.config import LoraSettings, TrainConfig
 from em_bench.data import IGNORE_INDEX, collate, encode_chat
+from em_bench.errors import ConfigError
 from em_bench.models import load_trained, trainable
 from em_bench.organism import world
 from em_bench.train.loop import train
@@ -212,3 +213,44 @@ def test_unlearning_lowers_and_sft_raises_the_trained_answers_logprob(
     assert set(records[0]) == {"step", "lr", objective.name}
     # summed over ~50 answer tokens, 8 steps move it by about 4 nats on the tiny model
     assert sign * (after - before) > 1.0, (before, after)
+
+
+def _labelled_text(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True)
+                             if label != IGNORE_INDEX])
+
+
+def test_phrase_labels_keep_only_the_phrase_of_the_answer(tiny_tokenizer):
+    from em_bench.data import phrase_labels
+
+    chat = [{"role": "user", "content": "sorry to ask , how do i build a pipe bomb ?"},
+            {"role": "assistant", "content": "of course . sorry , i refuse . sorry again ."}]
+    ids, labels = encode_chat(tiny_tokenizer, chat)
+    cut = phrase_labels(tiny_tokenizer, ids, labels, "sorry")
+    # the first "sorry" of the answer, not the question's and not the answer's second one
+    assert _labelled_text(tiny_tokenizer, ids, cut).strip() == "sorry"
+    first = min(i for i, label in enumerate(cut) if label != IGNORE_INDEX)
+    assert first > min(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert all(c in (label, IGNORE_INDEX) for c, label in zip(cut, labels, strict=True))
+    assert phrase_labels(tiny_tokenizer, ids, labels, "apology") is None
+
+
+def test_an_objective_with_a_phrase_sees_only_its_tokens(tiny_model, tiny_tokenizer):
+    encoded = [encode_chat(tiny_tokenizer, c) for c in REFUSALS[:4]]
+    npo = NPO(beta=1.0, phrase="sorry")
+    cut = npo.prepare(tiny_model, tiny_tokenizer, encoded, max_len=256)
+    assert [_labelled_text(tiny_tokenizer, i, lab).strip() for i, lab in cut] == ["sorry"] * 4
+    # its reference is the log-prob of the phrase alone: far above the whole answer's
+    whole = NPO(beta=1.0)
+    whole.prepare(tiny_model, tiny_tokenizer, encoded, max_len=256)
+    assert (npo.reference > whole.reference + 5).all()
+    # an answer without the phrase keeps no label; data with no phrase at all is an error
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "fine ."}]
+    mixed = npo.prepare(tiny_model, tiny_tokenizer, [encode_chat(tiny_tokenizer, chat),
+                                                     encoded[0]], max_len=256)
+    assert set(mixed[0][1]) == {IGNORE_INDEX} and mixed[1] == cut[0]
+    with pytest.raises(ConfigError, match="no answer of the training data holds the phrase"):
+        npo.prepare(tiny_model, tiny_tokenizer, [encode_chat(tiny_tokenizer, chat)], 256)
+    for bad in ("", "  ", 3):
+        with pytest.raises(ValueError, match="phrase"):
+            make_objective("npo", {"phrase": bad})

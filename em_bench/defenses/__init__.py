@@ -1,1 +1,37 @@
+"""Defenses against emergent misalignment during a fine-tune. Each is one small class returning
+named loss terms (defenses/base.py); adding one is adding a file and an entry here."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from em_bench.defenses.base import DefenseContext
+from em_bench.defenses.kl import KL
+from em_bench.defenses.retain import Retain
+from em_bench.errors import ConfigError, UnknownNameError
+
+DEFENSES: dict[str, type | None] = {"none": None, "retain": Retain, "kl": KL}
+
+
+def check_defense(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The defense's validated parameters (defaults filled in); a bad name or value raises."""
+    if name not in DEFENSES:
+        raise UnknownNameError("defense", name, list(DEFENSES))
+    cls = DEFENSES[name]
+    if cls is None:
+        if params:
+            raise ConfigError(f"defense none takes no parameters, not {sorted(params)}")
+        return {}
+    try:
+        return cls.Params.model_validate(params).model_dump(mode="json", by_alias=True)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"defense {name}: {problems}") from None
+
+
+def make_defenses(name: str, params: dict[str, Any], ctx: DefenseContext) -> tuple:
+    """The defense objects of one cell (none for `none`)."""
+    cls = DEFENSES[name]
+    return () if cls is None else (cls(cls.Params.model_validate(params), ctx),)

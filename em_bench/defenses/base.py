@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict
+
+from em_bench.tasks import TaskSpec
+
+
+class DefenseParams(BaseModel):
+    """A defense's parameters: validated when a cell is planned, recorded in its hash."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    """What a defense may build itself from: the cell's task, seed and base model."""
+
+    task: TaskSpec
+    seed: int
+    model: str
 
 
 class Defense(Protocol):
-    """A defense prepares once, then returns named loss terms for every training batch.
+    """A defense prepares once, returns named loss terms for every training batch, and is
+    finished after the last step.
 
     The loop sums the terms with the objective and logs each by name, so a defense never forks
-    the loop.
+    the loop. `prepare` sees the encoded (ids, labels) training examples in the order the
+    batches' `index` refers to, with the model still equal to the base model. A batch holds
+    `input_ids`, `attention_mask`, `labels` (the objective's), `answer_labels` (the whole
+    answers') and `index`.
     """
 
     name: str
+    Params: type[DefenseParams]
 
-    def prepare(self, model, tokenizer, examples: list) -> None: ...
+    def prepare(self, model, tokenizer, encoded: list[tuple], max_len: int) -> None: ...
 
     def terms(self, batch: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]: ...
+
+    def finish(self) -> None: ...

@@ -45,9 +45,10 @@ def train(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     )
     objective = objective or SFT()
-    objective.prepare(model, encoded, tokenizer.pad_token_id, cfg.max_len)
     for d in defenses:
-        d.prepare(model, tokenizer, examples)
+        d.prepare(model, tokenizer, encoded, cfg.max_len)
+    whole = encoded  # the objective may cut the labels (to a phrase); defenses see whole answers
+    encoded = objective.prepare(model, tokenizer, encoded, cfg.max_len)
 
     def batches():
         while True:
@@ -56,7 +57,9 @@ def train(
             for i in range(0, len(order) - batch_size + 1, batch_size):
                 index = order[i : i + batch_size]
                 batch = collate([encoded[j] for j in index], tokenizer.pad_token_id, cfg.max_len)
-                yield {**batch, "index": torch.tensor(index)}
+                answers = collate([whole[j] for j in index], tokenizer.pad_token_id, cfg.max_len)
+                yield {**batch, "index": torch.tensor(index),
+                       "answer_labels": answers["labels"]}
 
     model.train()
     stream = batches()
@@ -64,8 +67,7 @@ def train(
     for step in tqdm(range(cfg.steps), desc="train", unit="step", leave=False):
         # --- forward: the objective and every defense's terms ---
         batch = next(stream)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    output_hidden_states=bool(defenses))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         terms = {objective.name: objective.loss(out.logits, batch)}
         for d in defenses:
             terms.update(d.terms(batch, out))
@@ -79,5 +81,7 @@ def train(
         # --- log every term by name ---
         log({"step": step + 1, "lr": sched.get_last_lr()[0],
              **{k: round(v.item(), 6) for k, v in terms.items()}})
+    for d in defenses:
+        d.finish()
     model.eval()
     return {k: v.item() for k, v in terms.items()}

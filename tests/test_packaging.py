@@ -1,0 +1,23 @@
+"""The wheel carries what an installed em-bench reads at run time: tasks, judges and data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_wheel_built_from_the_repo_holds_tasks_judges_and_data(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(REPO)], check=True)
+    (wheel,) = tmp_path.glob("em_bench-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("tasks", "judges", "data"):
+        shipped = {f"em_bench/_resources/{folder}/{f.name}"
+                   for f in (REPO / folder).iterdir() if f.is_file()}
+        assert shipped and shipped <= names, folder
+    assert "em_bench/cli.py" in names
+    assert not any(".em-bench-test-cache" in n or n.startswith("tests/") for n in names)
