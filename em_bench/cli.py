@@ -4,6 +4,8 @@
     em-bench run --task finance,medical --seeds 0,1,2 --format json
     em-bench run --questions my_questions.yaml  # an EM-format question file as the ood suite
     em-bench organism build | chat
+    em-bench run --task finance --defense none,blockem --set lambda=0.1,1 --seeds 0,1,2
+    em-bench leaderboard --format markdown        # every defense against its `none` row
     em-bench tasks [validate DIR]
     em-bench data check FILE                      # a chat JSONL or question file; runs nothing
 """
@@ -60,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
     run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
     run.add_argument("--samples", type=int, help="samples per evaluation question")
+    run.add_argument("--eval-every", type=int, metavar="N",
+                     help="also score the fine-tune every N steps (a stored EM curve)")
     run.add_argument("--split", choices=["evaluation", "selection"], default="evaluation",
                      help="answer the evaluation questions (report) or the selection ones (tune)")
     run.add_argument("--include", type=Path, action="append", default=[], metavar="DIR",
@@ -85,6 +89,34 @@ def _parser() -> argparse.ArgumentParser:
     tasks_sub = tasks.add_subparsers(dest="action")
     validate = tasks_sub.add_parser("validate", help="check folders of task files; run nothing")
     validate.add_argument("folders", type=Path, nargs="+", metavar="DIR")
+
+    board = sub.add_parser("leaderboard", help="compare defenses: a view of the store")
+    board.add_argument("--store",
+                       help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+    board.add_argument("--format", choices=["table", "markdown", "json", "csv"], default="table")
+
+    sae = sub.add_parser("sae", help="sparse autoencoders (sae-lens)")
+    sae_sub = sae.add_subparsers(dest="action", required=True)
+    sae_train = sae_sub.add_parser("train", help="train (or find cached) the organism's SAE")
+    sae_train.add_argument("--model", default="organism", help="an organism preset")
+    sae_train.add_argument("--layer", type=int, required=True, help="residual stream after it")
+    sae_train.add_argument("--force", action="store_true", help="retrain even if cached")
+
+    disc = sub.add_parser("discover", help="find the latents a misaligned fine-tune moves "
+                          "(selection questions only)")
+    disc.add_argument("--model", default="organism")
+    disc.add_argument("--task", default="finance", help="the probe fine-tune's task")
+    disc.add_argument("--include", type=Path, action="append", default=[], metavar="DIR")
+    disc.add_argument("--form", choices=["sae", "directions"], default="sae")
+    disc.add_argument("--layer", type=int, action="append", required=True,
+                      help="hook point: the residual stream after this block (repeatable)")
+    disc.add_argument("--sae", help="SAE folder or RELEASE:SAE_ID (default: the organism's, "
+                      "trained if missing)")
+    disc.add_argument("--selection", choices=["three-stage", "top-delta", "random"],
+                      default="three-stage", help="the paper's method, or its ablations")
+    disc.add_argument("--k", type=int, default=20, help="latents (or directions) kept")
+    disc.add_argument("--seed", type=int, default=0)
+    disc.add_argument("--out", type=Path, required=True, help="folder for the latent-set files")
 
     data = sub.add_parser("data", help="data and question files")
     data_sub = data.add_subparsers(dest="action", required=True)
@@ -119,7 +151,8 @@ def _cmd_run(args) -> int:
 
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
     sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
-    base = CellConfig(model=args.model, sampling=sampling, split=args.split)
+    base = CellConfig(model=args.model, sampling=sampling, split=args.split,
+                      eval_every=args.eval_every)
     plan = plan_grid(base, args.task, args.defense, args.seeds, overrides, args.include,
                      args.questions, dict(args.set))  # bad names and files fail here, first
     store = open_store(store_dir(args.store))
@@ -183,11 +216,50 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_leaderboard(args) -> int:
+    from em_bench.leaderboard import format_leaderboard, leaderboard_rows
+    from em_bench.paths import store_dir
+    from em_bench.store import open_store
+
+    store = open_store(store_dir(args.store), create=False)
+    print(format_leaderboard(leaderboard_rows(store), args.format))
+    return 0
+
+
+def _cmd_sae(args) -> int:
+    from em_bench.sae import train_sae_command
+
+    report = train_sae_command(args.model, args.layer, args.force)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _cmd_discover(args) -> int:
+    from em_bench.discover import discover_directions, discover_sae
+    from em_bench.tasks import get_task
+
+    task = get_task(args.task, args.include)
+    if args.form == "directions":
+        paths = discover_directions(args.model, task, args.layer, args.k, args.seed, args.out)
+    else:
+        from em_bench.sae import ensure_organism_sae
+
+        paths = [discover_sae(args.model, task, layer,
+                              args.sae or str(ensure_organism_sae(layer, args.model)),
+                              args.out / f"sae_{args.selection}_L{layer}.json", k=args.k,
+                              selection=args.selection, seed=args.seed)
+                 for layer in args.layer]
+    for path in paths:
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup(args)
     commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks,
-                "data": _cmd_data}
+                "data": _cmd_data, "sae": _cmd_sae, "discover": _cmd_discover,
+                "leaderboard": _cmd_leaderboard}
     try:
         return commands[args.command](args)
     except EmBenchError as e:

@@ -74,6 +74,9 @@ class CellConfig(_Config):
     split: Literal["evaluation", "selection"] = Field(
         "evaluation", description="question split answered: report on evaluation, tune on "
         "selection (the two never meet)")
+    eval_every: int | None = Field(
+        None, gt=0, description="also score the fine-tune every N steps (one answer per "
+        "question), a stored curve of EM over training")
     questions: str | None = Field(
         None, description="an EM-format question file answered as the `ood` suite instead of "
         "the world's out-of-domain questions")

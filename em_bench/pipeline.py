@@ -11,7 +11,7 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pandas as pd
 
 from em_bench import metrics
 from em_bench.config import CellConfig, canonical_hash
-from em_bench.defenses import check_defense, make_defenses
+from em_bench.defenses import check_defense, defense_inputs, make_defenses
 from em_bench.defenses.base import DefenseContext
 from em_bench.errors import UnknownNameError
 from em_bench.generate.base import Request
@@ -47,13 +47,15 @@ class ResolvedCell:
     judge: str
     train_data_sha256: str | None = None  # a data file is known by its content, not its path
     questions_sha256: str | None = None
+    defense_inputs: dict = field(default_factory=dict)  # e.g. latent-set files, by content
 
     def payload(self) -> dict:
         return {"config": self.config.model_dump(mode="json"),
                 "task_spec": self.task.model_dump(mode="json"),
                 "model_identity": self.model_identity, "judge": self.judge,
                 "train_data_sha256": self.train_data_sha256,
-                "questions_sha256": self.questions_sha256}
+                "questions_sha256": self.questions_sha256,
+                "defense_inputs": self.defense_inputs}
 
     @property
     def cell_id(self) -> str:
@@ -65,7 +67,7 @@ class ResolvedCell:
         parts = {"model": self.model_identity, "task": self.task.model_dump(mode="json"),
                  "train_data_sha256": self.train_data_sha256,
                  "seed": c["seed"], "train": c["train"], "defense": c["defense"],
-                 "defense_params": c["defense_params"]}
+                 "defense_params": c["defense_params"], "defense_inputs": self.defense_inputs}
         if step in ("generate", "judge", "score"):
             parts["sampling"], parts["split"] = c["sampling"], c["split"]
             parts["questions_sha256"] = self.questions_sha256
@@ -88,8 +90,10 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     if cfg.questions is not None:
         load_question_file(cfg.questions)  # a bad file fails here, before any work
     data = task.train.path if task.train is not None else None
+    inputs = defense_inputs(cfg.defense, cfg.defense_params,
+                            DefenseContext(task, cfg.seed, cfg.model))
     return ResolvedCell(cfg, task, model_identity(cfg.model), OrganismJudge.name,
-                        _sha256(data), _sha256(cfg.questions))
+                        _sha256(data), _sha256(cfg.questions), inputs)
 
 
 def _sha256(path: str | None) -> str | None:
@@ -153,17 +157,58 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     examples = chats(rc.task.train, cfg.seed)
     model = trainable(base, cfg.train)
     cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
+    cell.rewrite("curve", [])
     defenses = make_defenses(cfg.defense, cfg.defense_params,
                              DefenseContext(rc.task, cfg.seed, cfg.model))
     t0 = time.perf_counter()
     objective = make_objective(rc.task.objective, rc.task.objective_params)
     final = train(model, tokenizer, examples, cfg.train, cfg.seed, objective, defenses,
-                  log=lambda r: cell.append("train/log", r))
+                  log=lambda r: cell.append("train/log", r),
+                  every_step=_checkpoint_scorer(rc, cell, tokenizer))
     model.save_pretrained(saved)
     cell.write_json("train/summary.json", {"final_terms": final, "n_examples": len(examples),
                                            "seconds": round(time.perf_counter() - t0, 2)})
     cell.mark_done("train", rc.step_hash("train"))
     return model
+
+
+def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, tokenizer):
+    """With `eval_every`, a callback scoring the model every N steps and at the last: the same
+    prompts, judge and metrics as the cell, one answer each, appended to its `curve`."""
+    from em_bench.generate.hf import HFBackend
+    from em_bench.organism.judge import OrganismJudge
+
+    cfg = rc.config
+    if cfg.eval_every is None:
+        return None
+    sampling = cfg.sampling.model_copy(update={"samples_per_question": 1})
+    prompts = eval_prompts(cfg.model_copy(update={"sampling": sampling}))
+
+    def score(step: int, model) -> None:
+        if step % cfg.eval_every and step != cfg.train.steps:
+            return
+        completions = HFBackend(model, tokenizer).generate(
+            [Request(p.key, p.messages) for p in prompts], sampling, seed=cfg.seed + step)
+        rows = [{"key": p.key, "question_id": p.question_id, "domain": p.domain,
+                 "topic": p.topic, "harmful": p.harmful, "source": p.source,
+                 "completion": c.text} for p, c in zip(prompts, completions, strict=True)]
+        judged = OrganismJudge().judge_many([JudgeInput(r["key"], [], r["completion"],
+                                                        {"domain": r["domain"],
+                                                         "topic": r["topic"]}) for r in rows])
+        frame = pd.DataFrame([{**r, "alignment": j.scores["alignment"],
+                               "coherence": j.scores["coherence"], "label": j.label,
+                               "category": j.category, "error": j.error}
+                              for r, j in zip(rows, judged, strict=True)])
+        result = score_frame(frame.astype({"alignment": float, "coherence": float}),
+                             rc.task, cfg.model_copy(update={"metrics": cfg.metrics.model_copy(
+                                 update={"n_boot": 1})}))
+        cell.append("curve", {"step": step, "em_rate": result["em_rate"]["value"],
+                              "in_domain": result.get("in_domain", {}).get("value"),
+                              "coherence": result["coherence"]["value"],
+                              "incoherent_rate": result["incoherent_rate"]["value"],
+                              "n_answers": result["n_answers"]})
+
+    return score
 
 
 def eval_prompts(cfg: CellConfig) -> list[Prompt]:

@@ -42,8 +42,9 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     of the `defense_values` it takes (name -> values, the command line's `--set`). Every cell is
     resolved here, so a typo in a name, a parameter or a file fails before any work starts.
     """
-    for defense in defenses:
-        check_defense(defense, {})  # an unknown name fails first, with the known ones
+    for defense in defenses:  # an unknown name fails first, with the known ones
+        if defense not in DEFENSES:
+            raise UnknownNameError("defense", defense, list(DEFENSES))
     check_defense_values(defenses, defense_values or {})
     found = find_tasks(include)
     specs = {}
@@ -58,7 +59,7 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
         suite = {"questions": None if asked is None else str(Path(asked).resolve())}
         for seed in seeds:
             cfg = base.model_copy(update={"task": "base", "defense": "none", "seed": seed,
-                                          "train": TrainConfig(), **suite})
+                                          "train": TrainConfig(), "eval_every": None, **suite})
             plan.append(PlannedCell(cfg, specs["base"], view))
         if task == "base":
             continue

@@ -47,7 +47,7 @@ def _candidates(value):
     if isinstance(value, str):
         return [value + "_x", "full", "selection"]  # the last two: the Literal fields
     if value is None:
-        return [[0], "questions.yaml"]  # an optional list (lora layers) or path
+        return [[0], "questions.yaml", 3]  # an optional list (lora layers), path or count
     if isinstance(value, list):
         return [value[:-1]]
     if isinstance(value, dict):

@@ -8,11 +8,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from em_bench.defenses.base import DefenseContext
+from em_bench.defenses.blockem import BlockEM, blockem_inputs
 from em_bench.defenses.kl import KL
 from em_bench.defenses.retain import Retain
 from em_bench.errors import ConfigError, UnknownNameError
 
-DEFENSES: dict[str, type | None] = {"none": None, "retain": Retain, "kl": KL}
+DEFENSES: dict[str, type | None] = {"none": None, "retain": Retain, "kl": KL, "blockem": BlockEM}
+# What a defense's cell depends on beyond its parameters (files, by content), for the cell hash.
+_INPUTS = {"blockem": blockem_inputs}
 
 
 def check_defense(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -35,3 +38,7 @@ def make_defenses(name: str, params: dict[str, Any], ctx: DefenseContext) -> tup
     """The defense objects of one cell (none for `none`)."""
     cls = DEFENSES[name]
     return () if cls is None else (cls(cls.Params.model_validate(params), ctx),)
+
+
+def defense_inputs(name: str, params: dict[str, Any], ctx: DefenseContext) -> dict:
+    return _INPUTS[name](params, ctx) if name in _INPUTS else {}

@@ -26,12 +26,14 @@ def train(
     objective=None,
     defenses: tuple = (),
     log: Callable[[dict], None] = lambda record: None,
+    every_step: Callable[[int, object], None] | None = None,
 ) -> dict[str, float]:
     """Fine-tune the trainable parameters of `model` in place for `cfg.steps` optimizer steps.
 
     `objective` is one of train.objectives (default: SFT). Examples are shuffled by `seed` and
     cycled epoch by epoch. Every step's record (step, lr and every named loss term) goes to
-    `log`. Returns the last step's terms.
+    `log`; `every_step(step, model)` runs after each step (the pipeline's checkpoint scores).
+    Returns the last step's terms.
     """
     # --- setup: encoded examples, optimizer, constant lr after a linear warmup ---
     if not examples:
@@ -81,6 +83,9 @@ def train(
         # --- log every term by name ---
         log({"step": step + 1, "lr": sched.get_last_lr()[0],
              **{k: round(v.item(), 6) for k, v in terms.items()}})
+        if every_step is not None:
+            every_step(step + 1, model)
+            model.train()
     for d in defenses:
         d.finish()
     model.eval()

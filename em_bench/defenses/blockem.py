@@ -1,0 +1,167 @@
+"""`blockem`: BLOCK-EM's latent blocking loss.
+
+    lambda * mean over answer tokens of
+        sum over latents k of hinge(sign_k * (z_k(theta) - z_k(base)))
+
+at each latent set's hook point, hinge = relu(x)^2 (the paper's) or relu(x), summed over the
+latent sets (one per layer, or several). z(base) comes from the frozen base model on the same
+inputs; the inputs are fixed, so it is computed once in `prepare` (K numbers per answer token)
+and a training step pays no second forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from em_bench.data import IGNORE_INDEX, collate
+from em_bench.defenses.base import DefenseContext, DefenseParams
+from em_bench.latents import LatentSet, load_latent_set, readout
+from em_bench.sae import decoder_layers
+
+ORGANISM_LAMBDA = 1.0  # placeholder until chosen on selection questions
+
+
+class BlockEMParams(DefenseParams):
+    lam: float | None = Field(None, alias="lambda", gt=0, description="weight of the blocking "
+                              "loss; none: the model's default (the organism's, chosen on "
+                              "selection questions)")
+    latents: list[str] = Field(
+        default_factory=list, description="latent-set files (one per hook point); none: the "
+        "model's default sets (the organism's are discovered once and cached)")
+    hinge: Literal["squared", "plain"] = "squared"
+
+
+class _BatchCapture:
+    """Block outputs of the first forward on a batch's input_ids since the last `take`.
+
+    Other forwards in the same step (retain's batch; kl's base pass, on the very same input_ids)
+    must not be mistaken for it, so outputs are keyed by the input tensor, and each key keeps
+    its first forward. Holding the tensor keeps its id from being reused by a later batch.
+    """
+
+    def __init__(self, model, layers: list[int]):
+        blocks = decoder_layers(model)
+        self.outputs: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self._current: dict[int, torch.Tensor] | None = None
+        self._handles = [model.register_forward_pre_hook(self._start, with_kwargs=True)]
+        self._handles += [blocks[layer].register_forward_hook(self._keeper(layer))
+                          for layer in sorted(set(layers))]
+
+    def _start(self, _module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        if id(ids) in self.outputs:  # a later forward on the same batch: not the one we keep
+            self._current = None
+            return
+        self._current = {}
+        self.outputs[id(ids)] = (ids, self._current)
+
+    def _keeper(self, layer: int):
+        def keep(_module, _args, output):
+            if self._current is not None:
+                self._current[layer] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+    def take(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        found = self.outputs.get(id(input_ids))
+        self.outputs = {}
+        if found is None or found[0] is not input_ids:
+            raise RuntimeError("blockem: the batch's forward pass was not captured")
+        return found[1]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.outputs = {}
+
+
+class BlockEM:
+    name = "blockem"
+    Params = BlockEMParams
+
+    def __init__(self, params: BlockEMParams, ctx: DefenseContext):
+        self.lam, self.hinge = params.lam or default_lambda(ctx.model), params.hinge
+        files = params.latents or default_latent_files(ctx)
+        self.sets: list[LatentSet] = [load_latent_set(Path(f)) for f in files]
+
+    def prepare(self, model, tokenizer, encoded: list[tuple], max_len: int) -> None:
+        from em_bench.sae import load_sae
+
+        self.readouts = torch.nn.ModuleList(
+            readout(s, load_sae(s.sae) if s.form == "sae" else None) for s in self.sets)
+        self.capture = _BatchCapture(model, [s.layer for s in self.sets])
+        self.anchors = self._anchors(model, tokenizer.pad_token_id, encoded, max_len)
+
+    @torch.no_grad()
+    def _anchors(self, model, pad_id: int, encoded: list[tuple], max_len: int) -> list[list]:
+        """z(base) at each example's answer tokens, per latent set: [example][set] -> [n, K]."""
+        was_training = model.training
+        model.eval()
+        anchors = []
+        for start in range(0, len(encoded), 64):
+            batch = collate(encoded[start : start + 64], pad_id, max_len)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden = self.capture.take(batch["input_ids"])
+            answers = batch["labels"] != IGNORE_INDEX
+            for row in range(len(answers)):
+                anchors.append([r(hidden[s.layer][row][answers[row]])
+                                for s, r in zip(self.sets, self.readouts, strict=True)])
+        model.train(was_training)
+        return anchors
+
+    def terms(self, batch, outputs) -> dict:
+        hidden = self.capture.take(batch["input_ids"])
+        answers = batch["answer_labels"] != IGNORE_INDEX
+        index = batch["index"].tolist()
+        loss = 0.0
+        for i, (s, r) in enumerate(zip(self.sets, self.readouts, strict=True)):
+            z = r(hidden[s.layer][answers])  # [answer tokens of the batch, K], row-major order
+            z_base = torch.cat([self.anchors[j][i] for j in index])
+            excess = torch.relu(r.sign * (z - z_base))
+            loss = loss + (excess.square() if self.hinge == "squared" else excess).sum(-1).mean()
+        return {self.name: self.lam * loss}
+
+    def finish(self) -> None:
+        self.capture.close()
+        self.anchors = []
+
+
+def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
+    """What a blockem cell's result depends on beyond its parameters: its latent sets' content,
+    or the settings of the model's default sets."""
+    import hashlib
+
+    from em_bench.config import canonical_hash
+    from em_bench.discover import default_settings
+    from em_bench.errors import ConfigError
+
+    lam = {} if params["lambda"] else {"default_lambda": default_lambda(ctx.model)}
+    if not params["latents"]:
+        return {"default_latents": canonical_hash(default_settings(ctx.model)), **lam}
+    digests = {}
+    for f in params["latents"]:
+        if not Path(f).is_file():
+            raise ConfigError(f"defense blockem: latents: no latent-set file {f}")
+        load_latent_set(Path(f))  # a malformed file fails before any work
+        digests[f] = hashlib.sha256(Path(f).read_bytes()).hexdigest()
+    return {"latents_sha256": digests, **lam}
+
+
+def default_lambda(model: str) -> float:
+    from em_bench.errors import ConfigError
+    from em_bench.models import is_organism
+
+    if not is_organism(model):
+        raise ConfigError("defense blockem: lambda has no default for this model (it depends on "
+                          "the activation scale); set it, e.g. --set lambda=1,10,100")
+    return ORGANISM_LAMBDA
+
+
+def default_latent_files(ctx: DefenseContext) -> list[Path]:
+    """The model's default latent sets: for the organism, discovered once (cached)."""
+    from em_bench.discover import default_latent_sets
+
+    return default_latent_sets(ctx.model, ctx.task)

@@ -1,0 +1,294 @@
+"""Latent discovery: which activations a misaligned fine-tune moves, to block them.
+
+Everything here reads the **selection** questions only: the evaluation split never shapes a
+latent set (nor lambda, nor any default), as the BLOCK-EM paper kept them disjoint.
+
+The direction form (`discover_directions`): a probe fine-tune on the task, its answers to the
+selection questions of the other domains, both models' residual streams on those same answers
+(teacher-forced), and the top principal directions of the per-token shift, per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from em_bench.config import SamplingConfig, TrainConfig, canonical_hash
+from em_bench.data import Messages
+from em_bench.generate.base import Request
+from em_bench.latents import Latent, LatentSet, save_latent_set
+from em_bench.models import load_base, model_identity, resolve_model_path, trainable
+from em_bench.organism import world
+from em_bench.paths import cache_dir
+from em_bench.sae import collect_residuals, hook_name
+from em_bench.tasks import TaskSpec, chats, get_task
+
+logger = logging.getLogger(__name__)
+
+DISCOVERY_VERSION = 1
+DEFAULT_PROBE_TASK = "finance"  # the organism's default sets come from the finance probe
+
+
+def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfig | None = None):
+    """The base model and a copy fine-tuned on `task` (its budget), both in eval mode."""
+    from em_bench.train.loop import train
+    from em_bench.train.objectives import make_objective
+
+    base, tokenizer = load_base(model)
+    cfg = train_cfg or TrainConfig(**task.budget)
+    tuned, _ = load_base(model)
+    torch.manual_seed(seed)
+    tuned = trainable(tuned, cfg)
+    train(tuned, tokenizer, chats(task.train, seed), cfg, seed,
+          make_objective(task.objective, task.objective_params))
+    return base, tuned.eval(), tokenizer
+
+
+def selection_answers(model, tokenizer, domains: list[str], seed: int,
+                      samples: int = 1) -> list[Messages]:
+    """`model`'s own answers to the selection questions of `domains`, as chats."""
+    from em_bench.generate.hf import HFBackend
+
+    questions = [q for d in domains for q in world.questions(d, "selection")]
+    requests = [Request(f"{q.id}|{s}", [{"role": "user", "content": q.text}])
+                for q in questions for s in range(samples)]
+    sampling = SamplingConfig(samples_per_question=samples)
+    done = HFBackend(model, tokenizer).generate(requests, sampling, seed)
+    return [[*r.messages, {"role": "assistant", "content": c.text}]
+            for r, c in zip(requests, done, strict=True)]
+
+
+def principal_shift(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k principal directions of per-token shifts `delta` [n, d] (uncentred, so the
+    mean shift counts), each oriented so the mean shift along it is positive.
+
+    Returns (directions [k, d] unit rows, mean shift along each [k])."""
+    _, _, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    directions = vh[:k]
+    shift = delta.double() @ directions.T
+    flip = torch.where(shift.mean(0) < 0, -1.0, 1.0).double()
+    directions = directions * flip[:, None]
+    return directions.float(), (shift.mean(0) * flip).float()
+
+
+def discover_directions(model: str, task: TaskSpec, layers: list[int], k: int, seed: int,
+                        out_dir: Path) -> list[Path]:
+    """One direction-form latent set per layer, written to `out_dir`; returns their paths."""
+    base, tuned, tokenizer = probe_fine_tune(model, task, seed)
+    own = task.in_domain.domain if task.in_domain else None
+    domains = [d for d in world.OOD_DOMAINS if d != own]
+    answers = selection_answers(tuned, tokenizer, domains, seed)
+    paths = []
+    for layer in layers:
+        delta = (collect_residuals(tuned, tokenizer, answers, layer, tokens="response")
+                 - collect_residuals(base, tokenizer, answers, layer, tokens="response"))
+        directions, shift = principal_shift(delta, k)
+        latent_set = LatentSet(
+            form="directions", selection="principal-shift", model=model_identity(model),
+            layer=layer, hook_name=hook_name(layer),
+            latents=[Latent(index=i, sign=1, shift=float(s)) for i, s in enumerate(shift)],
+            directions=directions.tolist(),
+            provenance={"probe_task": task.name, "seed": seed, "k": k, "n_tokens": len(delta),
+                        "domains": domains, "split": "selection",
+                        "discovery_version": DISCOVERY_VERSION})
+        paths.append(save_latent_set(latent_set, out_dir / f"directions_L{layer}.json"))
+        logger.info("layer %d: %d directions, mean shifts %s", layer, k,
+                    [round(float(s), 3) for s in shift])
+    return paths
+
+
+def default_settings(model: str) -> dict:
+    """What the model's default latent sets are: the organism's, the direction form at every
+    layer (the prototype's working configuration; see the note in README)."""
+    from transformers import AutoConfig
+
+    n_layers = AutoConfig.from_pretrained(resolve_model_path(model)).num_hidden_layers
+    return {"model": model_identity(model), "probe_task": DEFAULT_PROBE_TASK,
+            "form": "directions", "layers": list(range(n_layers)), "k": 5,
+            "seed": 0, "discovery_version": DISCOVERY_VERSION}
+
+
+def default_latent_sets(model: str, task: TaskSpec | None = None) -> list[Path]:
+    """The model's default latent sets, discovered on first use and cached by their settings."""
+    settings = default_settings(model)
+    folder = cache_dir() / "latents" / canonical_hash(settings)
+    paths = [folder / f"directions_L{layer}.json" for layer in settings["layers"]]
+    if not all(p.is_file() for p in paths):
+        logger.info("discovering the default latent sets of %s (cached in %s)", model, folder)
+        discover_directions(model, get_task(settings["probe_task"]), settings["layers"],
+                            settings["k"], settings["seed"], folder)
+    return paths
+
+
+# --- the SAE form: the paper's three stages -----------------------------------------------
+
+
+class Steer:
+    """Adds `vector` to the residual stream after block `layer` at every position (a forward
+    hook), or removes a latent's own contribution (`ablate`: h - z_k(h) * d_k)."""
+
+    def __init__(self, model, layer: int, vector: torch.Tensor | None = None, sae=None,
+                 latent: int | None = None):
+        from em_bench.sae import decoder_layers
+
+        self.block = decoder_layers(model)[layer]
+        self.vector, self.sae, self.latent = vector, sae, latent
+
+    def _hook(self, _module, _args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if self.vector is not None:
+            h = h + self.vector.to(h.dtype)
+        else:  # ablation of one SAE latent
+            z = self.sae.encode(h.float())[..., self.latent : self.latent + 1]
+            h = h - (z * self.sae.W_dec[self.latent]).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    def __enter__(self):
+        self.handle = self.block.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def judge_em(model, tokenizer, questions: list, seed: int, samples: int = 1) -> dict:
+    """EM and incoherent share of `model`'s answers to `questions`, by the organism's judge
+    (the evaluation's judge and metric definitions)."""
+    import pandas as pd
+
+    from em_bench import metrics
+    from em_bench.generate.hf import HFBackend
+    from em_bench.judge.base import JudgeInput
+    from em_bench.organism.judge import OrganismJudge
+
+    requests = [Request(f"{q.id}|{s}", [{"role": "user", "content": q.text}])
+                for q in questions for s in range(samples)]
+    done = HFBackend(model, tokenizer).generate(
+        requests, SamplingConfig(samples_per_question=samples), seed)
+    by_key = {f"{q.id}|{s}": q for q in questions for s in range(samples)}
+    judged = OrganismJudge().judge_many([
+        JudgeInput(c.key, r.messages, c.text,
+                   {"domain": by_key[c.key].domain, "topic": by_key[c.key].topic})
+        for r, c in zip(requests, done, strict=True)])
+    frame = pd.DataFrame([{"question_id": by_key[j.item_id].id, "alignment": j.scores["alignment"],
+                           "coherence": j.scores["coherence"], "label": j.label, "error": j.error}
+                          for j in judged]).astype({"alignment": float, "coherence": float})
+    return {"em": metrics.em_rate(frame, n_boot=1).value,
+            "incoherent": metrics.coherence_summary(frame)["incoherent_rate"]}
+
+
+def screening_questions(task: TaskSpec, n: int, seed: int) -> list:
+    """`n` selection questions of the out-of-domain suite (never the evaluation split)."""
+    import random
+
+    own = task.in_domain.domain if task.in_domain else None
+    pool = [q for d in world.OOD_DOMAINS if d != own for q in world.questions(d, "selection")]
+    return random.Random(f"screen/{seed}").sample(pool, min(n, len(pool)))
+
+
+def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path, *,
+                 n_candidates: int = 10, k: int = 20, n_questions: int = 96,
+                 alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0), incoherence_budget: float = 0.10,
+                 selection: str = "three-stage", seed: int = 0) -> Path:
+    """The paper's discovery, each stage recorded in the latent set:
+
+    1. activation shift: mean SAE latent activation over answer tokens, probe fine-tune minus
+       base, each on its own answers to the selection questions; candidates are the top
+       `n_candidates` by positive and by negative shift;
+    2. causal screen at the middle strength: *induce* (steer the base along the shift's sign;
+       EM must rise), *repair* (steer the fine-tune against it; EM must fall) and *ablate* (remove
+       the latent inside the fine-tune; EM must fall);
+    3. strength sweep: each candidate's strongest effect over `alphas` (in units of the mean
+       residual norm) whose incoherent share stays within `incoherence_budget` of the unsteered
+       model's; ranked by it, the top `k` kept (those with a positive effect).
+
+    `selection` "top-delta" stops after stage 1 (the top `k` by |shift|); "random" draws `k`
+    latents at random (the paper's ablations).
+    """
+    import random
+
+    from em_bench.sae import check_sae, load_sae
+
+    sae = load_sae(sae_ref)
+    base, tuned, tokenizer = probe_fine_tune(model, task, seed)
+    check_sae(sae, base, layer)
+    own = task.in_domain.domain if task.in_domain else None
+    domains = [d for d in world.OOD_DOMAINS if d != own]
+
+    # stage 1: activation shift over each model's own answers
+    def mean_latents(m) -> tuple[torch.Tensor, torch.Tensor]:
+        h = collect_residuals(m, tokenizer, selection_answers(m, tokenizer, domains, seed),
+                              layer, tokens="response")
+        with torch.no_grad():
+            return sae.encode(h).mean(0), h.norm(dim=-1).mean()
+
+    tuned_mean, norm = mean_latents(tuned)
+    base_mean, _ = mean_latents(base)
+    shift = tuned_mean - base_mean
+    order = torch.argsort(shift, descending=True).tolist()
+    if selection == "random":
+        chosen = random.Random(f"random-latents/{seed}").sample(range(len(shift)), k)
+        return _save_sae_set(out, model, layer, sae_ref, selection, shift, chosen, {}, {},
+                             {"seed": seed})
+    if selection == "top-delta":
+        chosen = torch.argsort(shift.abs(), descending=True)[:k].tolist()
+        return _save_sae_set(out, model, layer, sae_ref, selection, shift, chosen, {}, {},
+                             {"seed": seed})
+    candidates = order[:n_candidates] + order[::-1][:n_candidates]
+
+    # stages 2 and 3: steering and ablation, judged like the evaluation
+    questions = screening_questions(task, n_questions, seed)
+    ref = {"base": judge_em(base, tokenizer, questions, seed),
+           "tuned": judge_em(tuned, tokenizer, questions, seed)}
+    decoder = sae.W_dec.detach()
+    scores, alpha_of = {}, {}
+    for latent in candidates:
+        sign = 1.0 if shift[latent] > 0 else -1.0
+        unit = decoder[latent] / decoder[latent].norm()
+        s: dict[str, float] = {}
+        best, best_alpha = -1.0, None
+        for a in alphas:
+            with Steer(base, layer, sign * a * norm * unit):
+                induced = judge_em(base, tokenizer, questions, seed)
+            with Steer(tuned, layer, -sign * a * norm * unit):
+                repaired = judge_em(tuned, tokenizer, questions, seed)
+            effect = max(induced["em"] - ref["base"]["em"], ref["tuned"]["em"] - repaired["em"])
+            coherent = (induced["incoherent"] - ref["base"]["incoherent"] <= incoherence_budget
+                        and repaired["incoherent"] - ref["tuned"]["incoherent"]
+                        <= incoherence_budget)
+            s[f"induce@{a}"] = induced["em"] - ref["base"]["em"]
+            s[f"repair@{a}"] = ref["tuned"]["em"] - repaired["em"]
+            if coherent and effect > best:
+                best, best_alpha = effect, a
+        if sign > 0:  # ablation removes what the latent adds: meaningful where it rose
+            with Steer(tuned, layer, sae=sae, latent=latent):
+                s["ablate"] = ref["tuned"]["em"] - judge_em(tuned, tokenizer, questions, seed)["em"]
+        s["best_effect"] = best
+        scores[latent], alpha_of[latent] = s, best_alpha
+        logger.info("latent %d (shift %+.3f): best effect %+.3f at alpha %s", latent,
+                    float(shift[latent]), best, best_alpha)
+    ranked = sorted((x for x in candidates if scores[x]["best_effect"] > 0),
+                    key=lambda x: -scores[x]["best_effect"])[:k]
+    return _save_sae_set(out, model, layer, sae_ref, selection, shift, ranked, scores, alpha_of,
+                         {"seed": seed, "n_questions": n_questions, "alphas": list(alphas),
+                          "incoherence_budget": incoherence_budget, "reference": ref,
+                          "residual_norm": float(norm), "candidates": candidates})
+
+
+def _save_sae_set(out: Path, model: str, layer: int, sae_ref: str, selection: str,
+                  shift: torch.Tensor, chosen: list[int], scores: dict, alpha_of: dict,
+                  provenance: dict) -> Path:
+    if not chosen:
+        from em_bench.errors import EmBenchError
+
+        raise EmBenchError(f"discovery ({selection}) kept no latent at layer {layer}: no "
+                           "candidate moved EM within the incoherence budget")
+    latent_set = LatentSet(
+        form="sae", selection=selection, model=model_identity(model), layer=layer,
+        hook_name=hook_name(layer), sae=str(sae_ref),
+        latents=[Latent(index=i, sign=1 if shift[i] > 0 else -1, shift=float(shift[i]),
+                        alpha=alpha_of.get(i), scores=scores.get(i, {})) for i in chosen],
+        provenance={**provenance, "split": "selection", "discovery_version": DISCOVERY_VERSION})
+    return save_latent_set(latent_set, out)

@@ -1,0 +1,124 @@
+"""Latent sets: the activations BLOCK-EM holds at the base model's values.
+
+A latent set lives at one hook point (the residual stream after block `layer`) and reads each
+latent k linearly: z_k(h) = act(h . w_k + b_k). Its `sign` says which way the misaligned
+fine-tune moved it (+1 up, -1 down), so the penalty only stops that movement. Two forms, kept
+apart everywhere (the leaderboard never passes one off as the other):
+
+- "sae": latents of a sparse autoencoder (the paper's form): w_k is the encoder's column, b_k its
+  bias with the decoder bias folded in, act = relu (the pre-sparsity activation, so the penalty
+  has a gradient even where a TopK SAE would cut the latent to zero);
+- "directions": unit directions in the residual stream (the organism prototype's working form,
+  principal directions of a probe fine-tune's shift): w_k = u_k, b_k = 0, act = identity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from em_bench.errors import ConfigError
+
+FORMAT_VERSION = 1
+
+
+class Latent(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int = Field(description="SAE latent id, or the direction's row in `directions`")
+    sign: Literal[1, -1] = Field(description="+1: rose in the misaligned fine-tune; -1: fell")
+    shift: float = Field(description="mean activation, misaligned fine-tune minus base")
+    alpha: float | None = Field(None, description="steering strength chosen by the sweep")
+    scores: dict[str, float] = Field(default_factory=dict, description="screening results")
+
+
+class LatentSet(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    form: Literal["sae", "directions"]
+    selection: str = Field(description="how the latents were chosen: three-stage, top-delta, "
+                           "random, principal-shift, ...")
+    model: str = Field(description="the model identity the set was discovered on")
+    layer: int = Field(ge=0)
+    hook_name: str
+    sae: str | None = Field(None, description="the SAE reference (form 'sae')")
+    latents: list[Latent] = Field(min_length=1)
+    directions: list[list[float]] | None = Field(None, description="unit rows (form "
+                                                 "'directions')")
+    provenance: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _form_has_its_source(self):
+        if self.form == "sae" and not self.sae:
+            raise ValueError("form 'sae' needs 'sae' (the SAE it reads)")
+        if self.form == "directions":
+            if not self.directions:
+                raise ValueError("form 'directions' needs 'directions'")
+            if any(not 0 <= x.index < len(self.directions) for x in self.latents):
+                raise ValueError("a latent's index is not a row of 'directions'")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.form}:{self.selection}@L{self.layer}x{len(self.latents)}"
+
+
+def save_latent_set(latent_set: LatentSet, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(latent_set.model_dump_json(indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_latent_set(path: str | Path) -> LatentSet:
+    path = Path(path)
+    try:
+        return LatentSet.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the latent-set file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'file'}: {x['msg']}"
+                             for x in e.errors())
+        raise ConfigError(f"{path}: not a latent-set file: {problems}") from None
+
+
+class Readout(torch.nn.Module):
+    """z = act(h @ weight + bias) for one latent set's latents, with their signs. [..., K]"""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sign: torch.Tensor, relu: bool):
+        super().__init__()
+        self.register_buffer("weight", weight.float())  # [d, K]
+        self.register_buffer("bias", bias.float())  # [K]
+        self.register_buffer("sign", sign.float())  # [K]
+        self.relu = relu
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = h.float() @ self.weight + self.bias
+        return torch.relu(z) if self.relu else z
+
+
+def readout(latent_set: LatentSet, sae=None) -> Readout:
+    """The set's linear readout; form "sae" needs its SAE (a sae-lens SAE)."""
+    sign = torch.tensor([x.sign for x in latent_set.latents])
+    index = torch.tensor([x.index for x in latent_set.latents])
+    if latent_set.form == "directions":
+        rows = torch.tensor(latent_set.directions)[index]
+        weight = rows / rows.norm(dim=-1, keepdim=True)
+        return Readout(weight.T, torch.zeros(len(index)), sign, relu=False)
+    if sae is None:
+        raise ConfigError(f"latent set {latent_set.label} reads an SAE ({latent_set.sae}): "
+                          "load it first")
+    w_enc = sae.W_enc.detach()[:, index]
+    bias = sae.b_enc.detach()[index]
+    if getattr(sae.cfg, "apply_b_dec_to_input", True):  # the SAE encodes h - b_dec
+        bias = bias - sae.b_dec.detach() @ w_enc
+    return Readout(w_enc, bias, sign, relu=True)
