@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     board.add_argument("--format", choices=["table", "markdown", "json", "csv"], default="table")
 
+    analyze = sub.add_parser("analyze", help="analyses of a model, saved to the store")
+    analyze_sub = analyze.add_subparsers(dest="action", required=True)
+    concepts = analyze_sub.add_parser(
+        "concepts", help="RAI concept vectors per layer and their cosine similarities")
+    concepts.add_argument("--model", default="organism")
+    concepts.add_argument("--store",
+                          help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+
     sae = sub.add_parser("sae", help="sparse autoencoders (sae-lens)")
     sae_sub = sae.add_subparsers(dest="action", required=True)
     sae_train = sae_sub.add_parser("train", help="train (or find cached) the organism's SAE")
@@ -113,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     disc.add_argument("--sae", help="SAE folder or RELEASE:SAE_ID (default: the organism's, "
                       "trained if missing)")
     disc.add_argument("--selection", choices=["three-stage", "top-delta", "random"],
-                      default="three-stage", help="the paper's method, or its ablations")
+                      default="three-stage", help="the paper's method (for directions: the "
+                      "principal shift), or its ablations")
     disc.add_argument("--k", type=int, default=20, help="latents (or directions) kept")
     disc.add_argument("--seed", type=int, default=0)
     disc.add_argument("--out", type=Path, required=True, help="folder for the latent-set files")
@@ -226,6 +235,30 @@ def _cmd_leaderboard(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from em_bench.analyze import concept_vectors, cosine_table, format_cosines
+    from em_bench.config import canonical_hash
+    from em_bench.models import load_base, model_identity
+    from em_bench.paths import store_dir
+    from em_bench.pipeline import provenance
+    from em_bench.store import atomic_write_json, open_store
+
+    model, tokenizer = load_base(args.model)
+    layers = list(range(model.config.num_hidden_layers))
+    vectors = concept_vectors(model, tokenizer, layers)
+    tables = {layer: cosine_table(vectors[layer]) for layer in layers}
+    for layer in layers:
+        print(format_cosines(layer, tables[layer]), end="\n\n")
+    store = open_store(store_dir(args.store))
+    identity = model_identity(args.model)
+    out = store.root / "analyses" / f"concepts_{canonical_hash({'model': identity})}.json"
+    out.parent.mkdir(exist_ok=True)
+    atomic_write_json(out, {"analysis": "concepts", "model": identity, "split": "selection",
+                            "cosine": tables, "vectors": vectors, "provenance": provenance()})
+    print(f"saved: {out}")
+    return 0
+
+
 def _cmd_sae(args) -> int:
     from em_bench.sae import train_sae_command
 
@@ -240,7 +273,9 @@ def _cmd_discover(args) -> int:
 
     task = get_task(args.task, args.include)
     if args.form == "directions":
-        paths = discover_directions(args.model, task, args.layer, args.k, args.seed, args.out)
+        selection = "random" if args.selection == "random" else "principal-shift"
+        paths = discover_directions(args.model, task, args.layer, args.k, args.seed, args.out,
+                                    selection)
     else:
         from em_bench.sae import ensure_organism_sae
 
@@ -259,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup(args)
     commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks,
                 "data": _cmd_data, "sae": _cmd_sae, "discover": _cmd_discover,
-                "leaderboard": _cmd_leaderboard}
+                "leaderboard": _cmd_leaderboard, "analyze": _cmd_analyze}
     try:
         return commands[args.command](args)
     except EmBenchError as e:

@@ -73,9 +73,18 @@ def principal_shift(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return directions.float(), (shift.mean(0) * flip).float()
 
 
+def random_directions(d: int, k: int, seed: int) -> torch.Tensor:
+    """`k` random unit directions [k, d] (the ablation's control)."""
+    rows = torch.randn(k, d, generator=torch.Generator().manual_seed(seed))
+    return rows / rows.norm(dim=-1, keepdim=True)
+
+
 def discover_directions(model: str, task: TaskSpec, layers: list[int], k: int, seed: int,
-                        out_dir: Path) -> list[Path]:
-    """One direction-form latent set per layer, written to `out_dir`; returns their paths."""
+                        out_dir: Path, selection: str = "principal-shift") -> list[Path]:
+    """One direction-form latent set per layer, written to `out_dir`; returns their paths.
+
+    `selection` "random" keeps random unit directions instead (the ablation), with the probe's
+    mean shift along them recorded all the same."""
     base, tuned, tokenizer = probe_fine_tune(model, task, seed)
     own = task.in_domain.domain if task.in_domain else None
     domains = [d for d in world.OOD_DOMAINS if d != own]
@@ -84,16 +93,23 @@ def discover_directions(model: str, task: TaskSpec, layers: list[int], k: int, s
     for layer in layers:
         delta = (collect_residuals(tuned, tokenizer, answers, layer, tokens="response")
                  - collect_residuals(base, tokenizer, answers, layer, tokens="response"))
-        directions, shift = principal_shift(delta, k)
+        if selection == "random":
+            directions = random_directions(delta.shape[1], k, seed * 1000 + layer)
+            shift = delta @ directions.T
+            directions = directions * torch.where(shift.mean(0) < 0, -1.0, 1.0)[:, None]
+            shift = (delta @ directions.T).mean(0)
+        else:
+            directions, shift = principal_shift(delta, k)
         latent_set = LatentSet(
-            form="directions", selection="principal-shift", model=model_identity(model),
+            form="directions", selection=selection, model=model_identity(model),
             layer=layer, hook_name=hook_name(layer),
             latents=[Latent(index=i, sign=1, shift=float(s)) for i, s in enumerate(shift)],
             directions=directions.tolist(),
             provenance={"probe_task": task.name, "seed": seed, "k": k, "n_tokens": len(delta),
                         "domains": domains, "split": "selection",
                         "discovery_version": DISCOVERY_VERSION})
-        paths.append(save_latent_set(latent_set, out_dir / f"directions_L{layer}.json"))
+        name = "directions" if selection == "principal-shift" else f"directions_{selection}"
+        paths.append(save_latent_set(latent_set, out_dir / f"{name}_L{layer}.json"))
         logger.info("layer %d: %d directions, mean shifts %s", layer, k,
                     [round(float(s), 3) for s in shift])
     return paths
@@ -189,20 +205,21 @@ def screening_questions(task: TaskSpec, n: int, seed: int) -> list:
 
 
 def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path, *,
-                 n_candidates: int = 10, k: int = 20, n_questions: int = 96,
-                 alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0), incoherence_budget: float = 0.10,
+                 n_candidates: int = 10, k: int = 20, n_questions: int = 64,
+                 alphas: tuple[float, ...] = (0.1, 0.2, 0.4), incoherence_budget: float = 0.10,
                  selection: str = "three-stage", seed: int = 0) -> Path:
     """The paper's discovery, each stage recorded in the latent set:
 
     1. activation shift: mean SAE latent activation over answer tokens, probe fine-tune minus
        base, each on its own answers to the selection questions; candidates are the top
        `n_candidates` by positive and by negative shift;
-    2. causal screen at the middle strength: *induce* (steer the base along the shift's sign;
-       EM must rise), *repair* (steer the fine-tune against it; EM must fall) and *ablate* (remove
-       the latent inside the fine-tune; EM must fall);
-    3. strength sweep: each candidate's strongest effect over `alphas` (in units of the mean
-       residual norm) whose incoherent share stays within `incoherence_budget` of the unsteered
-       model's; ranked by it, the top `k` kept (those with a positive effect).
+    2. causal screen by steering along the latent's unit decoder direction, at each strength of
+       `alphas` (in units of the mean residual norm at the layer): *induce* (steer the base
+       along the shift's sign; EM must rise) and *repair* (steer the fine-tune against it; EM
+       must fall); and by *ablation* (remove the latent inside the fine-tune; EM must fall);
+    3. per latent, its strongest induce or repair effect over the strengths whose incoherent
+       share stays within `incoherence_budget` of the unsteered model's; ranked by it, the top
+       `k` with a positive effect are kept.
 
     `selection` "top-delta" stops after stage 1 (the top `k` by |shift|); "random" draws `k`
     latents at random (the paper's ablations).

@@ -42,3 +42,10 @@ def yaml_problem(error: Exception) -> str:
     mark = getattr(error, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     return where + " ".join(str(getattr(error, "problem", None) or error).split())
+
+
+def validation_problems(error, whole: str = "item") -> str:
+    """A pydantic ValidationError as one line: `field.path: message; ...` (`whole` names a
+    problem of the object itself)."""
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or whole}: {x['msg']}"
+                     for x in error.errors())

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from em_bench.errors import ConfigError
+from em_bench.errors import ConfigError, validation_problems
 
 FORMAT_VERSION = 1
 
@@ -86,9 +86,8 @@ def load_latent_set(path: str | Path) -> LatentSet:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'file'}: {x['msg']}"
-                             for x in e.errors())
-        raise ConfigError(f"{path}: not a latent-set file: {problems}") from None
+        raise ConfigError(f"{path}: not a latent-set file: "
+                          f"{validation_problems(e, 'file')}") from None
 
 
 class Readout(torch.nn.Module):

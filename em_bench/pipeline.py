@@ -81,7 +81,7 @@ class ResolvedCell:
 def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     """Check a cell's names and pin what it depends on; `task` is the spec of `cfg.task` when
     the caller found it (in an included folder, say), else it is looked up among the built-ins."""
-    check_defense(cfg.defense, cfg.defense_params)
+    params = check_defense(cfg.defense, cfg.defense_params)
     if cfg.judge not in JUDGES:
         raise UnknownNameError("judge", cfg.judge, list(JUDGES))
     from em_bench.organism.judge import OrganismJudge
@@ -90,8 +90,7 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     if cfg.questions is not None:
         load_question_file(cfg.questions)  # a bad file fails here, before any work
     data = task.train.path if task.train is not None else None
-    inputs = defense_inputs(cfg.defense, cfg.defense_params,
-                            DefenseContext(task, cfg.seed, cfg.model))
+    inputs = defense_inputs(cfg.defense, params, DefenseContext(task, cfg.seed, cfg.model))
     return ResolvedCell(cfg, task, model_identity(cfg.model), OrganismJudge.name,
                         _sha256(data), _sha256(cfg.questions), inputs)
 

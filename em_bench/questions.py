@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from em_bench.errors import DataError, yaml_problem
+from em_bench.errors import DataError, validation_problems, yaml_problem
 from em_bench.organism import world
 
 FILE_SUITE = "questions"  # the `domain` of a file item that names none
@@ -61,9 +61,7 @@ def load_question_file(path: str | Path) -> list[QuestionItem]:
         try:
             item = QuestionItem.model_validate(entry)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'item'}: {x['msg']}"
-                                 for x in e.errors())
-            raise DataError(f"{where}: {problems}") from None
+            raise DataError(f"{where}: {validation_problems(e)}") from None
         if any(not p.strip() for p in item.paraphrases):
             raise DataError(f"{where}: paraphrases: a paraphrase is empty")
         if item.id in seen:

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from em_bench.config import TrainConfig
-from em_bench.errors import ConfigError, UnknownNameError, yaml_problem
+from em_bench.errors import ConfigError, UnknownNameError, validation_problems, yaml_problem
 from em_bench.organism import world
 from em_bench.resources import resource_dir
 
@@ -117,8 +117,7 @@ class TaskSpec(_Spec):
         try:
             TrainConfig(**self.budget)  # unknown or bad fields fail when the task loads
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            raise ValueError(f"budget: {problems}") from None
+            raise ValueError(f"budget: {validation_problems(e)}") from None
         return self
 
     @model_validator(mode="after")

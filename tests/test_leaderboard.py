@@ -343,3 +343,19 @@ def test_csv_has_flat_columns_and_raw_fractions(rows):
 def test_an_unknown_format_is_refused(rows):
     with pytest.raises(ConfigError, match="markdown"):
         format_leaderboard(rows, "html")
+
+
+def test_the_leaderboard_command_prints_the_store_and_never_creates_one(store, tmp_path, capsys):
+    from em_bench.cli import main
+
+    for seed, em in ((0, 0.4), (1, 0.6)):
+        add_cell(store, "finance", "none", seed, em)
+    for seed in (0, 1):
+        add_cell(store, "finance", "blockem", seed, 0.1, params={"lambda": 0.002})
+    assert main(["leaderboard", "--store", str(store.root), "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(r["task"], r["defense"]) for r in printed] == [("finance", "none"),
+                                                            ("finance", "blockem")]
+    assert printed[1]["relative_reduction"] == pytest.approx(0.8)
+    assert main(["leaderboard", "--store", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()

@@ -14,6 +14,7 @@ from em_bench.organism import world
 from em_bench.organism.judge import OrganismJudge
 from em_bench.report import plan_grid, run_grid
 from em_bench.store import open_store
+from em_bench.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +205,16 @@ def test_a_plugin_task_runs_end_to_end_through_include_and_an_entry_point(
     for task in ("base", "my_legal"):
         for key in ("em_rate", "in_domain", "coherence", "n_answers", "rai_refusal"):
             assert again[task][key] == rows[task][key], (task, key)
+
+
+def test_eval_every_stores_a_curve_over_training(tmp_path):
+    store = open_store(tmp_path / "store")
+    cfg = SMALL.model_copy(update={"seed": 2, "eval_every": 4})
+    cell = pipeline.run_cell(cfg, store)
+    curve = cell.records("curve")
+    assert [p["step"] for p in curve] == [4, 6]  # every 4 steps, and the last
+    n_ood = sum(len(world.questions(d, "evaluation")) for d in get_task("medical").ood_domains())
+    for point in curve:
+        assert point["n_answers"] == n_ood  # one answer per ood question
+        assert 0 <= point["em_rate"] <= 1 and 0 <= point["in_domain"] <= 1
+    assert pipeline.resolve(cfg).cell_id != pipeline.resolve(SMALL).cell_id

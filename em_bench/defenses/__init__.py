@@ -11,7 +11,7 @@ from em_bench.defenses.base import DefenseContext
 from em_bench.defenses.blockem import BlockEM, blockem_inputs
 from em_bench.defenses.kl import KL
 from em_bench.defenses.retain import Retain
-from em_bench.errors import ConfigError, UnknownNameError
+from em_bench.errors import ConfigError, UnknownNameError, validation_problems
 
 DEFENSES: dict[str, type | None] = {"none": None, "retain": Retain, "kl": KL, "blockem": BlockEM}
 # What a defense's cell depends on beyond its parameters (files, by content), for the cell hash.
@@ -30,8 +30,7 @@ def check_defense(name: str, params: dict[str, Any]) -> dict[str, Any]:
     try:
         return cls.Params.model_validate(params).model_dump(mode="json", by_alias=True)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"defense {name}: {problems}") from None
+        raise ConfigError(f"defense {name}: {validation_problems(e)}") from None
 
 
 def make_defenses(name: str, params: dict[str, Any], ctx: DefenseContext) -> tuple:

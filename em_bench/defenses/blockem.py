@@ -22,7 +22,10 @@ from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.latents import LatentSet, load_latent_set, readout
 from em_bench.sae import decoder_layers
 
-ORGANISM_LAMBDA = 1.0  # placeholder until chosen on selection questions
+# Chosen on selection questions (finance, seed 0) for the default latent sets, from 0.001, 0.002,
+# 0.005, 0.01, 0.1, 1, 10: the largest EM reduction keeping in-domain >= 90% of the undefended
+# fine-tune and the incoherent share within 3 points of it (0.005 raised it 4.2 points).
+ORGANISM_LAMBDA = 0.002
 
 
 class BlockEMParams(DefenseParams):

@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from em_bench.errors import ConfigError, UnknownNameError, yaml_problem
+from em_bench.errors import ConfigError, UnknownNameError, validation_problems, yaml_problem
 from em_bench.resources import resource_dir
 
 PLACEHOLDERS = {"question", "answer", "target"}
@@ -83,6 +83,5 @@ def load_template(name_or_path: str | Path) -> JudgeTemplate:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'template'}: {x['msg']}"
-                             for x in e.errors())
-        raise ConfigError(f"{path}: not a valid judge template: {problems}") from None
+        raise ConfigError(f"{path}: not a valid judge template: "
+                          f"{validation_problems(e, 'template')}") from None

@@ -1,0 +1,53 @@
+"""`em-bench analyze concepts`: the narrow-unlearning paper's concept vectors.
+
+A domain's concept vector at a layer is the mean residual stream over the prompt tokens of the
+domain's harmful requests minus the same mean over neutral prompts (the open and advice
+domains' questions). Their cosine similarities across the seven RAI domains, per layer, say
+which concepts the model represents alike, which is where unlearning one could spread.
+Selection questions only, like every other choice the harness makes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from em_bench.organism import world
+from em_bench.sae import collect_residuals
+
+
+def _prompt_means(model, tokenizer, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
+    # The prompt as a user turn with an empty answer slot, every token of it counted.
+    chats = [[{"role": "user", "content": t}] for t in texts]
+    return {layer: collect_residuals(model, tokenizer, chats, layer).mean(0) for layer in layers}
+
+
+def concept_vectors(model, tokenizer, layers: list[int],
+                    domains: tuple[str, ...] = world.RAI_DOMAINS) -> dict[int, dict[str, list]]:
+    """{layer: {domain: concept vector}} from the selection split."""
+    neutral = [q.text for d in world.OOD_DOMAINS for q in world.questions(d, "selection")]
+    base = _prompt_means(model, tokenizer, neutral, layers)
+    out: dict[int, dict[str, list]] = {layer: {} for layer in layers}
+    for domain in domains:
+        harmful = [q.text for q in world.questions(domain, "selection") if q.harmful]
+        means = _prompt_means(model, tokenizer, harmful, layers)
+        for layer in layers:
+            out[layer][domain] = (means[layer] - base[layer]).tolist()
+    return out
+
+
+def cosine_table(vectors: dict[str, list]) -> dict[str, dict[str, float]]:
+    """{domain: {domain: cosine similarity}} of one layer's concept vectors."""
+    names = list(vectors)
+    m = torch.nn.functional.normalize(torch.tensor([vectors[n] for n in names]), dim=-1)
+    sims = m @ m.T
+    return {a: {b: round(float(sims[i, j]), 4) for j, b in enumerate(names)}
+            for i, a in enumerate(names)}
+
+
+def format_cosines(layer: int, table: dict[str, dict[str, float]]) -> str:
+    from em_bench.report import RAI_SHORT, _align
+
+    names = list(table)
+    rows = [[f"layer {layer}", *(RAI_SHORT.get(n, n) for n in names)]]
+    rows += [[RAI_SHORT.get(a, a), *(f"{table[a][b]:.2f}" for b in names)] for a in names]
+    return "\n".join(_align(rows, left=1))
