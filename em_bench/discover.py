@@ -219,7 +219,8 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
        must fall); and by *ablation* (remove the latent inside the fine-tune; EM must fall);
     3. per latent, its strongest induce or repair effect over the strengths whose incoherent
        share stays within `incoherence_budget` of the unsteered model's; ranked by it, the top
-       `k` with a positive effect are kept.
+       `k` whose effect exceeds the screen's noise (the fine-tune's EM spread over 3 sampling
+       seeds on the same questions) are kept.
 
     `selection` "top-delta" stops after stage 1 (the top `k` by |shift|); "random" draws `k`
     latents at random (the paper's ablations).
@@ -259,6 +260,11 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
     questions = screening_questions(task, n_questions, seed)
     ref = {"base": judge_em(base, tokenizer, questions, seed),
            "tuned": judge_em(tuned, tokenizer, questions, seed)}
+    # The screen's own noise: the fine-tune's EM on the same questions under other sampling
+    # seeds. A latent is kept only if its effect exceeds this spread.
+    repeats = [ref["tuned"]["em"]] + [judge_em(tuned, tokenizer, questions, seed + r)["em"]
+                                      for r in (1, 2)]
+    noise = float(torch.tensor(repeats).std())
     decoder = sae.W_dec.detach()
     scores, alpha_of = {}, {}
     for latent in candidates:
@@ -286,12 +292,13 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
         scores[latent], alpha_of[latent] = s, best_alpha
         logger.info("latent %d (shift %+.3f): best effect %+.3f at alpha %s", latent,
                     float(shift[latent]), best, best_alpha)
-    ranked = sorted((x for x in candidates if scores[x]["best_effect"] > 0),
+    ranked = sorted((x for x in candidates if scores[x]["best_effect"] > noise),
                     key=lambda x: -scores[x]["best_effect"])[:k]
     return _save_sae_set(out, model, layer, sae_ref, selection, shift, ranked, scores, alpha_of,
                          {"seed": seed, "n_questions": n_questions, "alphas": list(alphas),
                           "incoherence_budget": incoherence_budget, "reference": ref,
-                          "residual_norm": float(norm), "candidates": candidates})
+                          "screen_noise_sd": noise, "residual_norm": float(norm),
+                          "candidates": candidates})
 
 
 def _save_sae_set(out: Path, model: str, layer: int, sae_ref: str, selection: str,

@@ -1,15 +1,17 @@
 """Latent sets: the activations BLOCK-EM holds at the base model's values.
 
 A latent set lives at one hook point (the residual stream after block `layer`) and reads each
-latent k linearly: z_k(h) = act(h . w_k + b_k). Its `sign` says which way the misaligned
+latent k from the residual h: z_k(h). Its `sign` says which way the misaligned
 fine-tune moved it (+1 up, -1 down), so the penalty only stops that movement. Two forms, kept
 apart everywhere (the leaderboard never passes one off as the other):
 
-- "sae": latents of a sparse autoencoder (the paper's form): w_k is the encoder's column, b_k its
-  bias with the decoder bias folded in, act = relu (the pre-sparsity activation, so the penalty
-  has a gradient even where a TopK SAE would cut the latent to zero);
+- "sae": latents of a sparse autoencoder (the paper's form): z_k is the SAE's own activation of
+  latent k (its encoder, activation function and sparsity; a TopK SAE's unselected latents are
+  0). A first version read the pre-sparsity activation relu(h . w_k + b_k) instead; on the
+  organism's TopK SAE that is dense and large, and blocking it broke 20-30% of the answers at
+  every lambda tried;
 - "directions": unit directions in the residual stream (the organism prototype's working form,
-  principal directions of a probe fine-tune's shift): w_k = u_k, b_k = 0, act = identity.
+  principal directions of a probe fine-tune's shift): z_k = h . u_k.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def load_latent_set(path: str | Path) -> LatentSet:
 
 
 class Readout(torch.nn.Module):
-    """z = act(h @ weight + bias) for one latent set's latents, with their signs. [..., K]"""
+    """z = act(h @ weight + bias) for a direction set's latents, with their signs. [..., K]"""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sign: torch.Tensor, relu: bool):
         super().__init__()
@@ -105,8 +107,22 @@ class Readout(torch.nn.Module):
         return torch.relu(z) if self.relu else z
 
 
-def readout(latent_set: LatentSet, sae=None) -> Readout:
-    """The set's linear readout; form "sae" needs its SAE (a sae-lens SAE)."""
+class SAEReadout(torch.nn.Module):
+    """z = the SAE's own latent activations (sae.encode: its activation function and sparsity,
+    TopK included) at the set's latents, with their signs. [..., K]"""
+
+    def __init__(self, sae, index: torch.Tensor, sign: torch.Tensor):
+        super().__init__()
+        self.sae = sae.requires_grad_(False) if hasattr(sae, "requires_grad_") else sae
+        self.register_buffer("index", index)
+        self.register_buffer("sign", sign.float())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(h.float())[..., self.index]
+
+
+def readout(latent_set: LatentSet, sae=None) -> Readout | SAEReadout:
+    """The set's readout; form "sae" needs its SAE (a sae-lens SAE)."""
     sign = torch.tensor([x.sign for x in latent_set.latents])
     index = torch.tensor([x.index for x in latent_set.latents])
     if latent_set.form == "directions":
@@ -116,8 +132,4 @@ def readout(latent_set: LatentSet, sae=None) -> Readout:
     if sae is None:
         raise ConfigError(f"latent set {latent_set.label} reads an SAE ({latent_set.sae}): "
                           "load it first")
-    w_enc = sae.W_enc.detach()[:, index]
-    bias = sae.b_enc.detach()[index]
-    if getattr(sae.cfg, "apply_b_dec_to_input", True):  # the SAE encodes h - b_dec
-        bias = bias - sae.b_dec.detach() @ w_enc
-    return Readout(w_enc, bias, sign, relu=True)
+    return SAEReadout(sae, index, sign)

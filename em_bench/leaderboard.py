@@ -71,6 +71,18 @@ def _label(d: dict, empty: str) -> str:
                      for k, v in d.items()) or empty
 
 
+def params_label(params: dict) -> str:
+    """A defense's parameters for a table: unset ones (None, []) as `default`, files by name."""
+    def short(v):
+        if v is None or v == []:
+            return "default"
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return "+".join(x.rsplit("/", 1)[-1] for x in v)
+        return v
+
+    return _label({k: short(v) for k, v in params.items()}, "-")
+
+
 def budget_label(train: dict) -> str:
     """The train settings that differ from the defaults, or `default`: what a reader needs to
     tell two budgets apart without reading the whole config."""
@@ -215,7 +227,7 @@ def _cells(row: dict, domains: list[str]) -> list[str]:
                    else f"{rate} ({-100 * drop:+.0f})")
     above = row["above_control_reduction"]
     q = row["questions_sha256"]
-    return [row["model"], row["task"], row["defense"], _label(row["defense_params"], "-"),
+    return [row["model"], row["task"], row["defense"], params_label(row["defense_params"]),
             row["budget"], row["judge"], row["split"], "world" if q is None else q[:8],
             ",".join(map(str, row["seeds"])), _pct(row["em_mean"]), _pct(row["em_sd"]),
             f"[{_pct(row['em_ci_low_min'])}, {_pct(row['em_ci_high_max'])}]",

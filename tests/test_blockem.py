@@ -47,22 +47,28 @@ def test_a_direction_readout_is_the_projection_on_the_unit_direction(tmp_path):
     assert r.sign.tolist() == [1.0, -1.0]
 
 
-class _FakeSAE:
-    class cfg:  # noqa: N801 - mirrors sae-lens's attribute
-        apply_b_dec_to_input = True
+class _TopTwoSAE(torch.nn.Module):
+    """An SAE whose encode keeps the two largest of relu(h @ W + b) (TopK with k=2)."""
 
-    W_enc = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
-    b_enc = torch.tensor([0.5, -1.0, 0.0])
-    b_dec = torch.tensor([1.0, 1.0])
+    W = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    b = torch.tensor([0.5, -1.0, 0.0])
+
+    def encode(self, h):
+        z = torch.relu(h @ self.W + self.b)
+        top = z.topk(2, dim=-1)
+        return torch.zeros_like(z).scatter(-1, top.indices, top.values)
 
 
-def test_an_sae_readout_is_the_relu_of_its_encoder_with_the_decoder_bias_folded_in():
+def test_an_sae_readout_is_the_saes_own_latent_activation():
     s = LatentSet(form="sae", selection="test", model="tiny", layer=0, hook_name="h", sae="x",
-                  latents=[Latent(index=2, sign=1, shift=0.1), Latent(index=1, sign=-1, shift=-1)])
-    r = readout(s, _FakeSAE())
-    h = torch.tensor([[3.0, 0.5], [0.0, 4.0]])
-    # latent 2: relu(2 * (h0 - 1) + 0); latent 1: relu((h1 - 1) - 1)
-    assert r(h).tolist() == [[4.0, 0.0], [0.0, 2.0]]
+                  latents=[Latent(index=2, sign=1, shift=0.1), Latent(index=0, sign=-1, shift=-1)])
+    r = readout(s, _TopTwoSAE())
+    h = torch.tensor([[3.0, 4.0], [0.0, 4.0]], requires_grad=True)
+    # row 0: relu(h W + b) = (3.5, 3, 6): latents 2 and 0 kept; row 1: (0.5, 3, 0): 1 and 0
+    assert r(h).tolist() == [[6.0, 3.5], [0.0, 0.5]]
+    assert r.sign.tolist() == [1.0, -1.0]
+    r(h).sum().backward()
+    assert h.grad.tolist() == [[3.0, 0.0], [1.0, 0.0]]  # only the kept latents carry gradient
     with pytest.raises(ConfigError, match="load it first"):
         readout(s)
 

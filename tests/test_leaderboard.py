@@ -359,3 +359,13 @@ def test_the_leaderboard_command_prints_the_store_and_never_creates_one(store, t
     assert printed[1]["relative_reduction"] == pytest.approx(0.8)
     assert main(["leaderboard", "--store", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_params_label_names_unset_values_default_and_files_by_their_names():
+    from em_bench.leaderboard import params_label
+
+    assert params_label({"lambda": None, "latents": [], "hinge": "squared"}) == (
+        "lambda=default, latents=default, hinge=squared")
+    assert params_label({"lambda": 0.1, "latents": ["/a/b/L0.json", "/a/b/L1.json"]}) == (
+        "lambda=0.1, latents=L0.json+L1.json")
+    assert params_label({}) == "-"

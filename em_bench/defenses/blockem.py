@@ -22,6 +22,8 @@ from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.latents import LatentSet, load_latent_set, readout
 from em_bench.sae import decoder_layers
 
+BLOCKEM_VERSION = 2  # the penalty's definition (2: an SAE latent is the SAE's own activation)
+
 # Chosen on selection questions (finance, seed 0) for the default latent sets, from 0.001, 0.002,
 # 0.005, 0.01, 0.1, 1, 10: the largest EM reduction keeping in-domain >= 90% of the undefended
 # fine-tune and the incoherent share within 3 points of it (0.005 raised it 4.2 points).
@@ -141,7 +143,8 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
     from em_bench.discover import default_settings
     from em_bench.errors import ConfigError
 
-    lam = {} if params["lambda"] else {"default_lambda": default_lambda(ctx.model)}
+    lam = {"blockem_version": BLOCKEM_VERSION,
+           **({} if params["lambda"] else {"default_lambda": default_lambda(ctx.model)})}
     if not params["latents"]:
         return {"default_latents": canonical_hash(default_settings(ctx.model)), **lam}
     digests = {}
