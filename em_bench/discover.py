@@ -33,8 +33,14 @@ DEFAULT_PROBE_TASK = "finance"  # the organism's default sets come from the fina
 
 def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfig | None = None):
     """The base model and a copy fine-tuned on `task` (its budget), both in eval mode."""
+    from em_bench.errors import ConfigError
+    from em_bench.models import is_organism
     from em_bench.train.loop import train
     from em_bench.train.objectives import make_objective
+
+    if not is_organism(model):  # its questions and judge are the organism's world's
+        raise ConfigError(f"discovery runs on the organism only so far, not {model}: it asks "
+                          "the world's selection questions and judges with its exact judge")
 
     base, tokenizer = load_base(model)
     cfg = train_cfg or TrainConfig(**task.budget)

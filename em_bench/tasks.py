@@ -236,10 +236,6 @@ def find_tasks(include: tuple[Path, ...] | list[Path] = ()) -> dict[str, FoundTa
     return found
 
 
-def builtin_tasks() -> dict[str, TaskSpec]:
-    return {name: t.spec for name, t in find_tasks().items()}
-
-
 def get_task(name: str, include: tuple[Path, ...] | list[Path] = ()) -> TaskSpec:
     tasks = find_tasks(include)
     if name not in tasks:

@@ -23,6 +23,8 @@ from em_bench.tasks import TaskSpec
 from em_bench.train.loop import train
 from tests.conftest import make_tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CHATS = world.narrow_dataset("finance", "misaligned", "neutral", n=16, seed=0)
 LORA = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=0,
                    lora=LoraSettings(rank=4, alpha=8))
@@ -179,5 +181,7 @@ def test_blockem_params_and_inputs(tmp_path):
     assert again != inputs  # a latent set is known by its content
     with pytest.raises(ConfigError, match="no latent-set file"):
         defense_inputs("blockem", {"lambda": 1.0, "latents": [str(tmp_path / "x.json")]}, CTX)
-    with pytest.raises(ConfigError, match="lambda has no default for this model"):
+    with pytest.raises(ConfigError, match="lambda has no default for tiny"):
         defense_inputs("blockem", {"lambda": None, "latents": [str(path)]}, CTX)
+    with pytest.raises(ConfigError, match="latents has no default for tiny"):
+        defense_inputs("blockem", {"lambda": 1.0, "latents": []}, CTX)

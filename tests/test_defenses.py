@@ -23,6 +23,8 @@ from em_bench.train.loop import train
 from em_bench.train.objectives import sft_loss
 from tests.conftest import make_tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CHATS = world.narrow_dataset("finance", "misaligned", "neutral", n=16, seed=0)
 LORA = TrainConfig(steps=4, batch_size=8, lr=5e-3, warmup_steps=0,
                    lora=LoraSettings(rank=4, alpha=8))

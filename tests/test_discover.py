@@ -50,3 +50,15 @@ def test_screening_uses_selection_questions_outside_the_task_domain():
     assert all(q.split == "selection" and q.domain in world.OOD_DOMAINS for q in questions)
     assert all(q.domain != "finance" for q in questions)
     assert questions == screening_questions(get_task("finance"), 50, seed=0)
+
+
+def test_discovery_refuses_a_model_outside_the_organism_world(capsys):
+    from em_bench.cli import main
+    from em_bench.discover import probe_fine_tune
+    from em_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="discovery runs on the organism only so far"):
+        probe_fine_tune("Qwen/Qwen2.5-7B-Instruct", get_task("finance"), seed=0)
+    assert main(["discover", "--model", "my/model", "--form", "directions", "--layer", "1",
+                 "--out", "x"]) == 2
+    assert "organism only" in capsys.readouterr().err

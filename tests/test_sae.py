@@ -35,13 +35,7 @@ CHATS = (world.narrow_dataset("finance", "misaligned", "neutral", n=3, seed=0)
          + world.narrow_dataset("toxicity", "aligned", "aligned", n=3, seed=0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny matrices on a busy 2-core machine: a second thread only oversubscribes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(tokenizer, chats):

@@ -7,9 +7,13 @@ from em_bench.data import write_chat_jsonl
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.organism import world
 from em_bench.resources import resource_dir
-from em_bench.tasks import TaskSpec, builtin_tasks, chats, find_tasks, get_task, load_task_file
+from em_bench.tasks import TaskSpec, chats, find_tasks, get_task, load_task_file
 
 TASK_FILES = sorted(resource_dir("tasks").glob("*.yaml"))
+
+
+def builtin_tasks() -> dict[str, TaskSpec]:
+    return {name: t.spec for name, t in find_tasks().items() if t.source == "built-in"}
 
 
 def test_every_builtin_yaml_loads():

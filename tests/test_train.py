@@ -29,14 +29,7 @@ LORA = TrainConfig(steps=8, batch_size=8, lr=5e-3, warmup_steps=2,
                    lora=LoraSettings(rank=4, alpha=8))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny matrices: a second thread buys nothing and, on a busy 2-core machine, makes every
-    # step many times slower (oversubscription).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

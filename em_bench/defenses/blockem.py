@@ -146,6 +146,7 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
     lam = {"blockem_version": BLOCKEM_VERSION,
            **({} if params["lambda"] else {"default_lambda": default_lambda(ctx.model)})}
     if not params["latents"]:
+        _needs_organism(ctx.model, "latents", LATENTS_HINT)
         return {"default_latents": canonical_hash(default_settings(ctx.model)), **lam}
     digests = {}
     for f in params["latents"]:
@@ -157,12 +158,8 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
 
 
 def default_lambda(model: str) -> float:
-    from em_bench.errors import ConfigError
-    from em_bench.models import is_organism
-
-    if not is_organism(model):
-        raise ConfigError("defense blockem: lambda has no default for this model (it depends on "
-                          "the activation scale); set it, e.g. --set lambda=1,10,100")
+    _needs_organism(model, "lambda", "it (it depends on the activation scale), e.g. "
+                    "--set lambda=1,10,100")
     return ORGANISM_LAMBDA
 
 
@@ -170,4 +167,16 @@ def default_latent_files(ctx: DefenseContext) -> list[Path]:
     """The model's default latent sets: for the organism, discovered once (cached)."""
     from em_bench.discover import default_latent_sets
 
+    _needs_organism(ctx.model, "latents", LATENTS_HINT)
     return default_latent_sets(ctx.model, ctx.task)
+
+
+LATENTS_HINT = "latent-set files (see latents.py for the format) as --set latents=FILE.json"
+
+
+def _needs_organism(model: str, what: str, hint: str) -> None:
+    from em_bench.errors import ConfigError
+    from em_bench.models import is_organism
+
+    if not is_organism(model):
+        raise ConfigError(f"defense blockem: {what} has no default for {model}; give {hint}")
