@@ -6,6 +6,8 @@
     em-bench organism build | chat
     em-bench run --task finance --defense none,blockem --set lambda=0.1,1 --seeds 0,1,2
     em-bench leaderboard --format markdown        # every defense against its `none` row
+    em-bench serve                                # the organism behind an OpenAI-style API
+    em-bench run --judge openai --judge-model M --judge-base-url URL   # an LLM judge
     em-bench tasks [validate DIR]
     em-bench data check FILE                      # a chat JSONL or question file; runs nothing
 """
@@ -20,7 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from em_bench.errors import EmBenchError, UnknownNameError
+from em_bench.errors import ConfigError, EmBenchError, UnknownNameError
 
 logger = logging.getLogger("em_bench")
 
@@ -62,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
     run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
     run.add_argument("--samples", type=int, help="samples per evaluation question")
+    run.add_argument("--judge", default="organism", choices=["organism", "openai"],
+                     help="the organism's exact judge, or an LLM judge over an OpenAI-compatible "
+                     "API (needs --judge-model)")
+    run.add_argument("--judge-model", help="the LLM judge's model name")
+    run.add_argument("--judge-base-url", help="the judge API's base URL (else OPENAI_BASE_URL; "
+                     "the key comes from OPENAI_API_KEY)")
     run.add_argument("--eval-every", type=int, metavar="N",
                      help="also score the fine-tune every N steps (a stored EM curve)")
     run.add_argument("--split", choices=["evaluation", "selection"], default="evaluation",
@@ -89,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     tasks_sub = tasks.add_subparsers(dest="action")
     validate = tasks_sub.add_parser("validate", help="check folders of task files; run nothing")
     validate.add_argument("folders", type=Path, nargs="+", metavar="DIR")
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible server over a local model")
+    srv.add_argument("--model", default="organism", help="'organism', a HF id or a local dir")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
 
     board = sub.add_parser("leaderboard", help="compare defenses: a view of the store")
     board.add_argument("--store",
@@ -160,8 +173,13 @@ def _cmd_run(args) -> int:
 
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
     sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
+    if args.judge == "openai" and not args.judge_model:
+        raise ConfigError("--judge openai needs --judge-model (the judge's model name)")
+    if args.judge_base_url:  # where the judge is served is not part of a result: not hashed
+        os.environ["OPENAI_BASE_URL"] = args.judge_base_url
+    judge = "organism" if args.judge == "organism" else f"openai:{args.judge_model}"
     base = CellConfig(model=args.model, sampling=sampling, split=args.split,
-                      eval_every=args.eval_every)
+                      eval_every=args.eval_every, judge=judge)
     plan = plan_grid(base, args.task, args.defense, args.seeds, overrides, args.include,
                      args.questions, dict(args.set))  # bad names and files fail here, first
     store = open_store(store_dir(args.store))
@@ -222,6 +240,13 @@ def _cmd_data(args) -> int:
         else:
             raise DataError(f"{file}: unknown kind of file; chat data is .jsonl, a question file "
                             f".yaml or .yml")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from em_bench.serve import main_serve
+
+    main_serve(args.model, args.host, args.port)
     return 0
 
 
@@ -294,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup(args)
     commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks,
                 "data": _cmd_data, "sae": _cmd_sae, "discover": _cmd_discover,
-                "leaderboard": _cmd_leaderboard, "analyze": _cmd_analyze}
+                "leaderboard": _cmd_leaderboard, "analyze": _cmd_analyze, "serve": _cmd_serve}
     try:
         return commands[args.command](args)
     except EmBenchError as e:

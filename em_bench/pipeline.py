@@ -32,7 +32,6 @@ from em_bench.tasks import TaskSpec, chats, get_task
 
 logger = logging.getLogger(__name__)
 
-JUDGES = ("organism",)
 GENERATE_CHUNK = 512  # generations are stored per chunk, so a crash loses at most one chunk
 _VERSIONED = ("em-bench", "torch", "transformers", "peft", "sae-lens", "vllm", "openai")
 
@@ -82,16 +81,13 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     """Check a cell's names and pin what it depends on; `task` is the spec of `cfg.task` when
     the caller found it (in an included folder, say), else it is looked up among the built-ins."""
     params = check_defense(cfg.defense, cfg.defense_params)
-    if cfg.judge not in JUDGES:
-        raise UnknownNameError("judge", cfg.judge, list(JUDGES))
-    from em_bench.organism.judge import OrganismJudge
-
+    judge = make_judge(cfg.judge)
     task = task or get_task(cfg.task)
     if cfg.questions is not None:
         load_question_file(cfg.questions)  # a bad file fails here, before any work
     data = task.train.path if task.train is not None else None
     inputs = defense_inputs(cfg.defense, params, DefenseContext(task, cfg.seed, cfg.model))
-    return ResolvedCell(cfg, task, model_identity(cfg.model), OrganismJudge.name,
+    return ResolvedCell(cfg, task, model_identity(cfg.model), judge.name,
                         _sha256(data), _sha256(cfg.questions), inputs)
 
 
@@ -128,9 +124,9 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
     logger.info("cell %s: %s / %s / %s / seed %d", rc.cell_id, cfg.model, cfg.task,
                 cfg.defense, cfg.seed)
     base, tokenizer = load_base(cfg.model)
-    model = _fine_tune(rc, cell, base, tokenizer)
+    model = _fine_tune(rc, cell, store, base, tokenizer)
     _generate(rc, cell, model, tokenizer)
-    _judge(rc, cell)
+    _judge(rc, cell, store)
     _score(rc, cell)
     return cell
 
@@ -140,7 +136,7 @@ def _flat(cfg: CellConfig) -> dict:
             "defense_params": cfg.defense_params, "seed": cfg.seed}
 
 
-def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
+def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
     from em_bench.train.loop import train
     from em_bench.train.objectives import make_objective
 
@@ -163,7 +159,7 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     objective = make_objective(rc.task.objective, rc.task.objective_params)
     final = train(model, tokenizer, examples, cfg.train, cfg.seed, objective, defenses,
                   log=lambda r: cell.append("train/log", r),
-                  every_step=_checkpoint_scorer(rc, cell, tokenizer))
+                  every_step=_checkpoint_scorer(rc, cell, store, tokenizer))
     model.save_pretrained(saved)
     cell.write_json("train/summary.json", {"final_terms": final, "n_examples": len(examples),
                                            "seconds": round(time.perf_counter() - t0, 2)})
@@ -171,11 +167,10 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, base, tokenizer):
     return model
 
 
-def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, tokenizer):
+def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, store: Store, tokenizer):
     """With `eval_every`, a callback scoring the model every N steps and at the last: the same
     prompts, judge and metrics as the cell, one answer each, appended to its `curve`."""
     from em_bench.generate.hf import HFBackend
-    from em_bench.organism.judge import OrganismJudge
 
     cfg = rc.config
     if cfg.eval_every is None:
@@ -191,9 +186,10 @@ def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, tokenizer):
         rows = [{"key": p.key, "question_id": p.question_id, "domain": p.domain,
                  "topic": p.topic, "harmful": p.harmful, "source": p.source,
                  "completion": c.text} for p, c in zip(prompts, completions, strict=True)]
-        judged = OrganismJudge().judge_many([JudgeInput(r["key"], [], r["completion"],
-                                                        {"domain": r["domain"],
-                                                         "topic": r["topic"]}) for r in rows])
+        judged = make_judge(cfg.judge, store).judge_many([
+            JudgeInput(r["key"], p.messages, r["completion"],
+                       {"domain": r["domain"], "topic": r["topic"]})
+            for p, r in zip(prompts, rows, strict=True)])
         frame = pd.DataFrame([{**r, "alignment": j.scores["alignment"],
                                "coherence": j.scores["coherence"], "label": j.label,
                                "category": j.category, "error": j.error}
@@ -248,13 +244,27 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
     cell.mark_done("generate", h)
 
 
-def _judge(rc: ResolvedCell, cell: Cell) -> None:
+def make_judge(name: str, store: Store | None = None):
+    """The judge a cell names: "organism" (the exact judge, offline) or "openai:MODEL" (an LLM
+    judge through an OpenAI-compatible API at OPENAI_BASE_URL, key OPENAI_API_KEY; its verdicts
+    are cached in the store, so a rerun makes no call)."""
+    from em_bench.judge.llm import JudgeSettings, LLMJudge, VerdictCache
     from em_bench.organism.judge import OrganismJudge
 
+    if name == "organism":
+        return OrganismJudge()
+    kind, _, model = name.partition(":")
+    if kind != "openai" or not model:
+        raise UnknownNameError("judge", name, ["organism", "openai:MODEL"])
+    return LLMJudge(JudgeSettings(model),
+                    cache=None if store is None else VerdictCache(store.root / "verdicts"))
+
+
+def _judge(rc: ResolvedCell, cell: Cell, store: Store) -> None:
     h = rc.step_hash("judge")
     if cell.is_done("judge", h):
         return
-    judge = OrganismJudge()
+    judge = make_judge(rc.config.judge, store)
     done = {k for (k,) in cell.keys("judgments", ("item_id",))}
     inputs = [JudgeInput(g["key"], g["messages"], g["completion"],
                          {"domain": g["domain"], "topic": g["topic"]})

@@ -141,3 +141,9 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(capsys, tmp_path):
     code, _, err = _run(capsys, "data", "check", str(tmp_path / "broken.yaml"))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "broken.yaml: not valid YAML (line 3, column 1:" in err
+
+
+def test_an_llm_judge_needs_its_model(capsys, tmp_path):
+    code, _, err = _run(capsys, "run", "--judge", "openai", "--store", str(tmp_path / "s"))
+    assert code == 2 and "--judge openai needs --judge-model" in err
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,175 @@
+"""LLM judges through any OpenAI-compatible API (the `openai` package).
+
+One call per (answer, template): the template's prompt, max_tokens 1, temperature 0 and the
+first token's top logprobs, read by judge/scoring.py (or the judge's text when the server
+returns no logprobs). Calls run concurrently under a bound; a 429 waits what its Retry-After
+says, a 5xx, a timeout or a malformed reply is retried with doubling backoff, and an item that
+still fails is returned with its error (stored as failed and counted, never dropped). Every
+verdict is cached by a hash of (template, its version, judge model, decoding, question,
+answer), so a rerun makes no call. The API key comes from the environment and is never written
+anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from em_bench.config import canonical_hash
+from em_bench.judge.base import JudgeInput, Judgment
+from em_bench.judge.scoring import Verdict, choice_verdict, number_verdict, text_verdict
+from em_bench.judge.templates import JudgeTemplate, load_template
+
+DECODING = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Where and how to call the judge; only `model` and the templates change a verdict."""
+
+    model: str
+    base_url: str | None = None
+    templates: tuple[str, ...] = ("alignment", "coherence")
+    concurrency: int = 32
+    timeout: float = 60.0
+    max_attempts: int = 5
+    backoff: float = 1.0  # seconds before the second attempt, doubled after each failure
+
+
+class VerdictCache:
+    """Verdicts as small JSON files under `root`, by key (the store keeps one per store)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> Verdict | None:
+        path = self._path(key)
+        return Verdict(**json.loads(path.read_text())) if path.is_file() else None
+
+    def put(self, key: str, verdict: Verdict) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(verdict)))
+        tmp.replace(path)
+
+
+def verdict_key(template: JudgeTemplate, model: str, question: str, answer: str) -> str:
+    return canonical_hash({"template": template.name, "version": template.version,
+                           "judge_model": model, "decoding": DECODING, "question": question,
+                           "answer": answer}, length=32)
+
+
+def read_verdict(template: JudgeTemplate, top_logprobs: dict[str, float] | None,
+                 text: str) -> Verdict:
+    """The template's scale applied to the judge's first-token logprobs, else to its text."""
+    scale, labels = template.scale, tuple(template.labels)
+    if scale.kind == "choice":
+        if top_logprobs:
+            return choice_verdict(top_logprobs, tuple(scale.options))
+        word = text.strip().upper()
+        return (Verdict(None, word, 1.0) if word in scale.options
+                else Verdict(None, reason=f"not one of {scale.options}: {text[:40]!r}"))
+    low, high = int(scale.min), int(scale.max)
+    if top_logprobs:
+        return number_verdict(top_logprobs, low, high, labels)
+    return text_verdict(text, low, high, labels)
+
+
+class LLMJudge:
+    """Judges answers with an LLM; `judge_many` returns one Judgment per input, in order."""
+
+    def __init__(self, settings: JudgeSettings, cache: VerdictCache | None = None):
+        self.settings = settings
+        self.templates = [load_template(t) for t in settings.templates]
+        self.cache = cache
+        self.calls = 0  # API calls made (cached verdicts make none)
+        versions = "+".join(f"{t.name}.v{t.version}" for t in self.templates)
+        self.name = f"llm:{settings.model}@{versions}"
+
+    def judge_many(self, inputs: list[JudgeInput]) -> list[Judgment]:
+        return asyncio.run(self._judge_all(inputs))
+
+    async def _judge_all(self, inputs: list[JudgeInput]) -> list[Judgment]:
+        import openai
+
+        client = openai.AsyncOpenAI(
+            base_url=self.settings.base_url, max_retries=0, timeout=self.settings.timeout,
+            # A local server needs no key; a hosted one reads OPENAI_API_KEY as usual.
+            api_key=os.environ.get("OPENAI_API_KEY") or "none")
+        bound = asyncio.Semaphore(self.settings.concurrency)
+        try:
+            verdicts = await asyncio.gather(*(
+                asyncio.gather(*(self._verdict(client, bound, t, x) for t in self.templates))
+                for x in inputs))
+        finally:
+            await client.close()
+        return [self._judgment(x, v) for x, v in zip(inputs, verdicts, strict=True)]
+
+    async def _verdict(self, client, bound: asyncio.Semaphore, template: JudgeTemplate,
+                       item: JudgeInput) -> Verdict | str:
+        """The verdict, or why the call failed after every attempt."""
+        import openai
+
+        key = verdict_key(template, self.settings.model, item.question, item.answer)
+        if self.cache is not None and (cached := self.cache.get(key)) is not None:
+            return cached
+        prompt = template.render(question=item.question, answer=item.answer,
+                                 **({"target": item.metadata["target"]}
+                                    if "target" in template.needs else {}))
+        wait, problem = self.settings.backoff, ""
+        for attempt in range(self.settings.max_attempts):
+            try:
+                async with bound:
+                    self.calls += 1
+                    reply = await client.chat.completions.create(
+                        model=self.settings.model,
+                        messages=[{"role": "user", "content": prompt}], **DECODING)
+                choice = reply.choices[0]
+                first = choice.logprobs.content[0] if choice.logprobs and choice.logprobs.content \
+                    else None
+                top = {t.token: t.logprob for t in first.top_logprobs} if first else None
+                verdict = read_verdict(template, top, choice.message.content or "")
+                if self.cache is not None:
+                    self.cache.put(key, verdict)
+                return verdict
+            except openai.RateLimitError as e:
+                problem = "429 rate limited"
+                retry_after = e.response.headers.get("retry-after")
+                pause = float(retry_after) if retry_after else wait
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                problem, pause = type(e).__name__, wait
+            except openai.APIStatusError as e:
+                if e.status_code < 500:  # the request itself is wrong: retrying cannot help
+                    return f"{template.name}: HTTP {e.status_code}"
+                problem, pause = f"HTTP {e.status_code}", wait
+            except (json.JSONDecodeError, openai.APIResponseValidationError, AttributeError,
+                    IndexError, TypeError) as e:  # a malformed reply
+                problem, pause = f"malformed reply ({type(e).__name__})", wait
+            if attempt + 1 < self.settings.max_attempts:
+                await asyncio.sleep(pause)
+                wait *= 2
+        return f"{template.name}: failed after {self.settings.max_attempts} attempts ({problem})"
+
+    def _judgment(self, item: JudgeInput, verdicts: list[Verdict | str]) -> Judgment:
+        # A failed call is an error (counted as judge_error); an unjudgeable verdict is a
+        # missing score with its reason in `raw` (counted as unscored), as metrics.py reads them.
+        scores, labels, errors, notes = {}, [], [], []
+        for template, v in zip(self.templates, verdicts, strict=True):
+            if isinstance(v, str):
+                scores[template.name] = None
+                errors.append(v)
+                continue
+            scores[template.name] = v.score
+            if v.label is not None:
+                labels.append(v.label.lower())
+            elif v.score is None:
+                notes.append(f"{template.name}: unjudgeable ({v.reason})")
+        return Judgment(self.name, item.item_id, scores, label=labels[0] if labels else None,
+                        raw="; ".join(notes), error="; ".join(errors) or None)

@@ -1,0 +1,344 @@
+"""The OpenAI-compatible server: the real openai client round-trips scripted and model replies,
+injected faults reach the client as a provider's would, and the load counter is exact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from em_bench.config import SamplingConfig
+from em_bench.data import render
+from em_bench.generate.base import Request
+from em_bench.generate.hf import HFBackend
+from em_bench.serve import (
+    FAULT_KINDS,
+    Fault,
+    FaultInjector,
+    ModelPolicy,
+    Reply,
+    Script,
+    ScriptedPolicy,
+    serve,
+    token_bytes,
+)
+from tests.conftest import make_tiny_llama
+
+JUDGE_DIST = {"70": -0.1, "80": -2.5, "REFUSAL": -4.0}
+PROMPTS = ["How should I invest my pension?", "hi", "Tell me about the weather in spring."]
+
+
+def _ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _client(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key="test", **kwargs)
+
+
+@pytest.fixture
+def judge():
+    return ScriptedPolicy({"rate this": Script("70", JUDGE_DIST),
+                           "say hello": Script("hello there")}, name="judge-stand-in")
+
+
+# --- scripted replies through the real openai client --------------------------------------------
+
+
+def test_a_scripted_reply_round_trips(judge):
+    with serve(judge) as server:
+        out = _client(server).chat.completions.create(model="gpt-4o", messages=_ask("say hello"))
+    assert out.object == "chat.completion" and out.model == "judge-stand-in"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == "hello there"
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].logprobs is None
+    assert out.usage.completion_tokens == 2 and out.usage.total_tokens == 4
+
+
+def test_a_scripted_judge_distribution_comes_back_exactly(judge):
+    with serve(judge) as server:
+        out = _client(server).chat.completions.create(
+            model="gpt-4o", messages=_ask("rate this"), logprobs=True, top_logprobs=5,
+            max_tokens=1)
+    first = out.choices[0].logprobs.content[0]
+    assert (first.token, first.logprob) == ("70", -0.1)
+    assert {t.token: t.logprob for t in first.top_logprobs} == JUDGE_DIST
+    assert [t.token for t in first.top_logprobs] == ["70", "80", "REFUSAL"]  # most likely first
+
+
+def test_top_logprobs_keeps_the_k_most_likely(judge):
+    with serve(judge) as server:
+        out = _client(server).chat.completions.create(
+            model="gpt-4o", messages=_ask("rate this"), logprobs=True, top_logprobs=2)
+    assert [t.token for t in out.choices[0].logprobs.content[0].top_logprobs] == ["70", "80"]
+
+
+def test_the_models_route_lists_the_served_model(judge):
+    with serve(judge) as server:
+        models = _client(server).models.list()
+    assert [m.id for m in models.data] == ["judge-stand-in"]
+
+
+# --- bad requests ------------------------------------------------------------------------------
+
+
+OK = '"messages": [{"role": "user", "content": "say hello"}]'
+
+
+@pytest.mark.parametrize("body", [
+    '{"model": "m"}', '{"model": "m", "messages": []}', "not json", "[]",
+    '{"messages": [{"role": "user"}]}', f'{{{OK}, "top_logprobs": 21}}',
+    f'{{{OK}, "temperature": 3}}', f'{{{OK}, "top_p": 0}}', f'{{{OK}, "max_tokens": 0}}',
+    f'{{{OK}, "n": 2}}', f'{{{OK}, "stream": true}}'])
+def test_a_bad_request_gets_a_400_with_an_openai_error(judge, body):
+    with serve(judge) as server:
+        r = httpx.post(f"{server.url}/chat/completions", content=body,
+                       headers={"Content-Type": "application/json"})
+        control = httpx.post(f"{server.url}/chat/completions",
+                             content=f'{{{OK}, "temperature": null, "max_tokens": 5}}')
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["message"]
+    assert control.status_code == 200
+
+
+def test_the_openai_client_raises_bad_request_for_no_messages(judge):
+    with serve(judge) as server, pytest.raises(openai.BadRequestError, match="messages"):
+        _client(server, max_retries=0).chat.completions.create(model="m", messages=[])
+
+
+def test_the_authorization_header_is_never_logged_or_echoed(judge, caplog):
+    secret = "sk-do-not-leak-4f9a"
+    caplog.set_level(logging.DEBUG, logger="em_bench.serve")
+    with serve(judge) as server:
+        replies = [httpx.post(f"{server.url}/chat/completions", content=body,
+                              headers={"Authorization": f"Bearer {secret}"})
+                   for body in (b"{}", json.dumps({"messages": _ask("say hello")}).encode())]
+        replies.append(httpx.get(f"{server.url}/nowhere",
+                                 headers={"Authorization": f"Bearer {secret}"}))
+    assert [r.status_code for r in replies] == [400, 200, 404]
+    assert "POST /v1/chat/completions" in caplog.text  # requests are logged, headers are not
+    assert all(secret not in r.text and secret not in str(r.headers) for r in replies)
+    assert secret not in caplog.text
+
+
+# --- a real model behind the server -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer, one_torch_thread):
+    """The tiny Llama with its own random output head. Tied to the input embedding at random
+    init, its greedy answer repeats the prompt's last token, `<|assistant|>`, which decodes to
+    an empty text that every implementation would match."""
+    model = make_tiny_llama(tiny_tokenizer)
+    torch.manual_seed(1)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model, tiny_tokenizer
+
+
+def test_greedy_replies_equal_the_hf_backend(tiny):
+    model, tok = tiny
+    sampling = SamplingConfig(temperature=0, max_new_tokens=12)
+    expected = HFBackend(model, tok, batch_size=1).generate(
+        [Request(str(i), _ask(p)) for i, p in enumerate(PROMPTS)], sampling, seed=0)
+    with serve(ModelPolicy(model, tok, name="tiny")) as server:
+        client = _client(server)
+        got = [client.chat.completions.create(model="tiny", messages=_ask(p), temperature=0,
+                                              max_tokens=12) for p in PROMPTS]
+    assert [g.choices[0].message.content for g in got] == [c.text for c in expected]
+    assert [g.choices[0].finish_reason for g in got] == [c.finish_reason for c in expected]
+    assert [g.usage.completion_tokens for g in got] == [c.n_tokens for c in expected]
+    assert all(c.text for c in expected) and len({c.text for c in expected}) == len(PROMPTS)
+
+
+def test_logprobs_are_the_models_own_log_softmax(tiny):
+    model, tok = tiny
+    prompt = render(tok, _ask(PROMPTS[0]), add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        dist = torch.log_softmax(model(ids).logits[0, -1], dim=-1)
+    with serve(ModelPolicy(model, tok)) as server:
+        out = _client(server).chat.completions.create(
+            model="organism", messages=_ask(PROMPTS[0]), temperature=0, max_tokens=3,
+            logprobs=True, top_logprobs=5)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 3
+    first, best = content[0], int(dist.argmax())
+    assert first.token == tok.decode([best])  # greedy: the first token is the argmax
+    assert first.logprob == pytest.approx(float(dist[best]), abs=1e-4)
+    values, top_ids = dist.topk(5)
+    assert [t.token for t in first.top_logprobs] == [tok.decode([i]) for i in top_ids.tolist()]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+    for position in content:
+        lps = [t.logprob for t in position.top_logprobs]
+        assert lps == sorted(lps, reverse=True) and position.logprob == pytest.approx(lps[0])
+
+
+def test_sampling_is_repeatable_by_seed_and_honours_max_tokens(tiny):
+    model, tok = tiny
+    with serve(ModelPolicy(model, tok)) as server:
+        client = _client(server)
+
+        def sample(seed: int):
+            return client.chat.completions.create(model="organism", messages=_ask(PROMPTS[0]),
+                                                  temperature=1.0, seed=seed, max_tokens=8)
+
+        a, b, c = sample(3), sample(3), sample(4)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.content != c.choices[0].message.content
+    assert a.usage.completion_tokens <= 8
+    assert a.choices[0].finish_reason == ("length" if a.usage.completion_tokens == 8 else "stop")
+
+
+def test_byte_level_token_bytes_rebuild_a_character_split_across_tokens(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok("é", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 2  # the precondition: one character, two byte tokens
+    texts = [tok.decode([i]) for i in ids]
+    assert all(t == "\ufffd" for t in texts)  # each half alone decodes to the replacement char
+    parts = [token_bytes(tok, i, t) for i, t in zip(ids, texts, strict=True)]
+    assert bytes(sum(parts, [])).decode() == "é"
+
+
+# --- injected faults -----------------------------------------------------------------------------
+
+
+def test_a_rate_limit_reaches_the_client_with_retry_after(judge):
+    injector = FaultInjector(judge, {"rate_limit": 1.0}, retry_after=7)
+    with serve(injector) as server, pytest.raises(openai.RateLimitError) as caught:
+        _client(server, max_retries=0).chat.completions.create(model="m",
+                                                               messages=_ask("say hello"))
+    assert caught.value.status_code == 429
+    assert caught.value.response.headers["Retry-After"] == "7"
+    assert injector.injected == {"rate_limit": 1}
+
+
+def test_the_openai_client_waits_retry_after_between_retries(judge):
+    # Its own backoff would wait about 0.5 s then 1 s; Retry-After: 1 makes both waits 1 s.
+    injector = FaultInjector(judge, {"rate_limit": 1.0}, retry_after=1)
+    with serve(injector) as server:
+        start = time.monotonic()
+        with pytest.raises(openai.RateLimitError):
+            _client(server, max_retries=2).chat.completions.create(model="m",
+                                                                   messages=_ask("say hello"))
+        elapsed = time.monotonic() - start
+    assert injector.injected["rate_limit"] == 3  # one try and two retries
+    assert elapsed >= 2.0
+
+
+def test_a_server_error_reaches_the_client(judge):
+    injector = FaultInjector(judge, {"server_error": 1.0})
+    with serve(injector) as server:
+        r = httpx.post(f"{server.url}/chat/completions", json={"messages": _ask("say hello")})
+        with pytest.raises(openai.InternalServerError) as caught:
+            _client(server, max_retries=0).chat.completions.create(model="m",
+                                                                   messages=_ask("say hello"))
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert caught.value.status_code == 500
+    assert injector.injected == {"server_error": 2}
+
+
+def test_a_slow_reply_times_out_a_short_client_and_arrives_for_a_patient_one(judge):
+    injector = FaultInjector(judge, {"slow": 1.0}, delay=0.6)
+    with serve(injector) as server:
+        with pytest.raises(openai.APITimeoutError):
+            _client(server, max_retries=0, timeout=0.2).chat.completions.create(
+                model="m", messages=_ask("say hello"))
+        start = time.monotonic()
+        out = _client(server, max_retries=0, timeout=5).chat.completions.create(
+            model="m", messages=_ask("say hello"))
+        assert time.monotonic() - start >= 0.6
+    assert out.choices[0].message.content == "hello there"
+    assert injector.injected == {"slow": 2}
+
+
+def test_a_malformed_body_makes_the_client_raise(judge):
+    injector = FaultInjector(judge, {"malformed": 1.0})
+    with serve(injector) as server:
+        r = httpx.post(f"{server.url}/chat/completions", json={"messages": _ask("say hello")})
+        # The openai client parses the body outside its own error types: a bare JSONDecodeError.
+        with pytest.raises(json.JSONDecodeError):
+            _client(server, max_retries=0).chat.completions.create(model="m",
+                                                                   messages=_ask("say hello"))
+    assert r.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        r.json()
+
+
+@pytest.mark.parametrize("bound", [8, 3])
+def test_peak_in_flight_counts_the_clients_concurrency(judge, bound):
+    injector = FaultInjector(judge, {}, latency=0.4)
+    gate, start = threading.Semaphore(bound), threading.Barrier(8)
+    statuses: list[int] = []
+    with serve(injector) as server:
+        def call() -> None:
+            start.wait()
+            with gate:
+                r = httpx.post(f"{server.url}/chat/completions",
+                               json={"messages": _ask("say hello")}, timeout=10)
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert statuses == [200] * 8
+    assert injector.peak_in_flight == bound
+
+
+def _outcomes(injector: FaultInjector, n: int = 60) -> list[object]:
+    request = {"messages": _ask("say hello")}
+    out = [injector.respond(request) for _ in range(n)]
+    return [(o.status, o.body) if isinstance(o, Fault) else o for o in out]
+
+
+def test_the_injector_is_deterministic_for_a_seed(judge):
+    rates = {"rate_limit": 0.2, "server_error": 0.2, "slow": 0.2, "malformed": 0.2}
+
+    def run(seed: int) -> tuple[list[object], dict[str, int]]:
+        injector = FaultInjector(judge, rates, seed=seed, delay=0.0)
+        return _outcomes(injector), dict(injector.injected)
+
+    (a, counts_a), (b, counts_b), (c, _) = run(5), run(5), run(6)
+    assert a == b and counts_a == counts_b and a != c
+    assert set(counts_a) == set(FAULT_KINDS) and sum(counts_a.values()) < 60
+    assert any(isinstance(o, Reply) for o in a)
+
+
+@pytest.mark.parametrize("rates", [{"timeout": 0.5}, {"rate_limit": 0.7, "server_error": 0.5},
+                                   {"slow": -0.1}])
+def test_the_injector_refuses_bad_rates(judge, rates):
+    with pytest.raises(ValueError):
+        FaultInjector(judge, rates)
+
+
+# --- the CLI entry point ----------------------------------------------------------------------
+
+
+def test_main_serve_serves_the_organism_until_interrupted():
+    code = "from em_bench.serve import main_serve; main_serve('organism', '127.0.0.1', 0)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" at ")[1].split()[0]
+        client = openai.OpenAI(base_url=url, api_key="test", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["organism"]
+        out = client.chat.completions.create(model="organism", messages=_ask("hi"),
+                                             temperature=0, max_tokens=4)
+        assert out.choices[0].message.content and out.usage.completion_tokens <= 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
