@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     validate = tasks_sub.add_parser("validate", help="check folders of task files; run nothing")
     validate.add_argument("folders", type=Path, nargs="+", metavar="DIR")
 
+    rejudge = sub.add_parser("rejudge", help="judge every scored cell's stored answers again "
+                             "with another judge (no training or generation is redone)")
+    rejudge.add_argument("--judge", default="openai", choices=["organism", "openai"])
+    rejudge.add_argument("--judge-model", help="the LLM judge's model name")
+    rejudge.add_argument("--judge-base-url", help="the judge API's base URL")
+    rejudge.add_argument("--store",
+                         help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+
     srv = sub.add_parser("serve", help="an OpenAI-compatible server over a local model")
     srv.add_argument("--model", default="organism", help="'organism', a HF id or a local dir")
     srv.add_argument("--host", default="127.0.0.1")
@@ -165,6 +173,41 @@ def _setup(args) -> None:
         torch.set_num_threads(threads)
 
 
+def _judge_name(args) -> str:
+    """The cell's judge from --judge/--judge-model; --judge-base-url goes to the environment,
+    because where a judge is served is not part of a result (and so not of a cell's hash)."""
+    if args.judge == "openai" and not args.judge_model:
+        raise ConfigError("--judge openai needs --judge-model (the judge's model name)")
+    if args.judge_base_url:
+        os.environ["OPENAI_BASE_URL"] = args.judge_base_url
+    return "organism" if args.judge == "organism" else f"openai:{args.judge_model}"
+
+
+def _cmd_rejudge(args) -> int:
+    from em_bench.config import CellConfig
+    from em_bench.paths import store_dir
+    from em_bench.pipeline import resolve, run_cell
+    from em_bench.store import open_store
+    from em_bench.tasks import TaskSpec
+
+    judge = _judge_name(args)
+    store = open_store(store_dir(args.store), create=False)
+    done = 0
+    for cell in store.done_cells("score"):
+        stored = cell.read_config()
+        cfg = CellConfig.model_validate(stored["config"])
+        target, task = cfg.model_copy(update={"judge": judge}), TaskSpec.model_validate(
+            stored["task_spec"])
+        rc = resolve(target, task)
+        if cfg.judge == judge or store.cell(rc.cell_id).is_done("score", rc.step_hash("score")):
+            continue
+        run_cell(target, store, task)
+        done += 1
+    print(f"{done} cells judged again by {judge}; `em-bench leaderboard` shows them beside "
+          f"the others")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from em_bench.config import CellConfig, SamplingConfig
     from em_bench.paths import store_dir
@@ -173,13 +216,8 @@ def _cmd_run(args) -> int:
 
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
     sampling = SamplingConfig(**({"samples_per_question": args.samples} if args.samples else {}))
-    if args.judge == "openai" and not args.judge_model:
-        raise ConfigError("--judge openai needs --judge-model (the judge's model name)")
-    if args.judge_base_url:  # where the judge is served is not part of a result: not hashed
-        os.environ["OPENAI_BASE_URL"] = args.judge_base_url
-    judge = "organism" if args.judge == "organism" else f"openai:{args.judge_model}"
     base = CellConfig(model=args.model, sampling=sampling, split=args.split,
-                      eval_every=args.eval_every, judge=judge)
+                      eval_every=args.eval_every, judge=_judge_name(args))
     plan = plan_grid(base, args.task, args.defense, args.seeds, overrides, args.include,
                      args.questions, dict(args.set))  # bad names and files fail here, first
     store = open_store(store_dir(args.store))
@@ -319,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup(args)
     commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks,
                 "data": _cmd_data, "sae": _cmd_sae, "discover": _cmd_discover,
-                "leaderboard": _cmd_leaderboard, "analyze": _cmd_analyze, "serve": _cmd_serve}
+                "leaderboard": _cmd_leaderboard, "analyze": _cmd_analyze, "serve": _cmd_serve,
+                "rejudge": _cmd_rejudge}
     try:
         return commands[args.command](args)
     except EmBenchError as e:

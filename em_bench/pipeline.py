@@ -123,12 +123,38 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
         return cell
     logger.info("cell %s: %s / %s / %s / seed %d", rc.cell_id, cfg.model, cfg.task,
                 cfg.defense, cfg.seed)
+    _borrow(rc, cell, store)
     base, tokenizer = load_base(cfg.model)
     model = _fine_tune(rc, cell, store, base, tokenizer)
     _generate(rc, cell, model, tokenizer)
     _judge(rc, cell, store)
     _score(rc, cell)
     return cell
+
+
+_OUTPUTS = {"train": ("trained", "train", "curve.jsonl"), "generate": ("generations.jsonl",)}
+
+
+def _borrow(rc: ResolvedCell, cell: Cell, store: Store) -> None:
+    """Copy the finished steps of another cell with the same inputs (the same fine-tune and
+    answers under another judge, say) instead of redoing them."""
+    import shutil
+
+    for step, names in _OUTPUTS.items():
+        h = rc.step_hash(step)
+        if cell.is_done(step, h):
+            continue
+        source = store.find_done(step, h)
+        if source is None or source.id == cell.id:
+            return
+        for name in names:
+            src, dst = source.path / name, cell.path / name
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            elif src.is_file():
+                shutil.copy2(src, dst)
+        cell.mark_done(step, h)
+        logger.info("cell %s: %s reused from cell %s", cell.id, step, source.id)
 
 
 def _flat(cfg: CellConfig) -> dict:

@@ -193,6 +193,11 @@ class Store:
             return []
         return sorted(p.name for p in d.iterdir() if (p / "cell.json").is_file())
 
+    def find_done(self, step: str, input_hash: str) -> Cell | None:
+        """A cell that finished `step` on exactly these inputs, whose output can be reused."""
+        return next((c for c in map(self.cell, self.cell_ids()) if c.is_done(step, input_hash)),
+                    None)
+
     def done_cells(self, step: str = "score") -> list[Cell]:
         return [c for c in map(self.cell, self.cell_ids()) if c._marker(step).is_file()]
 

@@ -275,3 +275,31 @@ def test_a_scripted_llm_judge_over_http_gives_the_figures_computed_by_hand(tmp_p
     assert metrics["em_rate"]["n"] == counted
     assert metrics["coherence"]["value"] == pytest.approx(sum(coherences) / len(coherences))
     assert metrics["n_excluded"] == refusals + unjudged
+
+
+def test_rejudge_scores_stored_answers_again_without_training_or_generating(
+        tmp_path, monkeypatch, capsys):
+    from em_bench.cli import main
+    from em_bench.serve import Script, ScriptedPolicy, serve
+
+    store = open_store(tmp_path / "store")
+    cfg = SMALL.model_copy(update={"seed": 3})
+    first = pipeline.run_cell(cfg, store)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished step was redone")
+
+    monkeypatch.setattr("em_bench.train.loop.train", forbidden)
+    monkeypatch.setattr(HFBackend, "generate", forbidden)
+    with serve(ScriptedPolicy(lambda request: Script("60", {"60": 0.0}))) as server:
+        argv = ["rejudge", "--judge", "openai", "--judge-model", "scripted",
+                "--judge-base-url", server.url, "--store", str(store.root)]
+        assert main(argv) == 0
+        assert "1 cells judged again by openai:scripted" in capsys.readouterr().out
+        assert main(argv) == 0  # the second time there is nothing left to judge
+        assert "0 cells judged again" in capsys.readouterr().out
+    (again,) = [c for c in store.done_cells() if c.id != first.id]
+    assert again.records("generations") == first.records("generations")
+    assert {j["judge"] for j in again.records("judgments")} == {
+        "llm:scripted@alignment.v1+coherence.v1"}
+    assert again.read_json("metrics.json")["metrics"]["coherence"]["value"] == 60.0
