@@ -523,6 +523,9 @@ def main_serve(model: str, host: str, port: int) -> None:
     with serve(ModelPolicy(base, tokenizer, name=model), host, port) as server:
         print(f"serving {model} at {server.url} (Ctrl-C to stop)", flush=True)  # noqa: T201
         try:
-            threading.Event().wait()
+            # Short waits, not one long one: Ctrl-C may land on another thread (torch's, the
+            # server's), and only a main thread that wakes up runs Python's handler for it.
+            while True:
+                time.sleep(0.2)
         except KeyboardInterrupt:
             pass
