@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import threading
 import time
 import uuid
@@ -519,6 +520,9 @@ def main_serve(model: str, host: str, port: int) -> None:
     """`em-bench serve`: ModelPolicy over `load_base(model)` until Ctrl-C, printing the URL."""
     from em_bench.models import load_base
 
+    # A process started in the background by a shell inherits Ctrl-C as ignored; a server must
+    # still stop on it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     base, tokenizer = load_base(model)
     with serve(ModelPolicy(base, tokenizer, name=model), host, port) as server:
         print(f"serving {model} at {server.url} (Ctrl-C to stop)", flush=True)  # noqa: T201
