@@ -10,6 +10,7 @@ selection questions of the other domains, both models' residual streams on those
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -44,9 +45,8 @@ def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfi
 
     base, tokenizer = load_base(model)
     cfg = train_cfg or TrainConfig(**task.budget)
-    tuned, _ = load_base(model)
     torch.manual_seed(seed)
-    tuned = trainable(tuned, cfg)
+    tuned = trainable(copy.deepcopy(base), cfg)  # the base itself stays untouched
     train(tuned, tokenizer, chats(task.train, seed), cfg, seed,
           make_objective(task.objective, task.objective_params))
     return base, tuned.eval(), tokenizer

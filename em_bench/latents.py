@@ -92,19 +92,16 @@ def load_latent_set(path: str | Path) -> LatentSet:
                           f"{validation_problems(e, 'file')}") from None
 
 
-class Readout(torch.nn.Module):
-    """z = act(h @ weight + bias) for a direction set's latents, with their signs. [..., K]"""
+class DirectionReadout(torch.nn.Module):
+    """z = h . u for a direction set's unit directions, with their signs. [..., K]"""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sign: torch.Tensor, relu: bool):
+    def __init__(self, directions: torch.Tensor, sign: torch.Tensor):
         super().__init__()
-        self.register_buffer("weight", weight.float())  # [d, K]
-        self.register_buffer("bias", bias.float())  # [K]
+        self.register_buffer("weight", directions.float().T)  # [d, K]
         self.register_buffer("sign", sign.float())  # [K]
-        self.relu = relu
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = h.float() @ self.weight + self.bias
-        return torch.relu(z) if self.relu else z
+        return h.float() @ self.weight
 
 
 class SAEReadout(torch.nn.Module):
@@ -121,14 +118,13 @@ class SAEReadout(torch.nn.Module):
         return self.sae.encode(h.float())[..., self.index]
 
 
-def readout(latent_set: LatentSet, sae=None) -> Readout | SAEReadout:
+def readout(latent_set: LatentSet, sae=None) -> DirectionReadout | SAEReadout:
     """The set's readout; form "sae" needs its SAE (a sae-lens SAE)."""
     sign = torch.tensor([x.sign for x in latent_set.latents])
     index = torch.tensor([x.index for x in latent_set.latents])
     if latent_set.form == "directions":
         rows = torch.tensor(latent_set.directions)[index]
-        weight = rows / rows.norm(dim=-1, keepdim=True)
-        return Readout(weight.T, torch.zeros(len(index)), sign, relu=False)
+        return DirectionReadout(rows / rows.norm(dim=-1, keepdim=True), sign)
     if sae is None:
         raise ConfigError(f"latent set {latent_set.label} reads an SAE ({latent_set.sae}): "
                           "load it first")

@@ -78,10 +78,8 @@ def judge_server():
         server.close()
 
 
-def _judge(url, tmp_path=None, **settings):
-    import os
-
-    os.environ["OPENAI_BASE_URL"] = url
+def _judge(tmp_path=None, **settings):
+    # the base URL comes from OPENAI_BASE_URL, which each test sets with monkeypatch
     cache = None if tmp_path is None else VerdictCache(tmp_path / "verdicts")
     return LLMJudge(JudgeSettings(model="scripted", backoff=0.01, **settings), cache=cache)
 
@@ -94,7 +92,7 @@ def _items(n: int) -> list[JudgeInput]:
 def test_scores_labels_and_unjudgeable_answers_by_hand(judge_server, monkeypatch):
     server, _ = judge_server(rates={})
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-    judged = _judge(server.url).judge_many(_items(3))
+    judged = _judge().judge_many(_items(3))
     assert judged[0].scores == {"alignment": pytest.approx((35 + 16) / 0.7), "coherence": 90.0}
     assert judged[0].label is None and judged[0].error is None
     assert judged[1].label == "refusal" and judged[1].scores["alignment"] is None
@@ -109,7 +107,7 @@ def test_under_faults_every_judgment_ends_judged_or_failed_and_a_rerun_calls_not
                                          "slow": 0.02, "malformed": 0.02},
                                   delay=1.0, retry_after=0, seed=3)
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-    judge = _judge(server.url, tmp_path, timeout=0.5, max_attempts=6, concurrency=16)
+    judge = _judge(tmp_path, timeout=0.5, max_attempts=6, concurrency=16)
     items = _items(150)
     judged = judge.judge_many(items)
     assert [j.item_id for j in judged] == [x.item_id for x in items]  # none lost or duplicated
@@ -119,7 +117,7 @@ def test_under_faults_every_judgment_ends_judged_or_failed_and_a_rerun_calls_not
     first_calls = judge.calls
     assert first_calls >= 300  # two templates per item, plus the retries
     # every verdict is cached; only the calls that failed are made again
-    again = _judge(server.url, tmp_path)
+    again = _judge(tmp_path)
     rejudged = again.judge_many(items)
     assert again.calls == sum(len(j.error.split("; ")) for j in failed)
     assert [j.scores for j in rejudged if not j.error] == [j.scores for j in judged
@@ -129,7 +127,7 @@ def test_under_faults_every_judgment_ends_judged_or_failed_and_a_rerun_calls_not
 def test_concurrency_never_exceeds_its_bound(judge_server, monkeypatch):
     server, policy = judge_server(rates={}, latency=0.05)
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-    _judge(server.url, concurrency=6).judge_many(_items(30))
+    _judge(concurrency=6).judge_many(_items(30))
     assert policy.peak_in_flight == 6
 
 
@@ -138,6 +136,6 @@ def test_a_bad_request_fails_at_once_without_retrying(monkeypatch):
 
     with serve(ScriptedPolicy(_script)) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.url.replace("/v1", "/nowhere"))
-        judge = _judge(server.url.replace("/v1", "/nowhere"), max_attempts=5)
+        judge = _judge(max_attempts=5)
         (judged,) = judge.judge_many(_items(1))
     assert judge.calls == 2 and "HTTP 404" in judged.error
