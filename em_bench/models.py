@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from em_bench.config import TrainConfig
+from em_bench.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +38,32 @@ def model_identity(model: str) -> str:
     return model
 
 
-def load_base(model: str, device: str = "cpu"):
-    """The frozen base model (eval mode) and its tokenizer."""
+def default_device() -> str:
+    """Where models run: EM_BENCH_DEVICE if set, else the first GPU when there is one."""
+    return os.environ.get("EM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base(model: str, dtype: str = "float32", device: str | None = None):
+    """The frozen base model (eval mode) and its tokenizer, from the organism, a hub id or a
+    local folder. A tokenizer without a pad token pads with its end token (Llama's has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
     if is_organism(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the organism never needs the hub
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    base.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as e:  # not on disk and not reachable: one line, not a hub traceback
+        raise ConfigError(f"model {model!r}: cannot load it ({str(e).splitlines()[0]}); give a "
+                          f"local folder, or download it first (huggingface-cli download)"
+                          ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model {model!r}: its tokenizer has no chat template; em-bench "
+                          f"speaks to models in chats (use an instruct model)")
+    base.to(device or default_device()).eval()
     return base, tokenizer
 
 
@@ -55,20 +72,36 @@ def attach_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
+    targets = list(lora.target_modules)
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         use_rslora=lora.rslora,
-        target_modules=list(lora.target_modules),
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
         layers_to_transform=list(lora.layers) if lora.layers is not None else None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        if "not found" not in str(e):
+            raise
+        raise ConfigError(f"lora.target_modules {targets} are not in this model; its linear "
+                          f"layers are named {', '.join(linear_names(model))} (or use "
+                          f"all-linear)") from None
+
+
+def linear_names(model) -> list[str]:
+    """The distinct last names of a model's linear layers (what LoRA can target)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name != "lm_head"})
 
 
 def trainable(base, cfg: TrainConfig):
     """The model the fine-tune updates: `base` with a LoRA adapter, or `base` itself (full)."""
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.adapter == "lora":
         return attach_lora(base, cfg)
     for p in base.parameters():

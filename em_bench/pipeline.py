@@ -167,7 +167,7 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
     from em_bench.train.objectives import make_objective
 
     cfg = rc.config
-    if rc.task.train is None or cfg.train.steps == 0:
+    if rc.task.train is None or (cfg.train.epochs is None and cfg.train.steps == 0):
         return base
     saved = cell.trained_dir()  # a LoRA adapter, or all weights when adapter is "full"
     if cell.is_done("train", rc.step_hash("train")):
@@ -185,7 +185,8 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
     objective = make_objective(rc.task.objective, rc.task.objective_params)
     final = train(model, tokenizer, examples, cfg.train, cfg.seed, objective, defenses,
                   log=lambda r: cell.append("train/log", r),
-                  every_step=_checkpoint_scorer(rc, cell, store, tokenizer))
+                  every_step=_checkpoint_scorer(rc, cell, store, tokenizer,
+                                                cfg.train.total_steps(len(examples))))
     model.save_pretrained(saved)
     cell.write_json("train/summary.json", {"final_terms": final, "n_examples": len(examples),
                                            "seconds": round(time.perf_counter() - t0, 2)})
@@ -193,7 +194,7 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
     return model
 
 
-def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, store: Store, tokenizer):
+def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, store: Store, tokenizer, last: int):
     """With `eval_every`, a callback scoring the model every N steps and at the last: the same
     prompts, judge and metrics as the cell, one answer each, appended to its `curve`."""
     from em_bench.generate.hf import HFBackend
@@ -205,7 +206,7 @@ def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, store: Store, tokenizer):
     prompts = eval_prompts(cfg.model_copy(update={"sampling": sampling}))
 
     def score(step: int, model) -> None:
-        if step % cfg.eval_every and step != cfg.train.steps:
+        if step % cfg.eval_every and step != last:
             return
         completions = HFBackend(model, tokenizer).generate(
             [Request(p.key, p.messages) for p in prompts], sampling, seed=cfg.seed + step)

@@ -45,11 +45,12 @@ def _candidates(value):
     if isinstance(value, float):
         return [value / 2 if value else 0.5]
     if isinstance(value, str):
-        return [value + "_x", "full", "selection"]  # the last two: the Literal fields
+        # the others: the Literal fields' other values
+        return [value + "_x", "full", "selection", "bfloat16", "vllm", "linear", "rubric"]
     if value is None:
         return [[0], "questions.yaml", 3]  # an optional list (lora layers), path or count
     if isinstance(value, list):
-        return [value[:-1]]
+        return [value[:-1] if value else ["organism"]]
     if isinstance(value, dict):
         return [{"strength": 2}]
     raise AssertionError(f"no mutation for {value!r}")
@@ -127,7 +128,7 @@ def test_hash_format_and_stability():
     (CellConfig, {"train": {"lora": {"rnk": 4}}}),
     (CellConfig, {"sampling": {"temp": 0.5}}),
     (CellConfig, {"metrics": {"alignment_above": 1.0}}),
-    (TrainConfig, {"epochs": 1}),
+    (TrainConfig, {"epoch": 1}),
     (LoraSettings, {"bias": "none"}),
     (SamplingConfig, {"top_k": 5}),
     (MetricsConfig, {"n_bootstrap": 10}),
@@ -142,6 +143,8 @@ def test_extra_fields_are_rejected(cls, kwargs):
     (TrainConfig, {"lr": 0}),
     (TrainConfig, {"steps": -1}),
     (TrainConfig, {"adapter": "qlora"}),
+    (TrainConfig, {"batch_size": 16, "grad_accum": 3}),
+    (TrainConfig, {"epochs": 0}),
     (LoraSettings, {"rank": 0}),
     (LoraSettings, {"dropout": 1.0}),
     (SamplingConfig, {"top_p": 0}),
@@ -166,3 +169,9 @@ def test_configs_are_frozen():
         c.seed = 1
     with pytest.raises(ValidationError):
         c.train.steps = 1
+
+
+def test_epochs_set_the_steps_from_the_data_size():
+    assert TrainConfig(steps=7).total_steps(1000) == 7
+    assert TrainConfig(epochs=1, batch_size=16).total_steps(1000) == 63  # ceil(1000 / 16)
+    assert TrainConfig(epochs=2, batch_size=16).total_steps(8) == 2  # a batch is at most the data

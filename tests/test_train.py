@@ -95,6 +95,36 @@ def test_no_examples_is_an_error(tiny_model, tiny_tokenizer):
         train(trainable(tiny_model, LORA), tiny_tokenizer, [], LORA, seed=0)
 
 
+def test_accumulated_micro_batches_make_the_same_step_as_one_batch(tiny_tokenizer):
+    # Four copies of one chat: every micro-batch has the same tokens, so the mean of the
+    # micro-batches' losses is the batch's loss and the two updates must agree.
+    same = [CHATS[0]] * 4
+
+    def run(grad_accum):
+        torch.manual_seed(0)
+        cfg = LORA.model_copy(update={"steps": 3, "batch_size": 4, "grad_accum": grad_accum})
+        model = trainable(make_tiny_llama(tiny_tokenizer), cfg)
+        records = []
+        train(model, tiny_tokenizer, same, cfg, seed=0, log=records.append)
+        return model, records
+
+    (one, log1), (two, log2) = run(1), run(2)
+    assert [r["sft"] for r in log1] == pytest.approx([r["sft"] for r in log2], rel=1e-4)
+    for (n, a), (_, b) in zip(one.named_parameters(), two.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_epochs_and_the_linear_schedule(tiny_model, tiny_tokenizer):
+    cfg = LORA.model_copy(update={"epochs": 2, "batch_size": 8, "warmup_steps": 2,
+                                  "schedule": "linear"})
+    records = []
+    train(trainable(tiny_model, cfg), tiny_tokenizer, CHATS, cfg, seed=0, log=records.append)
+    assert len(records) == 6  # 2 epochs x 24 chats / 8
+    # Each step's lr: warmup 1/2, 2/2, then (6 - s) / (6 - 2) for steps s = 2..5 (0-based).
+    expected = [cfg.lr * f for f in (1 / 2, 2 / 2, 4 / 4, 3 / 4, 2 / 4, 1 / 4)]
+    assert [r["lr"] for r in records] == pytest.approx(expected)
+
+
 # --- objectives -----------------------------------------------------------------------------------
 
 REFUSALS = world.narrow_dataset("safety", "aligned", "aligned", n=16, seed=0, requests="harmful")

@@ -31,7 +31,8 @@ def train(
     """Fine-tune the trainable parameters of `model` in place for `cfg.steps` optimizer steps.
 
     `objective` is one of train.objectives (default: SFT). Examples are shuffled by `seed` and
-    cycled epoch by epoch. Every step's record (step, lr and every named loss term) goes to
+    cycled epoch by epoch. A step's batch is split into `cfg.grad_accum` micro-batches whose
+    gradients add up (the same step in less memory). Every step's record (step, lr and every named loss term) goes to
     `log`; `every_step(step, model)` runs after each step (the pipeline's checkpoint scores).
     Returns the last step's terms.
     """
@@ -40,12 +41,12 @@ def train(
         raise ValueError("train() needs at least one example")
     rng = random.Random(seed)
     batch_size = min(cfg.batch_size, len(examples))  # a tiny data set still yields batches
+    micro = max(1, batch_size // cfg.grad_accum)
+    steps = cfg.total_steps(len(examples))
     encoded = [encode_chat(tokenizer, m) for m in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, steps))
     objective = objective or SFT()
     for d in defenses:
         d.prepare(model, tokenizer, encoded, cfg.max_len)
@@ -66,22 +67,29 @@ def train(
     model.train()
     stream = batches()
     terms: dict[str, torch.Tensor] = {}
-    for step in tqdm(range(cfg.steps), desc="train", unit="step", leave=False):
-        # --- forward: the objective and every defense's terms ---
+    for step in tqdm(range(steps), desc="train", unit="step", leave=False):
+        # --- forward and backward: the objective and every defense's terms, per micro-batch ---
         batch = next(stream)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        terms = {objective.name: objective.loss(out.logits, batch)}
-        for d in defenses:
-            terms.update(d.terms(batch, out))
-        # --- backward and step ---
-        loss = sum(terms.values())
-        loss.backward()
+        n = len(batch["index"])
+        parts = [batch] if micro >= n else [{k: v[i : i + micro] for k, v in batch.items()}
+                                            for i in range(0, n, micro)]
+        terms = {}
+        for part in parts:
+            out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
+            part_terms = {objective.name: objective.loss(out.logits, part)}
+            for d in defenses:
+                part_terms.update(d.terms(part, out))
+            (sum(part_terms.values()) / len(parts)).backward()
+            for k, v in part_terms.items():  # the step's terms: the micro-batches' mean
+                terms[k] = terms.get(k, 0) + v.detach() / len(parts)
+        # --- step ---
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = sched.get_last_lr()[0]  # this step's
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         # --- log every term by name ---
-        log({"step": step + 1, "lr": sched.get_last_lr()[0],
+        log({"step": step + 1, "lr": lr,
              **{k: round(v.item(), 6) for k, v in terms.items()}})
         if every_step is not None:
             every_step(step + 1, model)
@@ -90,3 +98,13 @@ def train(
         d.finish()
     model.eval()
     return {k: v.item() for k, v in terms.items()}
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a share of `cfg.lr`: a linear
+    warmup over `warmup_steps`, then constant, or a linear decay reaching 0 after the last step."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "linear":
+        return max(0.0, (steps - step) / max(1, steps - cfg.warmup_steps))
+    return 1.0
