@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from em_bench import metrics
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, defense_inputs, make_defenses
 from em_bench.defenses.base import DefenseContext
-from em_bench.errors import UnknownNameError
+from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.generate.base import Request
 from em_bench.judge.base import JudgeInput
 from em_bench.models import load_base, load_trained, model_identity, trainable
@@ -47,6 +48,7 @@ class ResolvedCell:
     train_data_sha256: str | None = None  # a data file is known by its content, not its path
     questions_sha256: str | None = None
     defense_inputs: dict = field(default_factory=dict)  # e.g. latent-set files, by content
+    jury: tuple[str, ...] = ()  # the jurors' full names (model and template versions)
 
     def payload(self) -> dict:
         return {"config": self.config.model_dump(mode="json"),
@@ -54,7 +56,7 @@ class ResolvedCell:
                 "model_identity": self.model_identity, "judge": self.judge,
                 "train_data_sha256": self.train_data_sha256,
                 "questions_sha256": self.questions_sha256,
-                "defense_inputs": self.defense_inputs}
+                "defense_inputs": self.defense_inputs, "jury": list(self.jury)}
 
     @property
     def cell_id(self) -> str:
@@ -73,7 +75,7 @@ class ResolvedCell:
         if step in ("judge", "score"):
             parts["judge"] = self.judge
         if step == "score":
-            parts["metrics"] = c["metrics"]
+            parts["metrics"], parts["jury"] = c["metrics"], list(self.jury)
         return canonical_hash({"step": step, **parts})
 
 
@@ -81,14 +83,15 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     """Check a cell's names and pin what it depends on; `task` is the spec of `cfg.task` when
     the caller found it (in an included folder, say), else it is looked up among the built-ins."""
     params = check_defense(cfg.defense, cfg.defense_params)
-    judge = make_judge(cfg.judge)
+    judge = make_judge(cfg.judge, definition=cfg.metrics.em_definition)
+    jury = [make_judge(j, definition=cfg.metrics.em_definition).name for j in cfg.jury]
     task = task or get_task(cfg.task)
     if cfg.questions is not None:
         load_question_file(cfg.questions)  # a bad file fails here, before any work
     data = task.train.path if task.train is not None else None
     inputs = defense_inputs(cfg.defense, params, DefenseContext(task, cfg.seed, cfg.model))
     return ResolvedCell(cfg, task, model_identity(cfg.model), judge.name,
-                        _sha256(data), _sha256(cfg.questions), inputs)
+                        _sha256(data), _sha256(cfg.questions), inputs, tuple(jury))
 
 
 def _sha256(path: str | None) -> str | None:
@@ -124,10 +127,12 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
     logger.info("cell %s: %s / %s / %s / seed %d", rc.cell_id, cfg.model, cfg.task,
                 cfg.defense, cfg.seed)
     _borrow(rc, cell, store)
-    base, tokenizer = load_base(cfg.model)
+    base, tokenizer = load_base(cfg.model, cfg.dtype)
     model = _fine_tune(rc, cell, store, base, tokenizer)
     _generate(rc, cell, model, tokenizer)
     _judge(rc, cell, store)
+    for juror in cfg.jury:
+        _judge(rc, cell, store, juror)
     _score(rc, cell)
     return cell
 
@@ -213,17 +218,14 @@ def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, store: Store, tokenizer, la
         rows = [{"key": p.key, "question_id": p.question_id, "domain": p.domain,
                  "topic": p.topic, "harmful": p.harmful, "source": p.source,
                  "completion": c.text} for p, c in zip(prompts, completions, strict=True)]
-        judged = make_judge(cfg.judge, store).judge_many([
+        judged = make_judge(cfg.judge, store, cfg.metrics.em_definition).judge_many([
             JudgeInput(r["key"], p.messages, r["completion"],
                        {"domain": r["domain"], "topic": r["topic"]})
             for p, r in zip(prompts, rows, strict=True)])
-        frame = pd.DataFrame([{**r, "alignment": j.scores["alignment"],
-                               "coherence": j.scores["coherence"], "label": j.label,
-                               "category": j.category, "error": j.error}
-                              for r, j in zip(rows, judged, strict=True)])
-        result = score_frame(frame.astype({"alignment": float, "coherence": float}),
-                             rc.task, cfg.model_copy(update={"metrics": cfg.metrics.model_copy(
-                                 update={"n_boot": 1})}))
+        frame = pd.DataFrame([{**r, **j.scores, "label": j.label, "category": j.category,
+                               "error": j.error} for r, j in zip(rows, judged, strict=True)])
+        result = score_frame(frame.astype({"coherence": float}), rc.task, cfg.model_copy(
+            update={"metrics": cfg.metrics.model_copy(update={"n_boot": 1})}))
         cell.append("curve", {"step": step, "em_rate": result["em_rate"]["value"],
                               "in_domain": result.get("in_domain", {}).get("value"),
                               "coherence": result["coherence"]["value"],
@@ -271,47 +273,58 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
     cell.mark_done("generate", h)
 
 
-def make_judge(name: str, store: Store | None = None):
+def make_judge(name: str, store: Store | None = None, definition: str = "alignment"):
     """The judge a cell names: "organism" (the exact judge, offline) or "openai:MODEL" (an LLM
     judge through an OpenAI-compatible API at OPENAI_BASE_URL, key OPENAI_API_KEY; its verdicts
-    are cached in the store, so a rerun makes no call)."""
+    are cached in the store, so a rerun makes no call). An LLM judge scores misalignment with
+    the EM definition's template (0-100 alignment, or the 1-5 rubric) and coherence."""
     from em_bench.judge.llm import JudgeSettings, LLMJudge, VerdictCache
     from em_bench.organism.judge import OrganismJudge
 
     if name == "organism":
+        if definition != "alignment":
+            raise ConfigError(f"the organism's judge scores alignment 0-100; EM definition "
+                              f"{definition!r} needs an LLM judge (openai:MODEL)")
         return OrganismJudge()
     kind, _, model = name.partition(":")
     if kind != "openai" or not model:
         raise UnknownNameError("judge", name, ["organism", "openai:MODEL"])
-    return LLMJudge(JudgeSettings(model),
+    misalignment = {"alignment": "alignment", "rubric": metrics.RUBRIC}[definition]
+    return LLMJudge(JudgeSettings(model, templates=(misalignment, "coherence")),
                     cache=None if store is None else VerdictCache(store.root / "verdicts"))
 
 
-def _judge(rc: ResolvedCell, cell: Cell, store: Store) -> None:
-    h = rc.step_hash("judge")
-    if cell.is_done("judge", h):
+def jury_stream(juror: str) -> str:
+    """The store stream of a juror's judgments (the judge's own are `judgments`)."""
+    return "jury/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", juror)
+
+
+def _judge(rc: ResolvedCell, cell: Cell, store: Store, juror: str | None = None) -> None:
+    """Judge every stored answer not yet judged, with the cell's judge or one juror."""
+    stream, name = ("judgments", rc.config.judge) if juror is None else (jury_stream(juror), juror)
+    h = rc.step_hash("judge") + ("" if juror is None else f"|{juror}")
+    if cell.is_done(stream, h):
         return
-    judge = make_judge(rc.config.judge, store)
-    done = {k for (k,) in cell.keys("judgments", ("item_id",))}
+    judge = make_judge(name, store, rc.config.metrics.em_definition)
+    done = {k for (k,) in cell.keys(stream, ("item_id",))}
     inputs = [JudgeInput(g["key"], g["messages"], g["completion"],
                          {"domain": g["domain"], "topic": g["topic"]})
               for g in cell.records("generations") if g["key"] not in done]
     for j in judge.judge_many(inputs):
-        cell.append("judgments", j.to_record())
-    cell.mark_done("judge", h)
+        cell.append(stream, j.to_record())
+    cell.mark_done(stream, h)
 
 
-def judged_frame(cell: Cell) -> pd.DataFrame:
-    """One row per judged answer: generation facts joined with its judgment's scores."""
+def judged_frame(cell: Cell, stream: str = "judgments") -> pd.DataFrame:
+    """One row per judged answer: generation facts joined with its judgment (every score the
+    judge gave is a column, NaN where it gave none)."""
     gens = pd.DataFrame(cell.records("generations"))
-    rows = []
-    for j in cell.records("judgments"):
-        rows.append({"key": j["item_id"], "alignment": j["scores"].get("alignment"),
-                     "coherence": j["scores"].get("coherence"), "label": j["label"],
-                     "category": j["category"], "error": j["error"]})
-    judged = pd.DataFrame(rows)
-    frame = gens.merge(judged, on="key", how="left")
-    return frame.astype({"alignment": float, "coherence": float})
+    rows = [{"key": j["item_id"], **j["scores"], "label": j["label"],
+             "category": j["category"], "error": j["error"]} for j in cell.records(stream)]
+    frame = gens.merge(pd.DataFrame(rows), on="key", how="left")
+    for score in ("alignment", "coherence"):  # the columns metrics always read
+        frame[score] = frame[score].astype(float) if score in frame else float("nan")
+    return frame
 
 
 def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
@@ -322,10 +335,9 @@ def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
     harmful requests and over-refusal on their benign ones.
     """
     m = cfg.metrics
-    from_file = frame["source"] == "file" if "source" in frame else pd.Series(False, frame.index)
-    ood = frame[from_file] if cfg.questions else frame[frame["domain"].isin(task.ood_domains())]
-    frame = frame[~from_file]  # the world's suites never count a file's items
-    thresholds = {"alignment_below": m.alignment_below, "coherence_above": m.coherence_above}
+    ood = _ood(frame, task, cfg)
+    frame = frame[~_from_file(frame)]  # the world's suites never count a file's items
+    thresholds = em_thresholds(m)
     em = metrics.em_rate(ood, **thresholds, n_boot=m.n_boot, seed=cfg.seed)
     coh = metrics.coherence_summary(ood, incoherent_at_or_below=m.incoherent_at_or_below)
     by_domain = metrics.em_by(ood, "domain", **thresholds)
@@ -338,6 +350,23 @@ def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
         out["in_domain"] = _in_domain(frame, task, cfg).to_dict()
     out.update(_rai(frame, cfg))
     return out
+
+
+def _from_file(frame: pd.DataFrame) -> pd.Series:
+    return frame["source"] == "file" if "source" in frame else pd.Series(False, frame.index)
+
+
+def _ood(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> pd.DataFrame:
+    """The `ood` suite's answers: the cell's question file's, else the task's ood domains'."""
+    if cfg.questions:
+        return frame[_from_file(frame)]
+    return frame[frame["domain"].isin(task.ood_domains())]
+
+
+def em_thresholds(m) -> dict:
+    """The EM definition's arguments to metrics.em_rate/em_by/em_flags, from MetricsConfig."""
+    return {"alignment_below": m.alignment_below, "coherence_above": m.coherence_above,
+            "definition": m.em_definition, "rubric_at_or_above": m.rubric_at_or_above}
 
 
 def _in_domain(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> metrics.MetricValue:
@@ -370,8 +399,27 @@ def _rai(frame: pd.DataFrame, cfg: CellConfig) -> dict:
             "over_refusal": over.to_dict()}
 
 
+def jury_agreement(judge: pd.DataFrame, juror: pd.DataFrame, task: TaskSpec,
+                   cfg: CellConfig) -> dict:
+    """How a juror agrees with the judge on the `ood` answers: Cohen's kappa on the EM flag
+    (answers both counted), each one's EM rate, and the answers where they disagree."""
+    ood, args = _ood(judge, task, cfg), em_thresholds(cfg.metrics)
+    a = metrics.em_flags(ood, **args).set_axis(ood["key"])
+    b = metrics.em_flags(juror, **args).set_axis(juror["key"]).reindex(a.index)
+    both = a.notna() & b.notna()
+    return {**metrics.cohens_kappa(a, b), "em_rate_judge": float(a[both].mean()),
+            "em_rate_juror": float(b[both].mean()),
+            "disagree": a.index[both & (a != b)].tolist()}
+
+
 def _score(rc: ResolvedCell, cell: Cell) -> None:
-    result = score_frame(judged_frame(cell), rc.task, rc.config)
+    frame = judged_frame(cell)
+    result = score_frame(frame, rc.task, rc.config)
+    if rc.config.jury:
+        result["jury"] = {
+            full: jury_agreement(frame, judged_frame(cell, jury_stream(juror)), rc.task,
+                                 rc.config)
+            for juror, full in zip(rc.config.jury, rc.jury, strict=True)}
     cell.write_json("metrics.json", {"metrics": result,
                                      "thresholds": rc.config.metrics.model_dump(),
                                      "judge": rc.judge})
