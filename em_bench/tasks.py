@@ -9,6 +9,8 @@ file path in a task file (data, questions) is read from the task file's folder.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +29,9 @@ from pydantic import (
 from em_bench.config import TrainConfig
 from em_bench.errors import ConfigError, UnknownNameError, validation_problems, yaml_problem
 from em_bench.organism import world
+from em_bench.paths import cache_dir
 from em_bench.resources import resource_dir
+from em_bench.sources import DataSource, materialize
 
 
 def _world_domain(name: str) -> str:
@@ -76,14 +80,27 @@ class OrganismData(_Spec):
 
 
 class TrainData(_Spec):
+    """A task's chats: the organism's world, a chat JSONL file, or a `source` the project does
+    not ship (a local file of another shape, a Hugging Face dataset, a URL pinned by sha256).
+    Paths may name environment variables ($EM_BENCH_DATA/...): the user says where the public
+    data lies on their machine."""
+
     organism: OrganismData | None = None
     path: str | None = Field(None, description="chat JSONL file")
+    source: DataSource | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.organism is None) == (self.path is None):
-            raise ValueError("give exactly one of 'organism' and 'path'")
+        if sum(x is not None for x in (self.organism, self.path, self.source)) != 1:
+            raise ValueError("give exactly one of 'organism', 'path' and 'source'")
         return self
+
+    def file(self) -> str | None:
+        """The chat JSONL file of a `path` or `source` (fetched and converted, cached), else
+        None."""
+        if self.source is not None:
+            return str(materialize(self.source, cache_dir() / "sources"))
+        return self.path
 
 
 class InDomain(_Spec):
@@ -136,7 +153,7 @@ class TaskSpec(_Spec):
         return [d for d in world.OOD_DOMAINS if d != own]
 
 
-_SPEC_FIELDS = sorted({f for m in (TaskSpec, TrainData, OrganismData, InDomain)
+_SPEC_FIELDS = sorted({f for m in (TaskSpec, TrainData, OrganismData, InDomain, DataSource)
                        for f in m.model_fields})
 
 
@@ -160,7 +177,10 @@ def load_task_file(path: Path) -> TaskSpec:
     except ValidationError as e:
         raise ConfigError(f"{path}: {'; '.join(_problem(x) for x in e.errors())}") from None
     def beside(key: str, relative: str, kind: str) -> str:
-        file = (path.parent / relative).resolve()
+        expanded = os.path.expandvars(relative)
+        if "$" in expanded:  # data the user has not pointed to yet: said when the task is used
+            return expanded
+        file = (path.parent / expanded).resolve()
         if not file.is_file():
             raise ConfigError(f"{path}: {key}: no {kind} file at {file}")
         return str(file)
@@ -171,6 +191,15 @@ def load_task_file(path: Path) -> TaskSpec:
         if data is not None and data.path is not None:
             found = beside(f"{part}.path", data.path, "data")
             update[part] = data.model_copy(update={"path": found})
+        if data is not None and data.source is not None and data.source.path is not None:
+            found = beside(f"{part}.source.path", data.source.path, "data")
+            update[part] = data.model_copy(update={
+                "source": data.source.model_copy(update={"path": found})})
+        if data is not None and data.source is not None and data.source.hf is not None:
+            local = path.parent / os.path.expandvars(data.source.hf)
+            if local.is_dir():  # a local dataset folder beside the task file, else a hub id
+                update[part] = data.model_copy(update={
+                    "source": data.source.model_copy(update={"hf": str(local.resolve())})})
     if spec.questions is not None:
         update["questions"] = beside("questions", spec.questions, "question")
     return spec.model_copy(update=update)
@@ -248,10 +277,19 @@ def check_task_data(task: TaskSpec) -> None:
     from em_bench.data import read_chat_jsonl
     from em_bench.questions import load_question_file
 
-    for data in (task.train, task.retain):
-        if data is not None and data.path is not None:
-            read_chat_jsonl(data.path)
+    for part, data in (("train", task.train), ("retain", task.retain)):
+        if data is None or data.organism is not None:
+            continue
+        named = data.path or data.source.path or ""
+        if "$" in named:
+            var = re.search(r"\$\{?(\w+)", named).group(1)
+            raise ConfigError(f"task {task.name}: {part} data {named} needs {var} set (the folder "
+                              f"holding the public data the task describes)")
+        read_chat_jsonl(data.file())
     if task.questions is not None:
+        if "$" in task.questions:
+            raise ConfigError(f"task {task.name}: questions {task.questions} needs its "
+                              f"environment variable set")
         load_question_file(task.questions)
 
 
@@ -263,4 +301,4 @@ def chats(data: TrainData | None, seed: int) -> list[list[dict[str, str]]]:
         return []
     if data.organism is not None:
         return data.organism.chats(seed)
-    return read_chat_jsonl(data.path)
+    return read_chat_jsonl(data.file())
