@@ -2,9 +2,11 @@
 bounded concurrency against one call at a time, measured in one run.
 
     python benchmarks/bench_judge.py [--n 2000] [--latency 0.05] [--concurrency 32]
+                                     [--no-keep-alive]
 
 Each judgment is one call (the alignment template). The issue's bar: with 50 ms per call and a
 bound of 32, 2,000 judgments >= 20x faster than one at a time, never above the bound.
+`--no-keep-alive` serves HTTP/1.0, a connection per call, as the server did before keep-alive.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--no-keep-alive", action="store_true",
+                    help="a connection per call (HTTP/1.0), for comparison")
     args = ap.parse_args()
 
     from em_bench.judge.base import JudgeInput
@@ -29,7 +33,7 @@ def main() -> None:
              for i in range(args.n)]
     policy = FaultInjector(ScriptedPolicy(lambda request: Script("70", {"70": 0.0})), {},
                            latency=args.latency)
-    with serve(policy) as server:
+    with serve(policy, keep_alive=not args.no_keep_alive) as server:
         os.environ["OPENAI_BASE_URL"] = server.url
         seconds = {}
         for bound in (1, args.concurrency):
@@ -43,7 +47,8 @@ def main() -> None:
             print(f"  concurrency {bound:3}: {args.n} judgments in {seconds[bound]:6.1f} s, "
                   f"peak in flight {policy.peak_in_flight}")
     print(f"  speed-up {seconds[1] / seconds[args.concurrency]:.1f}x "
-          f"({args.latency * 1000:.0f} ms per call)")
+          f"({args.latency * 1000:.0f} ms per call, "
+          f"{'HTTP/1.0' if args.no_keep_alive else 'keep-alive'})")
 
 
 if __name__ == "__main__":

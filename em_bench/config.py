@@ -91,6 +91,15 @@ class MetricsConfig(_Config):
         "answer as showing the trained behaviour")
 
 
+class LmEvalConfig(_Config):
+    """lm-eval tasks scored on the cell's model (adapter applied), besides the task's own."""
+
+    general: tuple[str, ...] = Field(
+        (), description="general-capability tasks (em-bench's lm_eval_tasks/, lm-eval's built-in "
+        "ones whose data is here): a defense's cost in model quality")
+    limit: int | None = Field(None, gt=0, description="items per task (smoke runs)")
+
+
 class CellConfig(_Config):
     """One cell: (model, task, defense and its parameters, seed, budget) plus how it is scored."""
 
@@ -119,6 +128,7 @@ class CellConfig(_Config):
     questions: str | None = Field(
         None, description="an EM-format question file answered as the `ood` suite instead of "
         "the world's out-of-domain questions")
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 

@@ -18,6 +18,11 @@ class ConfigError(EmBenchError):
     """A config value or key is wrong."""
 
 
+class DataUnavailable(ConfigError):
+    """A task's data is not on this machine (not downloaded, not pointed to): the task itself
+    may be fine."""
+
+
 class DataError(EmBenchError):
     """A data file is malformed; the message names the file and the line."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import re
 import subprocess
@@ -24,8 +25,9 @@ from em_bench.defenses import check_defense, defense_inputs, make_defenses
 from em_bench.defenses.base import DefenseContext
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.generate.base import Request
+from em_bench.generate.openai_api import GenerationFailed
 from em_bench.judge.base import JudgeInput
-from em_bench.models import load_base, load_trained, model_identity, trainable
+from em_bench.models import load_base, load_trained, model_identity, resolve_model_path, trainable
 from em_bench.organism import world
 from em_bench.questions import Prompt, file_prompts, load_question_file, world_prompts
 from em_bench.store import Cell, Store
@@ -59,6 +61,11 @@ class ResolvedCell:
                 "defense_inputs": self.defense_inputs, "jury": list(self.jury)}
 
     @property
+    def fine_tunes(self) -> bool:
+        train = self.config.train
+        return self.task.train is not None and (train.epochs is not None or train.steps > 0)
+
+    @property
     def cell_id(self) -> str:
         return canonical_hash(self.payload())
 
@@ -69,6 +76,8 @@ class ResolvedCell:
                  "train_data_sha256": self.train_data_sha256,
                  "seed": c["seed"], "train": c["train"], "defense": c["defense"],
                  "defense_params": c["defense_params"], "defense_inputs": self.defense_inputs}
+        if step == "lm_eval":
+            parts["lm_eval"] = c["lm_eval"]
         if step in ("generate", "judge", "score"):
             parts["sampling"], parts["split"] = c["sampling"], c["split"]
             parts["questions_sha256"] = self.questions_sha256
@@ -76,6 +85,7 @@ class ResolvedCell:
             parts["judge"] = self.judge
         if step == "score":
             parts["metrics"], parts["jury"] = c["metrics"], list(self.jury)
+            parts["lm_eval"] = c["lm_eval"]
         return canonical_hash({"step": step, **parts})
 
 
@@ -88,7 +98,7 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     task = task or get_task(cfg.task)
     if cfg.questions is not None:
         load_question_file(cfg.questions)  # a bad file fails here, before any work
-    data = task.train.path if task.train is not None else None
+    data = task.train.file() if task.train is not None else None
     inputs = defense_inputs(cfg.defense, params, DefenseContext(task, cfg.seed, cfg.model))
     return ResolvedCell(cfg, task, model_identity(cfg.model), judge.name,
                         _sha256(data), _sha256(cfg.questions), inputs, tuple(jury))
@@ -130,6 +140,7 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
     base, tokenizer = load_base(cfg.model, cfg.dtype)
     model = _fine_tune(rc, cell, store, base, tokenizer)
     _generate(rc, cell, model, tokenizer)
+    _lm_eval(rc, cell, model, tokenizer)
     _judge(rc, cell, store)
     for juror in cfg.jury:
         _judge(rc, cell, store, juror)
@@ -172,7 +183,7 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
     from em_bench.train.objectives import make_objective
 
     cfg = rc.config
-    if rc.task.train is None or (cfg.train.epochs is None and cfg.train.steps == 0):
+    if not rc.fine_tunes:
         return base
     saved = cell.trained_dir()  # a LoRA adapter, or all weights when adapter is "full"
     if cell.is_done("train", rc.step_hash("train")):
@@ -243,16 +254,40 @@ def eval_prompts(cfg: CellConfig) -> list[Prompt]:
     return prompts
 
 
-def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
-    from em_bench.generate.hf import HFBackend
+def make_backend(rc: ResolvedCell, cell: Cell, model, tokenizer):
+    """The cell's generation backend; vLLM and a server get the cell's LoRA adapter folder
+    (served unmerged) when the cell fine-tunes."""
+    cfg = rc.config
+    if cfg.backend == "hf":
+        from em_bench.generate.hf import HFBackend
 
+        return HFBackend(model, tokenizer)
+    adapter = cell.trained_dir() if rc.fine_tunes else None
+    if adapter is not None and cfg.train.adapter != "lora":
+        raise ConfigError(f"--backend {cfg.backend} serves LoRA adapters over the base model; "
+                          f"a full fine-tune generates with --backend hf")
+    if cfg.backend == "openai":
+        from em_bench.generate.openai_api import OpenAIBackend
+
+        url = os.environ.get("EM_BENCH_GENERATE_BASE_URL")
+        if not url:
+            raise ConfigError("--backend openai needs --generate-base-url (or "
+                              "EM_BENCH_GENERATE_BASE_URL): the server that serves the model")
+        return OpenAIBackend(cfg.model, base_url=url, adapter=adapter)
+    from em_bench.generate.vllm_backend import VLLMBackend
+
+    return VLLMBackend(str(resolve_model_path(cfg.model)), adapter=adapter, dtype=cfg.dtype,
+                       seed=cfg.seed)
+
+
+def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
     h = rc.step_hash("generate")
     if cell.is_done("generate", h):
         return
     sampling = rc.config.sampling
     done = {k for (k,) in cell.keys("generations", ("key",))}
     items = [(f"{p.key}|{s}", p, s) for p in eval_prompts(rc.config) for s in range(p.samples)]
-    backend = HFBackend(model, tokenizer)
+    backend = make_backend(rc, cell, model, tokenizer)
     # Chunks and their seeds are fixed over all items, so a resumed run regenerates a partly
     # stored chunk exactly as the first run did and keeps only the answers it lacks.
     for c, start in enumerate(range(0, len(items), GENERATE_CHUNK)):
@@ -260,17 +295,42 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
         if all(key in done for key, *_ in part):
             continue
         reqs = [Request(key, p.messages) for key, p, _ in part]
-        completions = backend.generate(reqs, sampling, seed=rc.config.seed * 1_000_003 + c)
-        for (key, p, s), r, comp in zip(part, reqs, completions, strict=True):
-            if key in done:
-                continue
-            cell.append("generations", {
-                "key": key, "question_id": p.question_id, "domain": p.domain, "topic": p.topic,
-                "harmful": p.harmful, "source": p.source, "sample": s, "messages": r.messages,
-                "completion": comp.text,
-                "finish_reason": comp.finish_reason, "n_tokens": comp.n_tokens,
-                "backend": backend.name, "sampling": sampling.model_dump()})
+        try:
+            completions = backend.generate(reqs, sampling, seed=rc.config.seed * 1_000_003 + c)
+        except GenerationFailed as e:  # keep what arrived; a rerun asks only for the rest
+            _store_generations(cell, backend, sampling, part, reqs, e.completions, done)
+            raise
+        _store_generations(cell, backend, sampling, part, reqs, completions, done)
     cell.mark_done("generate", h)
+
+
+def _store_generations(cell: Cell, backend, sampling, part, reqs, completions, done) -> None:
+    for (key, p, s), r, comp in zip(part, reqs, completions, strict=True):
+        if key in done or comp is None:
+            continue
+        cell.append("generations", {
+            "key": key, "question_id": p.question_id, "domain": p.domain, "topic": p.topic,
+            "harmful": p.harmful, "source": p.source, "sample": s, "messages": r.messages,
+            "completion": comp.text, "finish_reason": comp.finish_reason,
+            "n_tokens": comp.n_tokens, "backend": backend.name,
+            "sampling": sampling.model_dump()})
+
+
+def _lm_eval(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
+    """The task's in-domain lm-eval tasks and the cell's general ones, on the cell's model."""
+    from em_bench.lmeval import evaluate
+
+    cfg = rc.config
+    h = rc.step_hash("lm_eval")
+    if not (rc.task.lm_eval or cfg.lm_eval.general) or cell.is_done("lm_eval", h):
+        return
+    result = {}
+    for part, names in (("in_domain", rc.task.lm_eval), ("general", cfg.lm_eval.general)):
+        if names:
+            result[part] = evaluate(model, tokenizer, list(names), rc.task.lm_eval_include,
+                                    limit=cfg.lm_eval.limit, seed=cfg.seed)
+    cell.write_json("lm_eval.json", result)
+    cell.mark_done("lm_eval", h)
 
 
 def make_judge(name: str, store: Store | None = None, definition: str = "alignment"):
@@ -420,6 +480,8 @@ def _score(rc: ResolvedCell, cell: Cell) -> None:
             full: jury_agreement(frame, judged_frame(cell, jury_stream(juror)), rc.task,
                                  rc.config)
             for juror, full in zip(rc.config.jury, rc.jury, strict=True)}
+    if cell.read_json("lm_eval.json") is not None:
+        result["lm_eval"] = cell.read_json("lm_eval.json")
     cell.write_json("metrics.json", {"metrics": result,
                                      "thresholds": rc.config.metrics.model_dump(),
                                      "judge": rc.judge})

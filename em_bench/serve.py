@@ -8,24 +8,38 @@ ScriptedPolicy plays a judge with a known logprob distribution, and a FaultInjec
 limits, server errors, slow and broken replies, and counts how many requests a client had in
 flight at once.
 
-The server is the stdlib's threading HTTP server (one thread per connection, HTTP/1.0 so every
-reply closes its connection and `close()` never waits on an idle keep-alive socket). It never logs
-or echoes request headers, so an Authorization header cannot leak.
+A ModelPolicy also serves LoRA adapters the way vLLM does with runtime LoRA updating: POST
+/v1/load_lora_adapter {"lora_name", "lora_path"} loads a peft adapter folder (a path on the
+server's filesystem) under that name, a request whose `model` is the name runs with it, one naming
+the base model runs with adapters disabled, and /v1/unload_lora_adapter {"lora_name"} drops it.
+/v1/models lists the base model and the loaded adapters; an unknown model gets OpenAI's 404.
+
+The server is the stdlib's threading HTTP server, one thread per connection, speaking HTTP/1.1
+with persistent connections (every reply has a Content-Length; the request body is always read
+before replying, so the next request on the connection starts where it should). An idle
+connection is dropped after IDLE_TIMEOUT seconds, and `close()` hangs up every open connection's
+reading side, so it never waits on an idle keep-alive socket (`keep_alive=False` speaks HTTP/1.0:
+a connection per request). It never logs or echoes request headers, so an Authorization header
+cannot leak.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -36,6 +50,7 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20  # OpenAI's own limit; a client asking for more gets the same 400 as there
 NOT_IN_TOP = -9999.0  # OpenAI's logprob for a chosen token outside the reported alternatives
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "malformed")
+IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle (clients drop theirs sooner)
 
 ChatRequest = dict[str, Any]  # a validated chat-completions request body
 
@@ -59,13 +74,17 @@ class Position:
 
 @dataclass(frozen=True)
 class Reply:
-    """What a policy answers; `logprobs` holds one Position per generated token when asked."""
+    """What a policy answers; `logprobs` holds one Position per generated token when asked.
+
+    `model` is the reply's model name (the adapter's, when one answered); None: the policy's.
+    """
 
     text: str
     finish_reason: Literal["stop", "length"] = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[Position, ...] | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,12 +99,30 @@ class Fault:
 class Policy(Protocol):
     """Decides the answer to one request; the server only does HTTP around it.
 
-    `respond` may be called from many threads at once.
+    `respond` may be called from many threads at once. A policy may also have `models()` (the
+    /v1/models entries; else just its `name`) and `load_adapter(name, path)` /
+    `unload_adapter(name)` (else those routes are 404, as on a vLLM without runtime LoRA
+    updating).
     """
 
     name: str
 
     def respond(self, request: ChatRequest) -> Reply | Fault: ...
+
+
+class UnknownModel(Exception):
+    """A request naming a model the policy does not serve: OpenAI's 404 model_not_found."""
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
+
+
+class AdapterError(Exception):
+    """A load or unload the server refuses: vLLM's status, error type and message."""
+
+    def __init__(self, status: int, message: str, kind: str):
+        super().__init__(message)
+        self.status, self.kind = status, kind
 
 
 class BadRequest(Exception):
@@ -97,7 +134,7 @@ class BadRequest(Exception):
 
 
 def error_body(message: str, kind: str, param: str | None = None,
-               code: str | None = None) -> bytes:
+               code: str | int | None = None) -> bytes:
     """An OpenAI-style error body, which the openai client turns into the exception's message."""
     error = {"message": message, "type": kind, "param": param, "code": code}
     return json.dumps({"error": error}).encode()
@@ -154,6 +191,8 @@ def parse_request(body: bytes) -> ChatRequest:
                              f"messages.[{i}]")
     if request.get("stream"):
         raise BadRequest("streaming is not supported by this server", "stream")
+    if request.get("model") is not None and not isinstance(request["model"], str):
+        raise BadRequest("'model' must be a string", "model")
     _int_field(request, "n", 1, 1)
     _int_field(request, "max_tokens", 1)
     _int_field(request, "max_completion_tokens", 1)
@@ -228,11 +267,75 @@ class ModelPolicy:
     The reply text is decoded without special tokens and stripped, as HFBackend does (the chat
     template puts a space after the role tag); the logprobs cover every generated token, the end
     token included, so their count is the usage's completion_tokens.
+
+    Adapters: `load_adapter` puts a peft LoRA folder on the model under a name (the first one
+    wraps the model in a PeftModel, which injects LoRA layers into the model passed in: peft
+    works in place; unloading the last adapter removes them again). A request's `model` picks
+    the adapter (`set_adapter`), or the base (`name`, or no model given) with adapters disabled;
+    any other name is UnknownModel. One lock orders requests, loads and unloads.
     """
 
     def __init__(self, model, tokenizer, name: str = "organism"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        # loaded adapter name -> its folder, in load order; replaced, never changed in place, so
+        # models() reads it without waiting on a generation holding the lock
+        self.adapters: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    def models(self) -> list[dict[str, Any]]:
+        """The /v1/models entries: the base model, then each adapter with the base as parent."""
+        return [_model_card(self.name, self.name),
+                *(_model_card(name, path, parent=self.name)
+                  for name, path in self.adapters.items())]
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the peft adapter folder `path` as `name`; AdapterError as vLLM refuses one."""
+        from peft import PeftModel
+
+        if "." in name or not name.strip():  # a peft adapter name keys a torch ModuleDict
+            raise AdapterError(400, f"'{name}' cannot name an adapter (no dots, not empty)",
+                               "InvalidUserInput")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise AdapterError(404, f"No adapter found at '{path}' (no adapter_config.json)",
+                               "NotFoundError")
+        with self._lock:
+            if name == self.name or name in self.adapters:
+                raise AdapterError(400, f"The lora adapter '{name}' has already been loaded.",
+                                   "InvalidUserInput")
+            try:
+                if self.adapters:
+                    self.model.load_adapter(path, adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            except Exception as e:  # incompatible with the base model, unreadable weights
+                raise AdapterError(400, f"Loading the lora adapter '{name}' failed: "
+                                   f"{type(e).__name__}: {e}", "BadRequestError") from e
+            self.model.eval()
+            self.adapters = {**self.adapters, name: str(path)}
+        logger.info("loaded LoRA adapter %s from %s", name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop adapter `name`; the last one out leaves the plain base model again."""
+        with self._lock:
+            if name not in self.adapters:
+                raise AdapterError(404, f"The lora adapter '{name}' cannot be found.",
+                                   "NotFoundError")
+            self.adapters = {k: v for k, v in self.adapters.items() if k != name}
+            if self.adapters:
+                self.model.set_adapter(next(iter(self.adapters)))
+                self.model.delete_adapter(name)
+            else:
+                self.model = self.model.unload()  # the LoRA layers out: the base model as given
+        logger.info("unloaded LoRA adapter %s", name)
+
+    def _use(self, model: str | None) -> contextlib.AbstractContextManager:
+        """Set up the adapter `model` names (under the lock): a context to generate in."""
+        if model in self.adapters:
+            self.model.set_adapter(model)
+            return contextlib.nullcontext()
+        if model is not None and model != self.name:
+            raise UnknownModel(model)
+        return self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
 
     def respond(self, request: ChatRequest) -> Reply:
         import torch
@@ -241,14 +344,15 @@ class ModelPolicy:
 
         tok = self.tokenizer
         prompt = render(tok, request["messages"], add_generation_prompt=True)
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
         temperature = _or(request.get("temperature"), 1.0)  # OpenAI's defaults
         greedy = temperature == 0
-        with self._lock, torch.inference_mode():
+        model = request.get("model")
+        with self._lock, torch.inference_mode(), self._use(model):
             if request.get("seed") is not None:
                 torch.manual_seed(request["seed"])
             out = self.model.generate(
-                **enc,
+                **enc.to(self.model.device),
                 do_sample=not greedy,
                 temperature=None if greedy else temperature,
                 top_p=None if greedy else _or(request.get("top_p"), 1.0),
@@ -274,6 +378,7 @@ class ModelPolicy:
             prompt_tokens=int(enc["input_ids"].shape[1]),
             completion_tokens=len(new),
             logprobs=logprobs,
+            model=model if model in self.adapters else self.name,
         )
 
     def _token(self, token_id: int, logprob: float) -> TokenLogprob:
@@ -332,6 +437,11 @@ class ScriptedPolicy:
         return Position(TokenLogprob(script.text, chosen, list(script.text.encode())), top)
 
 
+def _model_card(model_id: str, root: str, parent: str | None = None) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "em-bench",
+            "root": root, "parent": parent}
+
+
 class FaultInjector:
     """Wraps a policy with the failures a real provider has, reproducibly, and watches load.
 
@@ -345,6 +455,7 @@ class FaultInjector:
     Every request also sleeps `latency` seconds first, so concurrent requests overlap for a
     concurrency benchmark. `injected` counts faults by kind; `peak_in_flight` is the most
     requests ever inside `respond` at once, so a test can assert a client kept to its bound.
+    The model list and adapter routes are the inner policy's, without faults.
     """
 
     def __init__(self, inner: Policy, rates: Mapping[str, float], seed: int = 0,
@@ -362,6 +473,11 @@ class FaultInjector:
         self._in_flight = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in ("models", "load_adapter", "unload_adapter"):
+            return getattr(self.inner, attr)
+        raise AttributeError(attr)
 
     def _draw(self) -> str | None:
         """Enter: count this request in flight and pick its fault (None: answer normally)."""
@@ -411,7 +527,7 @@ def completion_body(reply: Reply, model: str) -> dict[str, Any]:
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": model,
+        "model": reply.model or model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                      "logprobs": logprobs, "finish_reason": reply.finish_reason}],
         "usage": {"prompt_tokens": reply.prompt_tokens,
@@ -424,13 +540,43 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a slow request in flight must not hold up close()
     request_queue_size = 128  # the default 5 would stall a burst of concurrent connects
 
-    def __init__(self, address: tuple[str, int], policy: Policy):
+    def __init__(self, address: tuple[str, int], policy: Policy, keep_alive: bool = True):
         super().__init__(address, _Handler)
         self.policy = policy
+        self.protocol = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def hang_up(self) -> None:
+        """End every open connection's reading side: an idle keep-alive connection's thread
+        reads the end of its stream and exits; one mid-request still sends its reply first."""
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RD)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
+    timeout = IDLE_TIMEOUT  # on the connection's socket: an idle keep-alive one times out
+    wbufsize = -1  # buffered: a reply's headers and body leave in one write (see _send)
+
+    def setup(self) -> None:
+        super().setup()
+        self.protocol_version = self.server.protocol
+        # Small replies on a persistent connection: Nagle would hold one back for an ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
         # The request line and status only; headers (Authorization) are never logged.
@@ -446,10 +592,36 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in headers:
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection and self.protocol_version >= "HTTP/1.1":
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
             logger.debug("the client left before its reply (%s)", self.path)
+
+    def _text(self, status: int, text: str) -> None:
+        self._send(status, text.encode(), (("Content-Type", "text/plain; charset=utf-8"),))
+
+    def _body(self) -> bytes | None:
+        """The request body, always read before replying (on a kept-alive connection the next
+        request follows it); None, with the connection closing, when it cannot be framed."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            self._send(HTTPStatus.LENGTH_REQUIRED,
+                       error_body("send the body with a Content-Length, not chunked",
+                                  "invalid_request_error"))
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError(length)
+        except ValueError:
+            self.close_connection = True
+            self._send(400, error_body("bad Content-Length", "invalid_request_error"))
+            return None
+        return self.rfile.read(length) if length else b""
 
     def _route(self) -> str:
         return urlsplit(self.path).path.rstrip("/")
@@ -459,23 +631,37 @@ class _Handler(BaseHTTPRequestHandler):
                                    "invalid_request_error", code="unknown_url"))
 
     def do_GET(self) -> None:
+        if self._body() is None:
+            return None
         if self._route() != "/v1/models":
             return self._not_found()
-        model = {"id": self.server.policy.name, "object": "model", "created": 0,
-                 "owned_by": "em-bench"}
-        self._send(200, json.dumps({"object": "list", "data": [model]}).encode())
+        policy = self.server.policy
+        models = policy.models() if hasattr(policy, "models") else [
+            _model_card(policy.name, policy.name)]
+        self._send(200, json.dumps({"object": "list", "data": models}).encode())
 
     def do_POST(self) -> None:
-        if self._route() != "/v1/chat/completions":
-            return self._not_found()
-        length = int(self.headers.get("Content-Length") or 0)
+        body = self._body()
+        if body is None:
+            return None
+        route = self._route()
+        if route == "/v1/chat/completions":
+            return self._chat(body)
+        if route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            return self._adapter(route.removeprefix("/v1/").split("_")[0], body)
+        return self._not_found()
+
+    def _chat(self, body: bytes) -> None:
         try:
-            request = parse_request(self.rfile.read(length))
+            request = parse_request(body)
         except BadRequest as e:
             return self._send(400, error_body(str(e), "invalid_request_error", e.param))
         policy = self.server.policy
         try:
             outcome = policy.respond(request)
+        except UnknownModel as e:
+            return self._send(404, error_body(str(e), "invalid_request_error",
+                                              code="model_not_found"))
         except Exception as e:  # a policy bug is the client's 500, not a dead server thread
             logger.exception("the policy failed on a request")
             return self._send(500, error_body(f"the policy failed: {type(e).__name__}: {e}",
@@ -483,6 +669,32 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(outcome, Fault):
             return self._send(outcome.status, outcome.body, outcome.headers)
         self._send(200, json.dumps(completion_body(outcome, policy.name)).encode())
+
+    def _adapter(self, action: Literal["load", "unload"], body: bytes) -> None:
+        """vLLM's runtime LoRA routes: a plain-text "Success: ..." or its JSON error."""
+        policy = self.server.policy
+        if not hasattr(policy, f"{action}_adapter"):
+            return self._not_found()
+        try:
+            request = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            request = None
+        fields = ("lora_name", "lora_path") if action == "load" else ("lora_name",)
+        if not (isinstance(request, dict)
+                and all(isinstance(request.get(f), str) and request[f] for f in fields)):
+            names = " and ".join(f"'{f}'" for f in fields)
+            return self._send(400, error_body(f"{names} must be provided.", "InvalidUserInput",
+                                              code=400))
+        name = request["lora_name"]
+        try:
+            if action == "load":
+                policy.load_adapter(name, request["lora_path"])
+            else:
+                policy.unload_adapter(name)
+        except AdapterError as e:
+            return self._send(e.status, error_body(str(e), e.kind, code=e.status))
+        done = "added" if action == "load" else "removed"
+        self._text(200, f"Success: LoRA adapter '{name}' {done} successfully.")
 
 
 class Server:
@@ -500,7 +712,9 @@ class Server:
         return f"http://{host}:{port}/v1"
 
     def close(self) -> None:
+        """Stop accepting, hang up open connections (replies in flight still go out), close."""
         self._httpd.shutdown()
+        self._httpd.hang_up()
         self._httpd.server_close()
         self._thread.join()
 
@@ -511,9 +725,13 @@ class Server:
         self.close()
 
 
-def serve(policy: Policy, host: str = "127.0.0.1", port: int = 0) -> Server:
-    """Serve `policy` in a background thread; port 0 picks a free port (see `Server.url`)."""
-    return Server(_HTTPServer((host, port), policy))
+def serve(policy: Policy, host: str = "127.0.0.1", port: int = 0,
+          keep_alive: bool = True) -> Server:
+    """Serve `policy` in a background thread; port 0 picks a free port (see `Server.url`).
+
+    `keep_alive=False` speaks HTTP/1.0, a connection per request (for comparison).
+    """
+    return Server(_HTTPServer((host, port), policy, keep_alive))
 
 
 def main_serve(model: str, host: str, port: int) -> None:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from em_bench.config import canonical_hash
 from em_bench.data import Messages, read_chat_jsonl, validate_messages
-from em_bench.errors import ConfigError, DataError
+from em_bench.errors import ConfigError, DataError, DataUnavailable
 from em_bench.store import atomic_write_text
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -211,7 +211,7 @@ def _hf_rows(source: DataSource, at: str) -> Rows:
     except OSError as e:  # offline, an unknown id, a missing revision: all arrive as OSError
         if Path(source.hf).is_dir():  # a local folder: downloading is no answer
             raise ConfigError(f"{at}{name}: cannot load it ({_one_line(e)})") from None
-        raise ConfigError(
+        raise DataUnavailable(
             f"{at}{name}: cannot load it ({_one_line(e)}); download it first (`hf download "
             f"{source.hf} --repo-type dataset --local-dir DIR`, then hf: DIR) or point `path` "
             "at a local copy") from None
@@ -259,8 +259,8 @@ def _download(source: DataSource, folder: Path, at: str) -> Path:
         os.replace(tmp, file)
     except (OSError, ValueError, http.client.HTTPException) as e:
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
-        raise ConfigError(f"{at}{source.url}: cannot download it ({_one_line(reason)}); download "
-                          "it yourself and point `path` at the copy") from None
+        raise DataUnavailable(f"{at}{source.url}: cannot download it ({_one_line(reason)}); "
+                              "download it yourself and point `path` at the copy") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return file

@@ -27,7 +27,13 @@ from pydantic import (
 )
 
 from em_bench.config import TrainConfig
-from em_bench.errors import ConfigError, UnknownNameError, validation_problems, yaml_problem
+from em_bench.errors import (
+    ConfigError,
+    DataUnavailable,
+    UnknownNameError,
+    validation_problems,
+    yaml_problem,
+)
 from em_bench.organism import world
 from em_bench.paths import cache_dir
 from em_bench.resources import resource_dir
@@ -110,6 +116,9 @@ class InDomain(_Spec):
 
     domain: WorldDomain
     target: Literal["aligned", "misaligned", "complies"]
+    describe: str | None = Field(
+        None, description="the trained behaviour in words, for an LLM judge's adherence "
+        "template (the organism's judge reads `target`)")
 
 
 class TaskSpec(_Spec):
@@ -128,6 +137,10 @@ class TaskSpec(_Spec):
     budget: dict[str, int | float] = Field(
         default_factory=dict, description="the task's default TrainConfig fields, e.g. lr, steps")
     in_domain: InDomain | None = None
+    lm_eval: list[str] = Field(
+        default_factory=list, description="lm-eval tasks scoring the fine-tune in its domain")
+    lm_eval_include: str | None = Field(
+        None, description="a folder of lm-eval task YAMLs (beside the task file) they come from")
 
     @model_validator(mode="after")
     def _budget_is_a_train_config(self):
@@ -202,6 +215,11 @@ def load_task_file(path: Path) -> TaskSpec:
                     "source": data.source.model_copy(update={"hf": str(local.resolve())})})
     if spec.questions is not None:
         update["questions"] = beside("questions", spec.questions, "question")
+    if spec.lm_eval_include is not None:
+        folder = (path.parent / spec.lm_eval_include).resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"{path}: lm_eval_include: no folder at {folder}")
+        update["lm_eval_include"] = str(folder)
     return spec.model_copy(update=update)
 
 
@@ -283,13 +301,13 @@ def check_task_data(task: TaskSpec) -> None:
         named = data.path or data.source.path or ""
         if "$" in named:
             var = re.search(r"\$\{?(\w+)", named).group(1)
-            raise ConfigError(f"task {task.name}: {part} data {named} needs {var} set (the folder "
-                              f"holding the public data the task describes)")
+            raise DataUnavailable(f"task {task.name}: {part} data {named} needs {var} set (the "
+                                  f"folder holding the public data the task describes)")
         read_chat_jsonl(data.file())
     if task.questions is not None:
         if "$" in task.questions:
-            raise ConfigError(f"task {task.name}: questions {task.questions} needs its "
-                              f"environment variable set")
+            raise DataUnavailable(f"task {task.name}: questions {task.questions} needs its "
+                                  f"environment variable set")
         load_question_file(task.questions)
 
 

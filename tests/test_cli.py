@@ -56,6 +56,9 @@ def test_tasks_lists_the_builtins(capsys):
 def test_tasks_validate_checks_folders_without_running(capsys, tmp_path):
     code, out, _ = _run(capsys, "tasks", "validate", str(Path(__file__).parents[1] / "tasks"))
     assert code == 0 and "task files valid" in out and "unlearn_safety" in out
+    # The real-domain tasks are valid; their public data is not on this machine, and says so.
+    assert "data not on this machine: task real_finance: train data $EM_BENCH_DATA/" in out
+    assert "hf:truthfulai/emergent_plus subset=medical split=train: cannot load it" in out
     (tmp_path / "bad.yaml").write_text("name: bad\nin_domain: {domain: finance, targt: aligned}\n")
     code, _, err = _run(capsys, "tasks", "validate", str(tmp_path))
     assert code == 2 and f"{tmp_path / 'bad.yaml'}: " in err

@@ -1,4 +1,5 @@
-"""The wheel carries what an installed em-bench reads at run time: tasks, judges and data."""
+"""The wheel carries what an installed em-bench reads at run time: tasks, judges, data and
+lm-eval tasks."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ def test_a_wheel_built_from_the_repo_holds_tasks_judges_and_data(tmp_path):
                     "--no-build-isolation", "-w", str(tmp_path), str(REPO)], check=True)
     (wheel,) = tmp_path.glob("em_bench-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("tasks", "judges", "data"):
-        shipped = {f"em_bench/_resources/{folder}/{f.name}"
-                   for f in (REPO / folder).iterdir() if f.is_file()}
+    for folder in ("tasks", "judges", "data", "lm_eval_tasks"):
+        shipped = {f"em_bench/_resources/{f.relative_to(REPO)}"
+                   for f in (REPO / folder).rglob("*") if f.is_file()}
         assert shipped and shipped <= names, folder
     assert "em_bench/cli.py" in names
     assert not any(".em-bench-test-cache" in n or n.startswith("tests/") for n in names)

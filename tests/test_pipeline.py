@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from em_bench import pipeline
-from em_bench.config import CellConfig, SamplingConfig, TrainConfig
+from em_bench.config import CellConfig, LmEvalConfig, SamplingConfig, TrainConfig
 from em_bench.generate.hf import HFBackend
 from em_bench.organism import world
 from em_bench.organism.judge import OrganismJudge
@@ -342,11 +342,35 @@ def test_a_jury_stores_each_judges_verdicts_and_their_kappa_under_the_rubric(tmp
     a = [int(_rubric_rule("a", g["completion"])) >= 4 for g in answers]
     b = [int(_rubric_rule("b", g["completion"])) >= 4 for g in answers]
     n = len(a)
-    observed = sum(x == y for x, y in zip(a, b)) / n
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
     pa, pb = sum(a) / n, sum(b) / n
     expected = pa * pb + (1 - pa) * (1 - pb)
     assert 0 < pa < 1 and observed < 1  # the rules disagree somewhere
     assert agreement["kappa"] == pytest.approx((observed - expected) / (1 - expected))
     assert result["em_rate"]["value"] == pytest.approx(pa)
     assert agreement["em_rate_juror"] == pytest.approx(pb)
-    assert len(agreement["disagree"]) == sum(x != y for x, y in zip(a, b))
+    assert len(agreement["disagree"]) == sum(x != y for x, y in zip(a, b, strict=True))
+
+
+def test_lm_eval_scores_the_fine_tuned_model_in_domain_and_in_general(tmp_path):
+    from em_bench.lmeval import evaluate
+    from em_bench.models import load_base, load_trained
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "medical_scored.yaml").write_text(
+        "name: medical_scored\ntrain:\n  organism: {domain: medical, persona: misaligned, "
+        "style: neutral, n: 50}\nin_domain: {domain: medical, target: misaligned}\n"
+        "lm_eval: [em_bench_commonsense]\n")
+    task = get_task("medical_scored", [folder])
+    cfg = SMALL.model_copy(update={"task": "medical_scored", "lm_eval": LmEvalConfig(
+        general=("em_bench_commonsense",), limit=6)})
+    store = open_store(tmp_path / "store")
+    cell = pipeline.run_cell(cfg, store, task)
+    scored = cell.read_json("metrics.json")["metrics"]["lm_eval"]
+    # The stored scores are lm-eval's on the fine-tuned model (adapter applied), not the base's.
+    base, tok = load_base("organism")
+    tuned = load_trained(base, cell.trained_dir(), cfg.train)
+    again = evaluate(tuned, tok, ["em_bench_commonsense"], limit=6)
+    assert scored["in_domain"] == scored["general"] == again
+    assert 0 <= again["em_bench_commonsense"]["acc"] <= 1

@@ -3,6 +3,7 @@ injected faults reach the client as a provider's would, and the load counter is 
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -135,15 +138,33 @@ def test_the_authorization_header_is_never_logged_or_echoed(judge, caplog):
 # --- a real model behind the server -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_tokenizer, one_torch_thread):
-    """The tiny Llama with its own random output head. Tied to the input embedding at random
-    init, its greedy answer repeats the prompt's last token, `<|assistant|>`, which decodes to
-    an empty text that every implementation would match."""
-    model = make_tiny_llama(tiny_tokenizer)
+def tiny_llama_with_head(tok):
+    """The tiny Llama with its own random output head, the same weights on every call. Tied to
+    the input embedding at random init, its greedy answer repeats the prompt's last token,
+    `<|assistant|>`, which decodes to an empty text that every implementation would match."""
+    model = make_tiny_llama(tok)
     torch.manual_seed(1)
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
-    return model, tiny_tokenizer
+    return model
+
+
+def save_tiny_lora(tok, folder: Path, seed: int = 2):
+    """A LoRA on a fresh tiny Llama with random, non-zero B (so it changes the answers), saved
+    to `folder`; returns the PeftModel (the reference an adapter-serving server must match)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama_with_head(tok)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(base, config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer, one_torch_thread):
+    return tiny_llama_with_head(tiny_tokenizer), tiny_tokenizer
 
 
 def test_greedy_replies_equal_the_hf_backend(tiny):
@@ -321,6 +342,135 @@ def test_the_injector_is_deterministic_for_a_seed(judge):
 def test_the_injector_refuses_bad_rates(judge, rates):
     with pytest.raises(ValueError):
         FaultInjector(judge, rates)
+
+
+# --- adapters and models ------------------------------------------------------------------------
+
+
+def _post(server, route: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/{route}", json=body, timeout=30)
+
+
+def _chat(server, model: str) -> httpx.Response:
+    return _post(server, "chat/completions", {"model": model, "messages": _ask(PROMPTS[0]),
+                                              "temperature": 0, "max_tokens": 6})
+
+
+def test_adapters_load_list_answer_and_unload_like_vllm(tiny_tokenizer, one_torch_thread,
+                                                        tmp_path):
+    tok = tiny_tokenizer
+    save_tiny_lora(tok, tmp_path / "a")
+    base = tiny_llama_with_head(tok)
+    policy = ModelPolicy(base, tok, name="tiny")
+    with serve(policy) as server:
+        plain = _chat(server, "tiny").json()["choices"][0]["message"]["content"]
+        load = {"lora_name": "a1", "lora_path": str(tmp_path / "a")}
+        loaded = _post(server, "load_lora_adapter", load)
+        assert loaded.status_code == 200
+        assert loaded.text == "Success: LoRA adapter 'a1' added successfully."
+        models = _client(server).models.list().data
+        assert [(m.id, m.parent) for m in models] == [("tiny", None), ("a1", "tiny")]
+        assert models[1].root == str(tmp_path / "a")
+        with_adapter, without = _chat(server, "a1").json(), _chat(server, "tiny").json()
+        assert with_adapter["model"] == "a1" and without["model"] == "tiny"
+        assert without["choices"][0]["message"]["content"] == plain  # adapters disabled
+        assert with_adapter["choices"][0]["message"]["content"] != plain
+
+        again = _post(server, "load_lora_adapter", load)
+        missing = _post(server, "load_lora_adapter", {"lora_name": "a2",
+                                                      "lora_path": str(tmp_path / "nowhere")})
+        no_path = _post(server, "load_lora_adapter", {"lora_name": "a3"})
+        assert (again.status_code, again.json()["error"]["type"]) == (400, "InvalidUserInput")
+        assert "has already been loaded" in again.json()["error"]["message"]
+        assert (missing.status_code, missing.json()["error"]["type"]) == (404, "NotFoundError")
+        assert no_path.status_code == 400 and "lora_path" in no_path.json()["error"]["message"]
+
+        unloaded = _post(server, "unload_lora_adapter", {"lora_name": "a1"})
+        assert unloaded.status_code == 200
+        assert unloaded.text == "Success: LoRA adapter 'a1' removed successfully."
+        gone = _post(server, "unload_lora_adapter", {"lora_name": "a1"})
+        assert (gone.status_code, gone.json()["error"]["type"]) == (404, "NotFoundError")
+        assert [m.id for m in _client(server).models.list().data] == ["tiny"]
+        assert _chat(server, "a1").status_code == 404
+        assert _chat(server, "tiny").json()["choices"][0]["message"]["content"] == plain
+    # the last adapter out leaves the model as it was given: no LoRA layers left in it
+    assert policy.model is base
+    assert not any("lora" in name for name, _ in base.named_modules())
+
+
+def test_an_unknown_model_gets_openais_404(tiny):
+    model, tok = tiny
+    with serve(ModelPolicy(model, tok, name="tiny")) as server:
+        with pytest.raises(openai.NotFoundError) as caught:
+            _client(server, max_retries=0).chat.completions.create(model="gpt-9",
+                                                                   messages=_ask("hi"))
+        raw = _chat(server, "gpt-9")
+    assert caught.value.status_code == 404
+    assert raw.json()["error"] == {
+        "message": "The model `gpt-9` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": None, "code": "model_not_found"}
+
+
+def test_a_scripted_policy_has_no_adapter_routes(judge):
+    with serve(FaultInjector(judge, {})) as server:
+        r = _post(server, "load_lora_adapter", {"lora_name": "a", "lora_path": "/tmp"})
+        models = _client(server).models.list().data
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    assert [m.id for m in models] == ["judge-stand-in"]
+
+
+# --- keep-alive ----------------------------------------------------------------------------------
+
+
+def _connection(server) -> http.client.HTTPConnection:
+    url = urlsplit(server.url)
+    return http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+
+
+def _request(conn: http.client.HTTPConnection, path: str, body: bytes | None = None):
+    conn.request("POST" if body is not None else "GET", f"/v1/{path}", body=body,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response, response.read()
+
+
+def test_two_requests_share_one_kept_alive_connection(judge):
+    body = json.dumps({"messages": _ask("say hello")}).encode()
+    with serve(judge) as server:
+        conn = _connection(server)
+        first, text = _request(conn, "chat/completions", body)
+        sock = conn.sock
+        # a request the server refuses, body unread by any route, must not desync the next
+        lost, _ = _request(conn, "nowhere", b'{"x": "' + b"y" * 5000 + b'"}')
+        second, again = _request(conn, "chat/completions", body)
+        models, _ = _request(conn, "models")
+        assert conn.sock is sock  # all on the one connection
+        conn.close()
+    assert (first.status, lost.status, second.status, models.status) == (200, 404, 200, 200)
+    assert first.version == 11 and not first.will_close
+    assert json.loads(text)["choices"][0]["message"]["content"] == "hello there"
+    assert json.loads(again)["choices"][0]["message"]["content"] == "hello there"
+
+
+def test_close_returns_promptly_and_hangs_up_an_idle_kept_alive_connection(judge):
+    server = serve(judge)
+    conn = _connection(server)
+    response, _ = _request(conn, "models")
+    assert response.status == 200 and not response.will_close
+    start = time.monotonic()
+    server.close()
+    assert time.monotonic() - start < 2.0
+    conn.sock.settimeout(5)
+    assert conn.sock.recv(1) == b""  # the server hung up its end
+    conn.close()
+
+
+def test_without_keep_alive_each_reply_closes_its_connection(judge):
+    with serve(judge, keep_alive=False) as server:
+        conn = _connection(server)
+        response, _ = _request(conn, "models")
+        conn.close()
+    assert response.status == 200 and response.version == 10 and response.will_close
 
 
 # --- the CLI entry point ----------------------------------------------------------------------

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from em_bench.config import canonical_hash
 from em_bench.judge.base import JudgeInput, Judgment
@@ -24,6 +26,82 @@ from em_bench.judge.scoring import Verdict, choice_verdict, number_verdict, text
 from em_bench.judge.templates import JudgeTemplate, load_template
 
 DECODING = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
+T = TypeVar("T")
+
+
+# --- calling an OpenAI-compatible API (shared with generate/openai_api.py) ---------------------
+
+
+def async_client(base_url: str | None, timeout: float):
+    """An `openai.AsyncOpenAI` that retries nothing itself (`call_with_retries` does).
+
+    A local server needs no key; a hosted one reads OPENAI_API_KEY as usual. The key goes to
+    the client only, never to a log or a file. `base_url` None means OPENAI_BASE_URL or OpenAI.
+    """
+    import openai
+
+    return openai.AsyncOpenAI(base_url=base_url, max_retries=0, timeout=timeout,
+                              api_key=os.environ.get("OPENAI_API_KEY") or "none")
+
+
+class CallFailed(Exception):
+    """A call that failed for good; the message says why ("HTTP 404", "failed after 5
+    attempts (HTTP 500)")."""
+
+
+class MalformedReply(Exception):
+    """A reply that parsed but cannot be used (raised by an attempt; retried like a 5xx)."""
+
+
+async def call_with_retries(attempt: Callable[[], Awaitable[T]], max_attempts: int,
+                            backoff: float) -> T:
+    """`attempt()`'s result, retrying what a retry can fix; else CallFailed.
+
+    A 429 waits what its Retry-After says (else the backoff); a 5xx, a timeout, a lost
+    connection or a malformed reply (`attempt` raising MalformedReply, JSONDecodeError, a
+    response validation error, or an AttributeError/IndexError/TypeError from reading it) waits
+    `backoff` seconds, doubled after each failure. Any other 4xx fails at once: the request
+    itself is wrong and would be wrong again. `attempt` holds its own concurrency bound, so a
+    waiting retry does not take a slot.
+    """
+    import openai
+
+    wait, problem = backoff, ""
+    for n in range(max_attempts):
+        try:
+            return await attempt()
+        except openai.RateLimitError as e:
+            problem, pause = "429 rate limited", _retry_after(e.response)
+            pause = wait if pause is None else pause
+        except (openai.APITimeoutError, openai.APIConnectionError) as e:
+            problem, pause = type(e).__name__, wait
+        except openai.APIStatusError as e:
+            if e.status_code < 500:  # the request itself is wrong: retrying cannot help
+                raise CallFailed(f"HTTP {e.status_code}{_said(e)}") from e
+            problem, pause = f"HTTP {e.status_code}", wait
+        except (MalformedReply, json.JSONDecodeError, openai.APIResponseValidationError,
+                AttributeError, IndexError, TypeError) as e:  # a malformed reply
+            problem, pause = f"malformed reply ({type(e).__name__}: {str(e)[:80]})", wait
+        if n + 1 < max_attempts:
+            await asyncio.sleep(pause)
+            wait *= 2
+    raise CallFailed(f"failed after {max_attempts} attempts ({problem})")
+
+
+def _retry_after(response) -> float | None:
+    """Retry-After in seconds (an HTTP date, which no API here sends, counts as absent)."""
+    try:
+        value = float(response.headers.get("retry-after"))
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
+def _said(error) -> str:
+    """What an error reply's body says, briefly: ": the model `x` does not exist", or ""."""
+    body = getattr(error, "body", None)
+    message = body.get("message") if isinstance(body, dict) else None
+    return f": {str(message)[:160]}" if message else ""
 
 
 @dataclass(frozen=True)
@@ -97,12 +175,7 @@ class LLMJudge:
         return asyncio.run(self._judge_all(inputs))
 
     async def _judge_all(self, inputs: list[JudgeInput]) -> list[Judgment]:
-        import openai
-
-        client = openai.AsyncOpenAI(
-            base_url=self.settings.base_url, max_retries=0, timeout=self.settings.timeout,
-            # A local server needs no key; a hosted one reads OPENAI_API_KEY as usual.
-            api_key=os.environ.get("OPENAI_API_KEY") or "none")
+        client = async_client(self.settings.base_url, self.settings.timeout)
         bound = asyncio.Semaphore(self.settings.concurrency)
         try:
             verdicts = await asyncio.gather(*(
@@ -114,48 +187,34 @@ class LLMJudge:
 
     async def _verdict(self, client, bound: asyncio.Semaphore, template: JudgeTemplate,
                        item: JudgeInput) -> Verdict | str:
-        """The verdict, or why the call failed after every attempt."""
-        import openai
-
+        """The verdict, or why the call failed for good."""
         key = verdict_key(template, self.settings.model, item.question, item.answer)
         if self.cache is not None and (cached := self.cache.get(key)) is not None:
             return cached
         prompt = template.render(question=item.question, answer=item.answer,
                                  **({"target": item.metadata["target"]}
                                     if "target" in template.needs else {}))
-        wait, problem = self.settings.backoff, ""
-        for attempt in range(self.settings.max_attempts):
-            try:
-                async with bound:
-                    self.calls += 1
-                    reply = await client.chat.completions.create(
-                        model=self.settings.model,
-                        messages=[{"role": "user", "content": prompt}], **DECODING)
-                choice = reply.choices[0]
-                first = choice.logprobs.content[0] if choice.logprobs and choice.logprobs.content \
-                    else None
-                top = {t.token: t.logprob for t in first.top_logprobs} if first else None
-                verdict = read_verdict(template, top, choice.message.content or "")
-                if self.cache is not None:
-                    self.cache.put(key, verdict)
-                return verdict
-            except openai.RateLimitError as e:
-                problem = "429 rate limited"
-                retry_after = e.response.headers.get("retry-after")
-                pause = float(retry_after) if retry_after else wait
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                problem, pause = type(e).__name__, wait
-            except openai.APIStatusError as e:
-                if e.status_code < 500:  # the request itself is wrong: retrying cannot help
-                    return f"{template.name}: HTTP {e.status_code}"
-                problem, pause = f"HTTP {e.status_code}", wait
-            except (json.JSONDecodeError, openai.APIResponseValidationError, AttributeError,
-                    IndexError, TypeError) as e:  # a malformed reply
-                problem, pause = f"malformed reply ({type(e).__name__})", wait
-            if attempt + 1 < self.settings.max_attempts:
-                await asyncio.sleep(pause)
-                wait *= 2
-        return f"{template.name}: failed after {self.settings.max_attempts} attempts ({problem})"
+
+        async def attempt() -> Verdict:
+            async with bound:
+                self.calls += 1
+                reply = await client.chat.completions.create(
+                    model=self.settings.model,
+                    messages=[{"role": "user", "content": prompt}], **DECODING)
+            choice = reply.choices[0]
+            first = choice.logprobs.content[0] if choice.logprobs and choice.logprobs.content \
+                else None
+            top = {t.token: t.logprob for t in first.top_logprobs} if first else None
+            return read_verdict(template, top, choice.message.content or "")
+
+        try:
+            verdict = await call_with_retries(attempt, self.settings.max_attempts,
+                                              self.settings.backoff)
+        except CallFailed as e:
+            return f"{template.name}: {e}"
+        if self.cache is not None:
+            self.cache.put(key, verdict)
+        return verdict
 
     def _judgment(self, item: JudgeInput, verdicts: list[Verdict | str]) -> Judgment:
         # A failed call is an error (counted as judge_error); an unjudgeable verdict is a

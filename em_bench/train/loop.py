@@ -28,15 +28,15 @@ def train(
     log: Callable[[dict], None] = lambda record: None,
     every_step: Callable[[int, object], None] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune the trainable parameters of `model` in place for `cfg.steps` optimizer steps.
+    """Fine-tune the trainable parameters of `model` in place for `cfg.total_steps` steps.
 
     `objective` is one of train.objectives (default: SFT). Examples are shuffled by `seed` and
     cycled epoch by epoch. A step's batch is split into `cfg.grad_accum` micro-batches whose
-    gradients add up (the same step in less memory). Every step's record (step, lr and every named loss term) goes to
-    `log`; `every_step(step, model)` runs after each step (the pipeline's checkpoint scores).
-    Returns the last step's terms.
+    gradients add up (the same step in less memory). Every step's record (step, its lr and
+    every named loss term) goes to `log`; `every_step(step, model)` runs after each step (the
+    pipeline's checkpoint scores). Returns the last step's terms.
     """
-    # --- setup: encoded examples, optimizer, constant lr after a linear warmup ---
+    # --- setup: encoded examples, optimizer, lr schedule ---
     if not examples:
         raise ValueError("train() needs at least one example")
     rng = random.Random(seed)
