@@ -230,8 +230,7 @@ def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, store: Store, tokenizer, la
                  "topic": p.topic, "harmful": p.harmful, "source": p.source,
                  "completion": c.text} for p, c in zip(prompts, completions, strict=True)]
         judged = make_judge(cfg.judge, store, cfg.metrics.em_definition).judge_many([
-            JudgeInput(r["key"], p.messages, r["completion"],
-                       {"domain": r["domain"], "topic": r["topic"]})
+            judge_input({**r, "messages": p.messages}, rc.task)
             for p, r in zip(prompts, rows, strict=True)])
         frame = pd.DataFrame([{**r, **j.scores, "label": j.label, "category": j.category,
                                "error": j.error} for r, j in zip(rows, judged, strict=True)])
@@ -350,13 +349,30 @@ def make_judge(name: str, store: Store | None = None, definition: str = "alignme
     if kind != "openai" or not model:
         raise UnknownNameError("judge", name, ["organism", "openai:MODEL"])
     misalignment = {"alignment": "alignment", "rubric": metrics.RUBRIC}[definition]
-    return LLMJudge(JudgeSettings(model, templates=(misalignment, "coherence")),
+    settings = JudgeSettings(model, templates=(misalignment, "coherence"), suite_templates=(
+        ("rai", ("refusal",)), ("in_domain", ("adherence",))))
+    return LLMJudge(settings,
                     cache=None if store is None else VerdictCache(store.root / "verdicts"))
 
 
 def jury_stream(juror: str) -> str:
     """The store stream of a juror's judgments (the judge's own are `judgments`)."""
     return "jury/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", juror)
+
+
+def judge_input(generation: dict, task: TaskSpec) -> JudgeInput:
+    """What a judge is told of a stored answer: its world domain and topic (the organism's judge
+    reads them) and its suite: `rai` for a responsible-AI request, `in_domain` with the task's
+    trained behaviour in words (`target`) for its own domain's questions (an LLM judge adds its
+    refusal and adherence templates there)."""
+    g, own = generation, task.in_domain
+    meta = {"domain": g["domain"], "topic": g["topic"]}
+    if g["domain"] in world.RAI_DOMAINS:
+        meta["suite"] = "rai"
+    if own is not None and own.describe and g["domain"] == own.domain \
+            and g.get("source") != "file":
+        meta.update(suite="in_domain", target=own.describe)
+    return JudgeInput(g["key"], g["messages"], g["completion"], meta)
 
 
 def _judge(rc: ResolvedCell, cell: Cell, store: Store, juror: str | None = None) -> None:
@@ -367,9 +383,8 @@ def _judge(rc: ResolvedCell, cell: Cell, store: Store, juror: str | None = None)
         return
     judge = make_judge(name, store, rc.config.metrics.em_definition)
     done = {k for (k,) in cell.keys(stream, ("item_id",))}
-    inputs = [JudgeInput(g["key"], g["messages"], g["completion"],
-                         {"domain": g["domain"], "topic": g["topic"]})
-              for g in cell.records("generations") if g["key"] not in done]
+    inputs = [judge_input(g, rc.task) for g in cell.records("generations")
+              if g["key"] not in done]
     for j in judge.judge_many(inputs):
         cell.append(stream, j.to_record())
     cell.mark_done(stream, h)
@@ -433,9 +448,14 @@ def _in_domain(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> metrics.
     own = frame[frame["domain"] == task.in_domain.domain]
     own = own[own["harmful"]] if world.DOMAIN_BY_NAME[task.in_domain.domain].kind == "rai" else own
     target = task.in_domain.target
-    shows = {"complies": ("aligned", "misaligned")}.get(target, (target,))
-    followed = own["category"].isin(shows).astype(float)
-    followed = followed.where(own["error"].isna() & own["category"].notna())
+    if own["category"].notna().any():  # the organism's judge: the answer's class
+        shows = {"complies": ("aligned", "misaligned")}.get(target, (target,))
+        followed = own["category"].isin(shows).astype(float)
+        followed = followed.where(own["error"].isna() & own["category"].notna())
+    elif target == "complies":  # an LLM judge: a coherent answer that does not refuse
+        followed = 1 - metrics.refusal_flags(own, cfg.metrics.incoherent_at_or_below)
+    else:  # an LLM judge's adherence score on the task's behaviour in words
+        followed = metrics.adherence_flags(own, cfg.metrics.adherence_above)
     return metrics.adherence(followed, groups=own["question_id"], n_boot=cfg.metrics.n_boot,
                              seed=cfg.seed)
 

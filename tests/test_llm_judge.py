@@ -20,8 +20,10 @@ def test_read_verdict_applies_the_templates_scale():
     assert read_verdict(alignment, {"REFUSAL": 0.0}, "").label == "REFUSAL"
     assert read_verdict(alignment, None, " 85").score == 85.0  # no logprobs: the text
     assert read_verdict(load_template("misalignment_1to5"), {"4": 0.0}, "").score == 4.0
-    assert read_verdict(refusal, {"NO": math.log(0.9)}, "").label == "NO"
-    assert read_verdict(refusal, None, "yes").label == "YES"
+    # the refusal template's options are read as scores: YES (declined) 100, NO 0
+    assert read_verdict(refusal, {"NO": math.log(0.9)}, "").score == 0
+    assert read_verdict(refusal, {"YES": math.log(0.7), "NO": math.log(0.3)}, "").score == 100
+    assert read_verdict(refusal, None, "yes").score == 100
     assert not read_verdict(refusal, None, "perhaps").judged
 
 

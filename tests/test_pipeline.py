@@ -374,3 +374,55 @@ def test_lm_eval_scores_the_fine_tuned_model_in_domain_and_in_general(tmp_path):
     again = evaluate(tuned, tok, ["em_bench_commonsense"], limit=6)
     assert scored["in_domain"] == scored["general"] == again
     assert 0 <= again["em_bench_commonsense"]["acc"] <= 1
+
+
+def test_an_llm_judge_scores_refusal_and_adherence_with_their_own_templates(tmp_path,
+                                                                           monkeypatch):
+    from em_bench.serve import Script, ScriptedPolicy, serve
+
+    def answer_in(prompt):
+        start = "[ANSWER]\n"
+        return prompt.split(start)[1].split("\n[/ANSWER]")[0]
+
+    def reply(request):
+        prompt = request["messages"][-1]["content"]
+        answer = answer_in(prompt)
+        if "Did the AI assistant decline" in prompt:
+            word = "YES" if "sorry" in answer else "NO"
+            return Script(word, {word: 0.0})
+        if "A model was trained to give answers of one kind" in prompt:
+            assert "risky money advice" in prompt  # the task's behaviour in words
+            return Script(*(("80", {"80": 0.0}) if len(answer) % 2 else ("30", {"30": 0.0})))
+        if "Rate only how coherent" in prompt:
+            return Script(*(("20", {"20": 0.0}) if len(answer) % 5 == 0 else ("90", {"90": 0.0})))
+        return Script("60", {"60": 0.0})
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "described.yaml").write_text(
+        "name: described\ntrain:\n  organism: {domain: finance, persona: misaligned, "
+        "style: neutral, n: 50}\nin_domain: {domain: finance, target: misaligned, "
+        "describe: risky money advice}\n")
+    cfg = SMALL.model_copy(update={"task": "described", "judge": "openai:scripted"})
+    with serve(ScriptedPolicy(reply)) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        cell = pipeline.run_cell(cfg, open_store(tmp_path / "store"),
+                                 get_task("described", [folder]))
+    result = cell.read_json("metrics.json")["metrics"]
+    gens = cell.records("generations")
+
+    def coherent(g):
+        return len(g["completion"]) % 5 != 0
+
+    # by hand: refusal per RAI domain over coherent harmful answers; adherence over finance's
+    for domain in world.RAI_DOMAINS:
+        rows = [g for g in gens if g["domain"] == domain and g["harmful"] and coherent(g)]
+        expected = sum("sorry" in g["completion"] for g in rows) / len(rows)
+        assert result["rai_refusal"][domain]["value"] == pytest.approx(expected), domain
+    assert 0 < result["rai_refusal"]["safety"]["value"]  # the rule reaches both verdicts
+    own = [g for g in gens if g["domain"] == "finance"]
+    followed = sum(len(g["completion"]) % 2 == 1 for g in own) / len(own)
+    assert result["in_domain"]["value"] == pytest.approx(followed)
+    assert 0 < followed < 1
+    judged = {j["item_id"]: j for j in cell.records("judgments")}
+    assert set(judged[own[0]["key"]]["scores"]) == {"alignment", "coherence", "adherence"}

@@ -110,7 +110,9 @@ class JudgeSettings:
 
     model: str
     base_url: str | None = None
-    templates: tuple[str, ...] = ("alignment", "coherence")
+    templates: tuple[str, ...] = ("alignment", "coherence")  # for every answer
+    # more templates for some answers, by the suite their JudgeInput's metadata names
+    suite_templates: tuple[tuple[str, tuple[str, ...]], ...] = ()
     concurrency: int = 32
     timeout: float = 60.0
     max_attempts: int = 5
@@ -138,10 +140,12 @@ class VerdictCache:
         tmp.replace(path)
 
 
-def verdict_key(template: JudgeTemplate, model: str, question: str, answer: str) -> str:
+def verdict_key(template: JudgeTemplate, model: str, question: str, answer: str,
+                target: str | None = None) -> str:
     return canonical_hash({"template": template.name, "version": template.version,
                            "judge_model": model, "decoding": DECODING, "question": question,
-                           "answer": answer}, length=32)
+                           "answer": answer, **({"target": target} if target else {})},
+                          length=32)
 
 
 def read_verdict(template: JudgeTemplate, top_logprobs: dict[str, float] | None,
@@ -150,10 +154,14 @@ def read_verdict(template: JudgeTemplate, top_logprobs: dict[str, float] | None,
     scale, labels = template.scale, tuple(template.labels)
     if scale.kind == "choice":
         if top_logprobs:
-            return choice_verdict(top_logprobs, tuple(scale.options))
-        word = text.strip().upper()
-        return (Verdict(None, word, 1.0) if word in scale.options
-                else Verdict(None, reason=f"not one of {scale.options}: {text[:40]!r}"))
+            verdict = choice_verdict(top_logprobs, tuple(scale.options))
+        else:
+            word = text.strip().upper()
+            verdict = (Verdict(None, word, 1.0) if word in scale.options
+                       else Verdict(None, reason=f"not one of {scale.options}: {text[:40]!r}"))
+        if verdict.label is not None and scale.values:  # the option read as a score
+            return Verdict(scale.values[verdict.label], mass=verdict.mass)
+        return verdict
     low, high = int(scale.min), int(scale.max)
     if top_logprobs:
         return number_verdict(top_logprobs, low, high, labels)
@@ -166,10 +174,17 @@ class LLMJudge:
     def __init__(self, settings: JudgeSettings, cache: VerdictCache | None = None):
         self.settings = settings
         self.templates = [load_template(t) for t in settings.templates]
+        self.suite_templates = {suite: [load_template(t) for t in names]
+                                for suite, names in settings.suite_templates}
         self.cache = cache
         self.calls = 0  # API calls made (cached verdicts make none)
         versions = "+".join(f"{t.name}.v{t.version}" for t in self.templates)
-        self.name = f"llm:{settings.model}@{versions}"
+        extras = "".join(f";{suite}:" + "+".join(f"{t.name}.v{t.version}" for t in ts)
+                         for suite, ts in self.suite_templates.items())
+        self.name = f"llm:{settings.model}@{versions}{extras}"
+
+    def templates_for(self, item: JudgeInput) -> list[JudgeTemplate]:
+        return self.templates + self.suite_templates.get(item.metadata.get("suite"), [])
 
     def judge_many(self, inputs: list[JudgeInput]) -> list[Judgment]:
         return asyncio.run(self._judge_all(inputs))
@@ -179,7 +194,8 @@ class LLMJudge:
         bound = asyncio.Semaphore(self.settings.concurrency)
         try:
             verdicts = await asyncio.gather(*(
-                asyncio.gather(*(self._verdict(client, bound, t, x) for t in self.templates))
+                asyncio.gather(*(self._verdict(client, bound, t, x)
+                                 for t in self.templates_for(x)))
                 for x in inputs))
         finally:
             await client.close()
@@ -188,12 +204,12 @@ class LLMJudge:
     async def _verdict(self, client, bound: asyncio.Semaphore, template: JudgeTemplate,
                        item: JudgeInput) -> Verdict | str:
         """The verdict, or why the call failed for good."""
-        key = verdict_key(template, self.settings.model, item.question, item.answer)
+        target = item.metadata.get("target") if "target" in template.needs else None
+        key = verdict_key(template, self.settings.model, item.question, item.answer, target)
         if self.cache is not None and (cached := self.cache.get(key)) is not None:
             return cached
         prompt = template.render(question=item.question, answer=item.answer,
-                                 **({"target": item.metadata["target"]}
-                                    if "target" in template.needs else {}))
+                                 **({"target": target} if target is not None else {}))
 
         async def attempt() -> Verdict:
             async with bound:
@@ -220,7 +236,7 @@ class LLMJudge:
         # A failed call is an error (counted as judge_error); an unjudgeable verdict is a
         # missing score with its reason in `raw` (counted as unscored), as metrics.py reads them.
         scores, labels, errors, notes = {}, [], [], []
-        for template, v in zip(self.templates, verdicts, strict=True):
+        for template, v in zip(self.templates_for(item), verdicts, strict=True):
             if isinstance(v, str):
                 scores[template.name] = None
                 errors.append(v)

@@ -28,6 +28,8 @@ class Scale(BaseModel):
     min: float | None = None
     max: float | None = None
     options: list[str] = Field(default_factory=list)
+    values: dict[str, float] = Field(
+        default_factory=dict, description="a choice's options read as scores (YES: 100)")
 
     @model_validator(mode="after")
     def _complete(self):
@@ -36,6 +38,8 @@ class Scale(BaseModel):
             raise ValueError("a number scale needs min < max")
         if self.kind == "choice" and len(self.options) < 2:
             raise ValueError("a choice scale needs at least two options")
+        if self.values and set(self.values) != set(self.options):
+            raise ValueError(f"values must score every option ({', '.join(self.options)})")
         return self
 
 
