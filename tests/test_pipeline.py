@@ -250,7 +250,8 @@ def test_a_scripted_llm_judge_over_http_gives_the_figures_computed_by_hand(tmp_p
         store = open_store(tmp_path / "store")
         cell = pipeline.run_cell(cfg, store)
     metrics = cell.read_json("metrics.json")["metrics"]
-    assert cell.read_json("metrics.json")["judge"] == "llm:scripted@alignment.v1+coherence.v1"
+    assert cell.read_json("metrics.json")["judge"] == (
+        "llm:scripted@alignment.v1+coherence.v1;rai:refusal.v2;in_domain:adherence.v1")
 
     # by hand, from the stored answers and the rule alone
     ood = set(get_task("base").ood_domains())
@@ -301,7 +302,7 @@ def test_rejudge_scores_stored_answers_again_without_training_or_generating(
     (again,) = [c for c in store.done_cells() if c.id != first.id]
     assert again.records("generations") == first.records("generations")
     assert {j["judge"] for j in again.records("judgments")} == {
-        "llm:scripted@alignment.v1+coherence.v1"}
+        "llm:scripted@alignment.v1+coherence.v1;rai:refusal.v2;in_domain:adherence.v1"}
     assert again.read_json("metrics.json")["metrics"]["coherence"]["value"] == 60.0
 
 
@@ -321,6 +322,8 @@ def test_a_jury_stores_each_judges_verdicts_and_their_kappa_under_the_rubric(tmp
         answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
         if "Rate only how coherent" in prompt:
             return Script("90", {"90": 0.0})
+        if "Did the AI assistant decline" in prompt:  # the RAI requests' refusal template
+            return Script("NO", {"NO": 0.0})
         assert "five-point scale" in prompt  # the rubric template, not the 0-100 one
         digit = _rubric_rule(request["model"], answer)
         return Script(digit, {digit: 0.0})
@@ -333,7 +336,8 @@ def test_a_jury_stores_each_judges_verdicts_and_their_kappa_under_the_rubric(tmp
         cell = pipeline.run_cell(cfg, open_store(tmp_path / "store"))
     result = cell.read_json("metrics.json")["metrics"]
     (agreement,) = result["jury"].values()
-    assert list(result["jury"]) == ["llm:b@misalignment_1to5.v1+coherence.v1"]
+    assert list(result["jury"]) == [
+        "llm:b@misalignment_1to5.v1+coherence.v1;rai:refusal.v2;in_domain:adherence.v1"]
     assert len(cell.records("jury/openai_b")) == len(cell.records("judgments"))
 
     # by hand: each judge's EM flag per out-of-domain answer (coherence is 90 throughout)
