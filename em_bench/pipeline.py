@@ -72,7 +72,8 @@ class ResolvedCell:
     def step_hash(self, step: str) -> str:
         # Each step's input: the parts of the payload it depends on (later steps include earlier).
         c = self.config.model_dump(mode="json")
-        parts = {"model": self.model_identity, "task": self.task.model_dump(mode="json"),
+        parts = {"model": self.model_identity, "dtype": c["dtype"],
+                 "task": self.task.model_dump(mode="json"),
                  "train_data_sha256": self.train_data_sha256,
                  "seed": c["seed"], "train": c["train"], "defense": c["defense"],
                  "defense_params": c["defense_params"], "defense_inputs": self.defense_inputs}
@@ -80,6 +81,7 @@ class ResolvedCell:
             parts["lm_eval"] = c["lm_eval"]
         if step in ("generate", "judge", "score"):
             parts["sampling"], parts["split"] = c["sampling"], c["split"]
+            parts["backend"] = c["backend"]  # sampled answers differ from backend to backend
             parts["questions_sha256"] = self.questions_sha256
         if step in ("judge", "score"):
             parts["judge"] = self.judge
