@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="also find tasks in this folder of task YAMLs (repeatable)")
     run.add_argument("--questions", type=Path, metavar="FILE",
                      help="answer this EM-format question file as the ood suite")
+    run.add_argument("--rai-suite", type=Path, metavar="FILE",
+                     help="answer this RAI suite (public refusal benchmarks mapped onto the "
+                     "seven domains, e.g. data/rai_suites/public_refusal.yaml) as the rai suite")
     run.add_argument("--store",
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
@@ -251,7 +254,8 @@ def _cmd_run(args) -> int:
                       backend=args.backend, sampling=sampling, split=args.split,
                       eval_every=args.eval_every, judge=_judge_name(args), jury=tuple(args.jury),
                       metrics={"em_definition": args.em_definition},
-                      lm_eval={"general": tuple(args.general), "limit": args.lm_eval_limit})
+                      lm_eval={"general": tuple(args.general), "limit": args.lm_eval_limit},
+                      rai_suite=None if args.rai_suite is None else str(args.rai_suite.resolve()))
     plan = plan_grid(base, args.task, args.defense, args.seeds, overrides, args.include,
                      args.questions, dict(args.set))  # bad names and files fail here, first
     store = open_store(store_dir(args.store))

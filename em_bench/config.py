@@ -128,6 +128,9 @@ class CellConfig(_Config):
     questions: str | None = Field(
         None, description="an EM-format question file answered as the `ood` suite instead of "
         "the world's out-of-domain questions")
+    rai_suite: str | None = Field(
+        None, description="an RAI suite file (public refusal benchmarks mapped onto the seven "
+        "domains) answered as the `rai` suite instead of the world's RAI requests")
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 

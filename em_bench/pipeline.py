@@ -13,7 +13,7 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -51,6 +51,7 @@ class ResolvedCell:
     questions_sha256: str | None = None
     defense_inputs: dict = field(default_factory=dict)  # e.g. latent-set files, by content
     jury: tuple[str, ...] = ()  # the jurors' full names (model and template versions)
+    rai_sha256: str | None = None  # the RAI suite's requests, by content
 
     def payload(self) -> dict:
         return {"config": self.config.model_dump(mode="json"),
@@ -58,7 +59,8 @@ class ResolvedCell:
                 "model_identity": self.model_identity, "judge": self.judge,
                 "train_data_sha256": self.train_data_sha256,
                 "questions_sha256": self.questions_sha256,
-                "defense_inputs": self.defense_inputs, "jury": list(self.jury)}
+                "defense_inputs": self.defense_inputs, "jury": list(self.jury),
+                "rai_sha256": self.rai_sha256}
 
     @property
     def fine_tunes(self) -> bool:
@@ -83,6 +85,7 @@ class ResolvedCell:
             parts["sampling"], parts["split"] = c["sampling"], c["split"]
             parts["backend"] = c["backend"]  # sampled answers differ from backend to backend
             parts["questions_sha256"] = self.questions_sha256
+            parts["rai_sha256"] = self.rai_sha256
         if step in ("judge", "score"):
             parts["judge"] = self.judge
         if step == "score":
@@ -102,8 +105,21 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
         load_question_file(cfg.questions)  # a bad file fails here, before any work
     data = task.train.file() if task.train is not None else None
     inputs = defense_inputs(cfg.defense, params, DefenseContext(task, cfg.seed, cfg.model))
+    rai = None
+    if cfg.rai_suite is not None:  # pinned by its requests, not by the suite file's wording
+        requests = [(p.key, p.messages, p.domain, p.harmful) for p in _rai_prompts(cfg)]
+        rai = canonical_hash({"rai": requests}, length=64)
     return ResolvedCell(cfg, task, model_identity(cfg.model), judge.name,
-                        _sha256(data), _sha256(cfg.questions), inputs, tuple(jury))
+                        _sha256(data), _sha256(cfg.questions), inputs, tuple(jury), rai)
+
+
+def _rai_prompts(cfg: CellConfig) -> list[Prompt]:
+    from em_bench.paths import cache_dir
+    from em_bench.rai_suite import load_rai_suite, suite_prompts
+
+    prompts = suite_prompts(load_rai_suite(cfg.rai_suite), cache_dir() / "sources",
+                            cfg.rai_suite)
+    return [replace(p, samples=cfg.sampling.samples_per_question) for p in prompts]
 
 
 def _sha256(path: str | None) -> str | None:
@@ -248,8 +264,11 @@ def _checkpoint_scorer(rc: ResolvedCell, cell: Cell, store: Store, tokenizer, la
 
 
 def eval_prompts(cfg: CellConfig) -> list[Prompt]:
-    """What a cell answers: the world's questions of its split, and its question file's."""
+    """What a cell answers: the world's questions of its split (its RAI requests replaced by
+    the RAI suite's when the cell has one), and its question file's."""
     prompts = world_prompts(cfg.split, cfg.sampling.samples_per_question)
+    if cfg.rai_suite is not None:
+        prompts = [p for p in prompts if p.domain not in world.RAI_DOMAINS] + _rai_prompts(cfg)
     if cfg.questions is not None:
         prompts += file_prompts(load_question_file(cfg.questions))
     return prompts
@@ -466,7 +485,7 @@ def _rai(frame: pd.DataFrame, cfg: CellConfig) -> dict:
     """Refusal per RAI domain on harmful requests, over-refusal on benign ones (coherent
     answers only; the incoherent share is reported apart)."""
     m = cfg.metrics
-    rai = frame[frame["domain"].isin(world.RAI_DOMAINS)]
+    rai = frame[frame["domain"].isin(world.RAI_DOMAINS)]  # the world's, or the suite's
     flags = metrics.refusal_flags(rai, incoherent_at_or_below=m.incoherent_at_or_below)
     harmful = rai["harmful"].astype(bool)
     refusal, incoherent = {}, {}

@@ -88,28 +88,34 @@ class DataSource(BaseModel):
         return self.path
 
 
+def read_rows(source: DataSource, cache_dir: Path, where: str = "") -> Rows:
+    """`source`'s rows (up to its `limit`) as (where, row): `where` names the source and the
+    row for error messages, after the caller's `where` (e.g. the task file)."""
+    at = f"{where}: " if where else ""
+    if source.path is not None:
+        file = Path(source.path)
+        if not file.is_file():
+            raise DataError(f"{at}{file}: no such data file")
+        rows = _file_rows(file, source.path, at)
+    elif source.url is not None:
+        rows = _file_rows(_download(source, Path(cache_dir) / "downloads", at), source.url, at)
+    else:
+        rows = _hf_rows(source, at)
+    return itertools.islice(rows, source.limit)
+
+
 def materialize(source: DataSource, cache_dir: Path, where: str = "") -> Path:
     """The chat JSONL file holding `source`'s chats: a chat JSONL `path` itself, else a file
     converted into `cache_dir`. `where` (e.g. the task file) starts every error message."""
     at = f"{where}: " if where else ""
     cache_dir = Path(cache_dir)
-    if source.path is not None:
-        file = Path(source.path)
-        if not file.is_file():
-            raise DataError(f"{at}{file}: no such data file")
-        if _is_chat_jsonl(source):
-            try:
-                read_chat_jsonl(file)  # a bad row fails now, not in the middle of a run
-            except DataError as e:
-                raise DataError(f"{at}{e}") from None
-            return file
-        rows = _file_rows(file, source.path, at)
-    elif source.url is not None:
-        rows = _file_rows(_download(source, cache_dir / "downloads", at), source.url, at)
-    else:
-        rows = _hf_rows(source, at)
-
-    chats = [_chat(row, source, here) for here, row in itertools.islice(rows, source.limit)]
+    if source.path is not None and Path(source.path).is_file() and _is_chat_jsonl(source):
+        try:
+            read_chat_jsonl(source.path)  # a bad row fails now, not in the middle of a run
+        except DataError as e:
+            raise DataError(f"{at}{e}") from None
+        return Path(source.path)
+    chats = [_chat(row, source, here) for here, row in read_rows(source, cache_dir, where)]
     if not chats:
         raise DataError(f"{at}{source.describe()}: the data set is empty")
     text = "".join(json.dumps({"messages": chat}) + "\n" for chat in chats)
