@@ -105,8 +105,27 @@ class TrainData(_Spec):
         """The chat JSONL file of a `path` or `source` (fetched and converted, cached), else
         None."""
         if self.source is not None:
-            return str(materialize(self.source, cache_dir() / "sources"))
-        return self.path
+            source = self.source
+            if source.path is not None:
+                source = source.model_copy(update={"path": pointed_to(source.path)})
+            return str(materialize(source, cache_dir() / "sources"))
+        return None if self.path is None else pointed_to(self.path)
+
+
+def pointed_to(path: str) -> str:
+    """A data path naming environment variables ($EM_BENCH_DATA/x.jsonl), expanded; the data
+    must be there (the user downloaded it)."""
+    if "$" not in path:
+        return path
+    expanded = os.path.expandvars(path)
+    if "$" in expanded:
+        var = re.search(r"\$\{?(\w+)", expanded).group(1)
+        raise DataUnavailable(f"{path} needs {var} set (the folder holding the public data "
+                              f"the task describes)")
+    if not Path(expanded).is_file():
+        raise DataUnavailable(f"{path}: no file at {expanded}; download the public data the "
+                              f"task describes there")
+    return expanded
 
 
 class InDomain(_Spec):
@@ -190,10 +209,9 @@ def load_task_file(path: Path) -> TaskSpec:
     except ValidationError as e:
         raise ConfigError(f"{path}: {'; '.join(_problem(x) for x in e.errors())}") from None
     def beside(key: str, relative: str, kind: str) -> str:
-        expanded = os.path.expandvars(relative)
-        if "$" in expanded:  # data the user has not pointed to yet: said when the task is used
-            return expanded
-        file = (path.parent / expanded).resolve()
+        if "$" in relative:  # data the user points to: checked when the task is used
+            return relative
+        file = (path.parent / relative).resolve()
         if not file.is_file():
             raise ConfigError(f"{path}: {key}: no {kind} file at {file}")
         return str(file)
@@ -298,17 +316,12 @@ def check_task_data(task: TaskSpec) -> None:
     for part, data in (("train", task.train), ("retain", task.retain)):
         if data is None or data.organism is not None:
             continue
-        named = data.path or data.source.path or ""
-        if "$" in named:
-            var = re.search(r"\$\{?(\w+)", named).group(1)
-            raise DataUnavailable(f"task {task.name}: {part} data {named} needs {var} set (the "
-                                  f"folder holding the public data the task describes)")
-        read_chat_jsonl(data.file())
+        try:
+            read_chat_jsonl(data.file())
+        except DataUnavailable as e:
+            raise DataUnavailable(f"task {task.name}: {part} data {e}") from None
     if task.questions is not None:
-        if "$" in task.questions:
-            raise DataUnavailable(f"task {task.name}: questions {task.questions} needs its "
-                                  f"environment variable set")
-        load_question_file(task.questions)
+        load_question_file(pointed_to(task.questions))
 
 
 def chats(data: TrainData | None, seed: int) -> list[list[dict[str, str]]]:
