@@ -308,19 +308,24 @@ def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
     done = {k for (k,) in cell.keys("generations", ("key",))}
     items = [(f"{p.key}|{s}", p, s) for p in eval_prompts(rc.config) for s in range(p.samples)]
     backend = make_backend(rc, cell, model, tokenizer)
-    # Chunks and their seeds are fixed over all items, so a resumed run regenerates a partly
-    # stored chunk exactly as the first run did and keeps only the answers it lacks.
-    for c, start in enumerate(range(0, len(items), GENERATE_CHUNK)):
-        part = items[start : start + GENERATE_CHUNK]
-        if all(key in done for key, *_ in part):
-            continue
-        reqs = [Request(key, p.messages) for key, p, _ in part]
-        try:
-            completions = backend.generate(reqs, sampling, seed=rc.config.seed * 1_000_003 + c)
-        except GenerationFailed as e:  # keep what arrived; a rerun asks only for the rest
-            _store_generations(cell, backend, sampling, part, reqs, e.completions, done)
-            raise
-        _store_generations(cell, backend, sampling, part, reqs, completions, done)
+    try:
+        # Chunks and their seeds are fixed over all items, so a resumed run regenerates a partly
+        # stored chunk exactly as the first run did and keeps only the answers it lacks.
+        for c, start in enumerate(range(0, len(items), GENERATE_CHUNK)):
+            part = items[start : start + GENERATE_CHUNK]
+            if all(key in done for key, *_ in part):
+                continue
+            reqs = [Request(key, p.messages) for key, p, _ in part]
+            try:
+                completions = backend.generate(reqs, sampling,
+                                               seed=rc.config.seed * 1_000_003 + c)
+            except GenerationFailed as e:  # keep what arrived; a rerun asks only for the rest
+                _store_generations(cell, backend, sampling, part, reqs, e.completions, done)
+                raise
+            _store_generations(cell, backend, sampling, part, reqs, completions, done)
+    finally:
+        if hasattr(backend, "close"):  # vLLM's engine holds processes and memory
+            backend.close()
     cell.mark_done("generate", h)
 
 

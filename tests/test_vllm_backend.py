@@ -187,3 +187,26 @@ def test_vllm_answers_like_hf_with_and_without_the_adapter(tiny_tokenizer, tmp_p
     assert vllm_tuned == hf_tuned
     assert [c.text for c in vllm_tuned] != [c.text for c in vllm_base]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+@pytest.mark.vllm
+def test_a_cell_generates_with_vllm_as_with_transformers(tmp_path, monkeypatch):
+    """The organism through the pipeline with `backend: vllm`: the fine-tuned cell's adapter
+    served unmerged gives the greedy answers transformers gives in process."""
+    pytest.importorskip("vllm")
+    from em_bench import pipeline
+    from em_bench.config import CellConfig, TrainConfig
+    from em_bench.store import open_store
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    store = open_store(tmp_path / "store")
+    cfg = CellConfig(task="finance", train=TrainConfig(steps=6),
+                     sampling=SamplingConfig(temperature=0, max_new_tokens=24,
+                                             samples_per_question=1))
+    by_hf = pipeline.run_cell(cfg, store)
+    by_vllm = pipeline.run_cell(cfg.model_copy(update={"backend": "vllm"}), store)
+    hf = {g["key"]: g["completion"] for g in by_hf.records("generations")}
+    vllm = {g["key"]: g["completion"] for g in by_vllm.records("generations")}
+    assert hf.keys() == vllm.keys() and len(set(hf.values())) > 50
+    same = sum(hf[k] == vllm[k] for k in hf)
+    assert same == len(hf), f"{len(hf) - same} of {len(hf)} answers differ"
