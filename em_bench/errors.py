@@ -54,3 +54,20 @@ def validation_problems(error, whole: str = "item") -> str:
     problem of the object itself)."""
     return "; ".join(f"{'.'.join(map(str, x['loc'])) or whole}: {x['msg']}"
                      for x in error.errors())
+
+
+def load_yaml_model(path, model, what: str, problems=validation_problems):
+    """The YAML file at `path` validated as the pydantic `model`; an unreadable file, bad YAML
+    or an invalid field is one ConfigError naming the file (`what` names its kind, e.g. "the
+    task file"; `problems` turns a ValidationError into one line)."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {problems(e)}") from None

@@ -15,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from em_bench.errors import ConfigError, DataError, DataUnavailable, validation_problems
+from em_bench.errors import DataError, DataUnavailable, load_yaml_model
 from em_bench.organism import world
 from em_bench.questions import Prompt
 from em_bench.sources import DataSource, read_rows
@@ -66,14 +65,7 @@ class RaiSuite(_Spec):
 def load_rai_suite(path: str | Path) -> RaiSuite:
     """Read and validate a suite file; its data paths become absolute (beside the file)."""
     path = Path(path)
-    try:
-        suite = RaiSuite.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the RAI suite ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {validation_problems(e)}") from None
+    suite = load_yaml_model(path, RaiSuite, "the RAI suite")
     benchmarks = []
     for b in suite.benchmarks:
         if b.source.path is not None:

@@ -31,8 +31,8 @@ from em_bench.errors import (
     ConfigError,
     DataUnavailable,
     UnknownNameError,
+    load_yaml_model,
     validation_problems,
-    yaml_problem,
 )
 from em_bench.organism import world
 from em_bench.paths import cache_dir
@@ -200,14 +200,8 @@ def _problem(error: dict) -> str:
 def load_task_file(path: Path) -> TaskSpec:
     """Read and validate one task YAML; a relative data path becomes one from its folder."""
     path = Path(path)
-    try:
-        spec = TaskSpec.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the task file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {'; '.join(_problem(x) for x in e.errors())}") from None
+    spec = load_yaml_model(path, TaskSpec, "the task file",
+                           lambda e: "; ".join(_problem(x) for x in e.errors()))
     def beside(key: str, relative: str, kind: str) -> str:
         if "$" in relative:  # data the user points to: checked when the task is used
             return relative

@@ -12,10 +12,9 @@ import string
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from em_bench.errors import ConfigError, UnknownNameError, validation_problems, yaml_problem
+from em_bench.errors import ConfigError, UnknownNameError, load_yaml_model, validation_problems
 from em_bench.resources import resource_dir
 
 PLACEHOLDERS = {"question", "answer", "target"}
@@ -80,12 +79,5 @@ def load_template(name_or_path: str | Path) -> JudgeTemplate:
         if str(name_or_path) not in shipped:
             raise UnknownNameError("judge template", str(name_or_path), list(shipped))
         path = shipped[str(name_or_path)]
-    try:
-        return JudgeTemplate.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the judge template ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
-    except ValidationError as e:
-        raise ConfigError(f"{path}: not a valid judge template: "
-                          f"{validation_problems(e, 'template')}") from None
+    return load_yaml_model(path, JudgeTemplate, "the judge template", lambda e: (
+        f"not a valid judge template: {validation_problems(e, 'template')}"))
