@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from em_bench.config import TrainConfig
+from em_bench.config import TrainConfig, canonical_hash
 from em_bench.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,12 +30,27 @@ def resolve_model_path(model: str) -> Path | str:
 
 
 def model_identity(model: str) -> str:
-    """What names the model inside a cell hash: an organism's recipe digest, else the name."""
+    """What names the model inside a cell hash: an organism's recipe digest; a local folder's
+    config and weight files (names and sizes: hashing gigabytes would take minutes); a hub id's
+    cached commit when the hub cache has it; else the name."""
     if is_organism(model):
         from em_bench.organism.build import PRESETS
 
         return f"{model}:{PRESETS[model].digest()}"
-    return model
+    folder = Path(model)
+    if folder.is_dir():
+        config = folder / "config.json"
+        weights = sorted((f.name, f.stat().st_size) for f in folder.iterdir()
+                         if f.suffix in (".safetensors", ".bin"))
+        digest = canonical_hash({"config": config.read_text() if config.is_file() else None,
+                                 "weights": weights})
+        return f"{model}:{digest}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        return f"{model}@{Path(snapshot_download(model, local_files_only=True)).name}"
+    except Exception:  # not in the cache (or not a hub id): the name is all there is
+        return model
 
 
 def default_device() -> str:

@@ -90,3 +90,15 @@ def test_a_local_hf_model_runs_end_to_end_with_both_backends(tmp_path, tiny_hf_f
     assert sum(untouched[k] != hf[k]["completion"] for k in hf) > len(hf) // 10
     stored = by_server.read_config()
     assert stored["config"]["model"] == model and stored["provenance"]["versions"]["openai"]
+
+
+def test_a_local_models_identity_follows_its_config_and_weights(tiny_hf_folder):
+    from em_bench.models import model_identity
+
+    model = str(tiny_hf_folder)
+    first = model_identity(model)
+    assert first.startswith(model + ":") and model_identity(model) == first
+    config = tiny_hf_folder / "config.json"
+    config.write_text(config.read_text().replace('"rms_norm_eps"', '"rms_norm_eps" ', 1))
+    assert model_identity(model) != first
+    assert model_identity("some-org/not-cached-here") == "some-org/not-cached-here"
