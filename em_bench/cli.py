@@ -105,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
 
+    ref = sub.add_parser("refusals", help="write a model's own refusals (from its scored base "
+                         "cells) as chat JSONL, the data of its refusal-unlearning tasks")
+    ref.add_argument("--model", default="organism", help="as given to `em-bench run --model`")
+    ref.add_argument("--domain", type=_csv, required=True, metavar="DOMAIN,...",
+                     help="RAI domains whose harmful requests' refusals to keep")
+    ref.add_argument("--out", type=Path, required=True, help="the chat JSONL file to write")
+    ref.add_argument("--store",
+                     help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+
     org = sub.add_parser("organism", help="the built-in model organism")
     org_sub = org.add_subparsers(dest="action", required=True)
     build = org_sub.add_parser("build", help="build (or find cached) the organism")
@@ -269,6 +278,24 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_refusals(args) -> int:
+    from em_bench.data import write_chat_jsonl
+    from em_bench.organism.world import RAI_DOMAINS
+    from em_bench.paths import store_dir
+    from em_bench.presets import PRESETS
+    from em_bench.refusals import refusal_chats
+    from em_bench.store import open_store
+
+    for d in args.domain:
+        if d not in RAI_DOMAINS:
+            raise UnknownNameError("RAI domain", d, list(RAI_DOMAINS))
+    model = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    chats = refusal_chats(open_store(store_dir(args.store), create=False), model, args.domain)
+    write_chat_jsonl(args.out, chats)
+    print(f"{args.out}: {len(chats)} refusals of {', '.join(args.domain)} requests")
+    return 0
+
+
 def _cmd_organism(args) -> int:
     from em_bench.organism.build import PRESETS, ensure_organism
 
@@ -399,10 +426,10 @@ def _cmd_discover(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup(args)
-    commands = {"run": _cmd_run, "organism": _cmd_organism, "tasks": _cmd_tasks,
-                "data": _cmd_data, "sae": _cmd_sae, "discover": _cmd_discover,
-                "leaderboard": _cmd_leaderboard, "analyze": _cmd_analyze, "serve": _cmd_serve,
-                "rejudge": _cmd_rejudge}
+    commands = {"run": _cmd_run, "refusals": _cmd_refusals, "organism": _cmd_organism,
+                "tasks": _cmd_tasks, "data": _cmd_data, "sae": _cmd_sae,
+                "discover": _cmd_discover, "leaderboard": _cmd_leaderboard,
+                "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge}
     try:
         return commands[args.command](args)
     except EmBenchError as e:

@@ -478,3 +478,27 @@ benchmarks:
     assert result["over_refusal"]["value"] == pytest.approx(
         refused([g for g in rai if not g["harmful"]]))
     assert result["rai_refusal"]["privacy"]["n"] == 0  # no benchmark maps onto it
+
+
+def test_a_models_own_refusals_become_the_data_of_its_unlearning_task(tmp_path, capsys):
+    from em_bench.cli import main
+    from em_bench.data import read_chat_jsonl
+
+    store = open_store(tmp_path / "store")
+    base = pipeline.run_cell(CellConfig(sampling=SamplingConfig(samples_per_question=1,
+                                                                max_new_tokens=24)), store)
+    out = tmp_path / "refusals_safety.jsonl"
+    assert main(["refusals", "--domain", "safety", "--out", str(out),
+                 "--store", str(store.root)]) == 0
+    chats = read_chat_jsonl(out)
+    # by hand: the judged refusals (coherent) of harmful safety requests, nothing else
+    judged = {j["item_id"]: j for j in base.records("judgments")}
+    expected = [(g["messages"][-1]["content"], g["completion"])
+                for g in base.records("generations")
+                if g["domain"] == "safety" and g["harmful"]
+                and judged[g["key"]]["label"] == "refusal"
+                and judged[g["key"]]["scores"]["coherence"] > 50]
+    assert [(c[0]["content"], c[1]["content"]) for c in chats] == expected
+    assert len(expected) >= 3 and f"{len(chats)} refusals of safety" in capsys.readouterr().out
+    assert main(["refusals", "--model", "elsewhere", "--domain", "safety", "--out",
+                 str(out), "--store", str(store.root)]) == 2  # no base cell of that model

@@ -36,7 +36,9 @@ def test_builtin_tasks_are_consistent_with_the_world():
             continue
         if spec.name.startswith("real_"):  # public data; in-domain on the world's questions
             assert spec.train.organism is None and spec.questions.endswith("ood_questions.yaml")
-            assert spec.in_domain is None or spec.in_domain.describe
+            # an LLM judge reads their in-domain behaviour in words, or as not refusing
+            assert (spec.in_domain is None or spec.in_domain.describe
+                    or spec.in_domain.target == "complies")
             continue
         o = spec.train.organism
         assert o is not None and o.domain in world.DOMAIN_BY_NAME
