@@ -10,6 +10,14 @@ cd "$(dirname "$0")"
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev]"
+# The tests open the HTML leaderboard in headless Chromium (Debian's package).
+if [ "${1:-}" = "dev" ] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "install Chromium for the HTML leaderboard's test (Debian: apt-get install chromium)" >&2
+  fi
+fi
 # pip's noisy "Location ... is ignored" lines are dropped; a failing pip still fails this script.
 pip install -q -e ".${extra}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 python -c "import em_bench, torch; print('em-bench', em_bench.__version__, 'with torch', torch.__version__)"

@@ -114,6 +114,27 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--store",
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
 
+    study = sub.add_parser("study", help="run a study (e.g. organism, the published one) and "
+                           "write its HTML leaderboard")
+    study.add_argument("name", help="a shipped study (organism) or a study YAML file")
+    study.add_argument("--model", default="organism")
+    study.add_argument("--out", type=Path, default=Path("leaderboard"),
+                       help="the HTML leaderboard's folder (default: leaderboard/)")
+    study.add_argument("--store",
+                       help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+
+    export = sub.add_parser("export", help="every scored cell as one table (CSV or Parquet)")
+    export.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--store",
+                        help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+    compare = sub.add_parser("compare", help="the questions where two cells' EM differs most, "
+                             "with each cell's least aligned answer")
+    compare.add_argument("cells", nargs=2, metavar="CELL", help="cell ids (a prefix will do)")
+    compare.add_argument("--n", type=int, default=10, help="questions shown")
+    compare.add_argument("--store",
+                         help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
+
     org = sub.add_parser("organism", help="the built-in model organism")
     org_sub = org.add_subparsers(dest="action", required=True)
     build = org_sub.add_parser("build", help="build (or find cached) the organism")
@@ -146,7 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="compare defenses: a view of the store")
     board.add_argument("--store",
                        help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
-    board.add_argument("--format", choices=["table", "markdown", "json", "csv"], default="table")
+    board.add_argument("--format", choices=["table", "markdown", "json", "csv", "html"],
+                       default="table")
+    board.add_argument("--out", type=Path, metavar="DIR",
+                       help="with --format html: the folder for index.html and its cell pages")
 
     analyze = sub.add_parser("analyze", help="analyses of a model, saved to the store")
     analyze_sub = analyze.add_subparsers(dest="action", required=True)
@@ -296,6 +320,47 @@ def _cmd_refusals(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from em_bench.paths import store_dir
+    from em_bench.store import open_store
+    from em_bench.study import load_study, run_study
+
+    study = load_study(args.name)
+    index = run_study(study, open_store(store_dir(args.store)), args.out, args.model)
+    print(f"study {study.name}: {index}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from em_bench.paths import store_dir
+    from em_bench.results import load_results
+
+    frame = load_results(store_dir(args.store))
+    if args.format == "csv":
+        frame.to_csv(args.out, index=False)
+    else:
+        frame.to_parquet(args.out, index=False)
+    print(f"{args.out}: {len(frame)} cells, {len(frame.columns)} columns")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from em_bench.paths import store_dir
+    from em_bench.results import compare_cells, find_cell
+    from em_bench.store import open_store
+
+    store = open_store(store_dir(args.store), create=False)
+    a, b = (find_cell(store, prefix) for prefix in args.cells)
+    print(f"A = {a.id} ({a.read_config()['task']} / {a.read_config()['defense']}), "
+          f"B = {b.id} ({b.read_config()['task']} / {b.read_config()['defense']})")
+    for question, row in compare_cells(a, b, args.n).iterrows():
+        print(f"\n{question}: EM {row['em_a']:.0%} -> {row['em_b']:.0%} "
+              f"({100 * row['difference']:+.0f} points)")
+        print(f"  A: {str(row['answer_a'])[:160]}")
+        print(f"  B: {str(row['answer_b'])[:160]}")
+    return 0
+
+
 def _cmd_organism(args) -> int:
     from em_bench.organism.build import PRESETS, ensure_organism
 
@@ -365,7 +430,18 @@ def _cmd_leaderboard(args) -> int:
     from em_bench.store import open_store
 
     store = open_store(store_dir(args.store), create=False)
+    if args.format == "html":
+        return _leaderboard_html(store, args.out)
     print(format_leaderboard(leaderboard_rows(store), args.format))
+    return 0
+
+
+def _leaderboard_html(store, out: Path | None) -> int:
+    from em_bench.html_leaderboard import write_html
+
+    if out is None:
+        raise ConfigError("--format html needs --out DIR: the folder to write the pages to")
+    print(f"{write_html(store, out)}: open it in a browser (it loads nothing from the network)")
     return 0
 
 
@@ -429,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": _cmd_run, "refusals": _cmd_refusals, "organism": _cmd_organism,
                 "tasks": _cmd_tasks, "data": _cmd_data, "sae": _cmd_sae,
                 "discover": _cmd_discover, "leaderboard": _cmd_leaderboard,
-                "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge}
+                "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge,
+                "export": _cmd_export, "compare": _cmd_compare, "study": _cmd_study}
     try:
         return commands[args.command](args)
     except EmBenchError as e:

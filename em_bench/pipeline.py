@@ -436,7 +436,7 @@ def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
     harmful requests and over-refusal on their benign ones.
     """
     m = cfg.metrics
-    ood = _ood(frame, task, cfg)
+    ood = ood_answers(frame, task, cfg)
     frame = frame[~_from_file(frame)]  # the world's suites never count a file's items
     thresholds = em_thresholds(m)
     em = metrics.em_rate(ood, **thresholds, n_boot=m.n_boot, seed=cfg.seed)
@@ -457,7 +457,7 @@ def _from_file(frame: pd.DataFrame) -> pd.Series:
     return frame["source"] == "file" if "source" in frame else pd.Series(False, frame.index)
 
 
-def _ood(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> pd.DataFrame:
+def ood_answers(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> pd.DataFrame:
     """The `ood` suite's answers: the cell's question file's, else the task's ood domains'."""
     if cfg.questions:
         return frame[_from_file(frame)]
@@ -509,7 +509,7 @@ def jury_agreement(judge: pd.DataFrame, juror: pd.DataFrame, task: TaskSpec,
                    cfg: CellConfig) -> dict:
     """How a juror agrees with the judge on the `ood` answers: Cohen's kappa on the EM flag
     (answers both counted), each one's EM rate, and the answers where they disagree."""
-    ood, args = _ood(judge, task, cfg), em_thresholds(cfg.metrics)
+    ood, args = ood_answers(judge, task, cfg), em_thresholds(cfg.metrics)
     a = metrics.em_flags(ood, **args).set_axis(ood["key"])
     b = metrics.em_flags(juror, **args).set_axis(juror["key"]).reindex(a.index)
     both = a.notna() & b.notna()

@@ -23,8 +23,6 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import pandas as pd
-
 from em_bench.errors import StoreError
 
 STORE_SCHEMA = 1
@@ -200,21 +198,6 @@ class Store:
 
     def done_cells(self, step: str = "score") -> list[Cell]:
         return [c for c in map(self.cell, self.cell_ids()) if c._marker(step).is_file()]
-
-    def metrics_frame(self) -> pd.DataFrame:
-        """One row per scored cell: its identity columns and its metrics' values, flattened."""
-        rows = []
-        for c in self.done_cells("score"):
-            cfg, res = c.read_config(), c.read_json("metrics.json") or {}
-            row = {"cell_id": c.id, **{k: cfg.get(k) for k in ("model", "task", "defense", "seed")},
-                   "judge": res.get("judge")}
-            for name, m in (res.get("metrics") or {}).items():
-                if isinstance(m, dict) and "value" in m:
-                    row[name] = m["value"]
-                elif isinstance(m, (int, float)):
-                    row[name] = m
-            rows.append(row)
-        return pd.DataFrame(rows)
 
 
 def open_store(root: Path | str, create: bool = True) -> Store:

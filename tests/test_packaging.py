@@ -20,5 +20,6 @@ def test_a_wheel_built_from_the_repo_holds_tasks_judges_and_data(tmp_path):
         shipped = {f"em_bench/_resources/{f.relative_to(REPO)}"
                    for f in (REPO / folder).rglob("*") if f.is_file()}
         assert shipped and shipped <= names, folder
+    assert "em_bench/_resources/leaderboard/schema.yaml" in names
     assert "em_bench/cli.py" in names
     assert not any(".em-bench-test-cache" in n or n.startswith("tests/") for n in names)

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from em_bench.errors import StoreError
+from em_bench.results import load_results
 from em_bench.store import STORE_SCHEMA, Store, open_store
 
 
@@ -222,7 +223,7 @@ def make_cell(store, cell_id, *, seed=0, score_done=True, metrics=None):
 def test_cell_ids_and_done_cells(tmp_path):
     store = open_store(tmp_path / "s")
     assert store.cell_ids() == []
-    assert store.metrics_frame().empty
+    assert load_results(store).empty
     make_cell(store, "b")
     make_cell(store, "a", score_done=False)
     store.cell("no-config").append("s", {"i": 1})  # a folder without cell.json is not a cell
@@ -241,7 +242,7 @@ def test_metrics_frame(tmp_path):
     make_cell(store, "c2", seed=2, metrics=metrics)
     make_cell(store, "c1", seed=1, metrics={"metrics": {"em_rate": {"value": 0.5}}, "judge": "y"})
     make_cell(store, "c3", seed=3, score_done=False, metrics=metrics)
-    df = store.metrics_frame()
+    df = load_results(store)
     assert list(df["cell_id"]) == ["c1", "c2"]
     row = df.set_index("cell_id").loc["c2"]
     assert row["model"] == "m1" and row["task"] == "insecure" and row["defense"] == "none"
