@@ -24,8 +24,7 @@ from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, defense_inputs, make_defenses
 from em_bench.defenses.base import DefenseContext
 from em_bench.errors import ConfigError, UnknownNameError
-from em_bench.generate.base import Request
-from em_bench.generate.openai_api import GenerationFailed
+from em_bench.generate.base import GenerationFailed, Request
 from em_bench.judge.base import JudgeInput
 from em_bench.models import load_base, load_trained, model_identity, resolve_model_path, trainable
 from em_bench.organism import world

@@ -11,11 +11,10 @@ from collections import Counter
 import pytest
 
 from em_bench.config import SamplingConfig
-from em_bench.generate.base import Request
+from em_bench.generate.base import GenerationFailed, Request
 from em_bench.generate.hf import HFBackend
 from em_bench.generate.openai_api import (
     AdapterUnavailable,
-    GenerationFailed,
     OpenAIBackend,
     adapter_name,
     request_seed,

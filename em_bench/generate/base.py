@@ -24,6 +24,27 @@ class Completion:
     n_tokens: int
 
 
+@dataclass(frozen=True)
+class Failure:
+    key: str
+    reason: str
+
+
+class GenerationFailed(RuntimeError):
+    """Requests that failed for good, raised after every other request finished.
+
+    `failures` name each failed request's key and why; `completions` holds what did arrive,
+    one per request in order, None where it failed.
+    """
+
+    def __init__(self, failures: list[Failure], completions: list[Completion | None]):
+        self.failures, self.completions = failures, completions
+        shown = "; ".join(f"{f.key}: {f.reason}" for f in failures[:5])
+        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+        super().__init__(f"{len(failures)} of {len(completions)} generation requests failed "
+                         f"({shown}{more})")
+
+
 class Backend(Protocol):
     """Generates one completion per request, in order."""
 

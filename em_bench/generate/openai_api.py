@@ -33,39 +33,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from em_bench.config import SamplingConfig
-from em_bench.generate.base import Completion, Request
+from em_bench.generate.base import Completion, Failure, GenerationFailed, Request
 from em_bench.judge.llm import CallFailed, MalformedReply, async_client, call_with_retries
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-
-
-@dataclass(frozen=True)
-class Failure:
-    key: str
-    reason: str
-
-
-class GenerationFailed(RuntimeError):
-    """Requests that failed for good, raised after every other request finished.
-
-    `failures` name each failed request's key and why; `completions` holds what did arrive,
-    one per request in order, None where it failed.
-    """
-
-    def __init__(self, failures: list[Failure], completions: list[Completion | None]):
-        self.failures, self.completions = failures, completions
-        shown = "; ".join(f"{f.key}: {f.reason}" for f in failures[:5])
-        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
-        super().__init__(f"{len(failures)} of {len(completions)} generation requests failed "
-                         f"({shown}{more})")
 
 
 class AdapterUnavailable(RuntimeError):
