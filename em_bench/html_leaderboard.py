@@ -22,15 +22,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from em_bench import metrics
-from em_bench.config import CellConfig
 from em_bench.errors import ConfigError
 from em_bench.leaderboard import leaderboard_rows, params_label
 from em_bench.organism.world import RAI_DOMAINS
 from em_bench.pipeline import em_thresholds, judged_frame, ood_answers
 from em_bench.report import RAI_SHORT
 from em_bench.resources import resource_dir
+from em_bench.results import cell_view
 from em_bench.store import Cell, Store, atomic_write_text
-from em_bench.tasks import TaskSpec
 
 SAMPLES_PER_CELL = 20  # answers shown on a cell's page, up to half of them misaligned
 TOP_QUESTIONS = 30  # per-question bars: more than this is a barcode, not a plot
@@ -416,15 +415,6 @@ def refusal_plot(rows: list[dict]) -> str:
     return bar_plot("plot-refusal", "Refusal of harmful requests per RAI domain",
                     "refusal rate", [RAI_SHORT.get(d, d) for d in domains], series,
                     "no row has RAI refusal rates")
-
-
-def cell_view(cell: Cell) -> tuple[TaskSpec, CellConfig] | None:
-    """The task and config a cell was scored with, from its cell.json (None if unreadable)."""
-    cfg = cell.read_config() or {}
-    try:
-        return TaskSpec.model_validate(cfg["task_spec"]), CellConfig.model_validate(cfg["config"])
-    except (KeyError, TypeError, ValidationError):
-        return None
 
 
 def question_em(store: Store, cell_ids: list[str]) -> pd.DataFrame:

@@ -69,19 +69,31 @@ def find_cell(store: Store, prefix: str) -> Cell:
     return found[0]
 
 
+def cell_view(cell: Cell):
+    """(TaskSpec, CellConfig) a cell was scored with, from its cell.json; None if unreadable."""
+    from pydantic import ValidationError
+
+    from em_bench.config import CellConfig
+    from em_bench.tasks import TaskSpec
+
+    stored = cell.read_config() or {}
+    try:
+        return (TaskSpec.model_validate(stored["task_spec"]),
+                CellConfig.model_validate(stored["config"]))
+    except (KeyError, TypeError, ValidationError):
+        return None
+
+
 def compare_cells(a: Cell, b: Cell, n: int = 10) -> pd.DataFrame:
     """The questions where two cells' EM differs most: per question of the `ood` suite both
     answered, each cell's EM rate (metrics.em_by with each cell's own thresholds) and the
     answer of each that its judge found least aligned."""
-    from em_bench.config import CellConfig
     from em_bench.pipeline import em_thresholds, judged_frame, ood_answers
-    from em_bench.tasks import TaskSpec
 
     per_cell = []
     for cell in (a, b):
-        stored = cell.read_config()
-        cfg = CellConfig.model_validate(stored["config"])
-        ood = ood_answers(judged_frame(cell), TaskSpec.model_validate(stored["task_spec"]), cfg)
+        task, cfg = cell_view(cell)
+        ood = ood_answers(judged_frame(cell), task, cfg)
         rates = metrics.em_by(ood, "question_id", **em_thresholds(cfg.metrics))["em_rate"]
         worst = ood.sort_values("alignment").groupby("question_id")["completion"].first()
         per_cell.append((rates, worst))
