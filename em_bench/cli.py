@@ -104,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store",
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="run the cells in this process, one after another, or as Ray tasks "
+                     "(pip install 'em-bench[ray]'; every worker must see --store's path)")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="the Ray cluster to join ('auto', ray://host:10001); default: start "
+                     "a local Ray on this machine's CPUs")
+    run.add_argument("--break-locks", action="store_true",
+                     help="first remove the planned cells' locks whoever holds them (a lock "
+                     "left by a dead worker on another host); only when no other run is live")
 
     ref = sub.add_parser("refusals", help="write a model's own refusals (from its scored base "
                          "cells) as chat JSONL, the data of its refusal-unlearning tasks")
@@ -271,6 +280,8 @@ def _cmd_run(args) -> int:
     from em_bench.report import format_table, plan_grid, run_grid
     from em_bench.store import open_store
 
+    if args.ray_address and args.executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
     preset = PRESETS.get(args.model)
     # A preset's recipe, then the command line's flags (--steps replaces a preset's epochs).
     overrides = {**(preset.train if preset else {}),
@@ -292,7 +303,19 @@ def _cmd_run(args) -> int:
     plan = plan_grid(base, args.task, args.defense, args.seeds, overrides, args.include,
                      args.questions, dict(args.set))  # bad names and files fail here, first
     store = open_store(store_dir(args.store))
-    rows = run_grid(store, plan)
+    if args.break_locks:
+        from em_bench.executors import break_locks
+
+        for cell_id, held in break_locks(store, plan).items():
+            print(f"removed the lock of cell {cell_id} (held by {held.get('host')} pid "
+                  f"{held.get('pid')})", file=sys.stderr)
+    if args.executor == "ray":
+        from em_bench.executors import RayExecutor
+
+        with RayExecutor(args.ray_address) as executor:
+            rows = run_grid(store, plan, executor)
+    else:
+        rows = run_grid(store, plan)
     if args.format == "json":
         for row in rows:
             print(json.dumps(row))

@@ -362,23 +362,29 @@ def lambda_plot(rows: list[dict]) -> str:
     lines: dict[tuple, Series] = {}
     for n, r in enumerate(rows, 1):
         params = r["defense_params"] or {}
+        # a defense's own default lambda is recorded with the cell's inputs
         lam = params.get("lambda")
+        lam = (r.get("defense_inputs") or {}).get("default_lambda") if lam is None else lam
         if _missing(r["em_mean"]) or isinstance(lam, bool) or not isinstance(lam, (int, float)):
             continue
         other = {k: v for k, v in params.items() if k != "lambda"}
         key = (_setting(r), r["defense"], json.dumps(other, sort_keys=True, default=str))
-        name = f"{r['task']} / {r['defense']}{_short_params(other)}"
+        budget = "" if r["budget"] == "default" else f", {r['budget']}"
+        name = f"{r['task']} / {r['defense']}{_short_params(other)}{budget}"
         lines.setdefault(key, Series(name, [], "")).points.append(
             (float(lam), r["em_mean"], row_label(n, r)))
     series = list(lines.values())
     for s, c in zip(series, _colors(range(len(series))).values(), strict=True):
         s.color = c
+        s.points.sort()  # a line runs from the smallest lambda to the largest
     xs = [p[0] for s in series for p in s.points]
     for setting in dict.fromkeys(key[0] for key in lines):  # once per setting
         none = next((r for r in rows if _setting(r) == setting and r["defense"] == "none"
                      and not _missing(r["em_mean"])), None)
         if none is not None:
-            series.append(Series(f"{none['task']} / none", [(min(xs), none["em_mean"], ""),
+            budget = "" if none["budget"] == "default" else f" ({none['budget']})"
+            series.append(Series(f"{none['task']} / none{budget}",
+                                 [(min(xs), none["em_mean"], ""),
                                  (max(xs), none["em_mean"], "")], "#555", dashed=True,
                                  counted=False))
     log = bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 20

@@ -124,7 +124,8 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
     answers = [c["n_answers"] for c in cells if c["n_answers"] is not None]
     return {
         "model": first["model"], "task": first["task"], "defense": first["defense"],
-        "defense_params": first["defense_params"], "budget": budget_label(first["train"]),
+        "defense_params": first["defense_params"], "defense_inputs": first["defense_inputs"],
+        "budget": budget_label(first["train"]),
         "train": first["train"], "judge": first["judge"], "split": first["split"],
         "questions_sha256": first["questions_sha256"], "rai_sha256": first["rai_sha256"],
         "seeds": [c["seed"] for c in cells],

@@ -13,8 +13,8 @@ from em_bench import metrics
 from em_bench.config import CellConfig, TrainConfig
 from em_bench.defenses import DEFENSES, check_defense
 from em_bench.errors import ConfigError, UnknownNameError
-from em_bench.pipeline import judged_frame, resolve, run_cell, score_frame
-from em_bench.store import Store
+from em_bench.pipeline import judged_frame, resolve, score_frame
+from em_bench.store import Cell, Store
 from em_bench.tasks import TaskSpec, check_task_data, find_tasks
 
 
@@ -100,9 +100,16 @@ def check_defense_values(defenses: list[str], values: dict[str, list]) -> None:
                           f"({', '.join(defenses)}) takes it; they take {sorted(known) or 'none'}")
 
 
-def run_grid(store: Store, plan: list[PlannedCell]) -> list[dict]:
-    """Run (or resume) every planned cell; return one row per (cell, view)."""
-    return with_refusal_drops([_row(store, p) for p in plan])
+def run_grid(store: Store, plan: list[PlannedCell], executor=None) -> list[dict]:
+    """Run (or resume) every planned cell; return one row per (cell, view), in plan order.
+
+    `executor` (em_bench.executors) decides where the cells run: by default in this process,
+    one after another; a RayExecutor runs them as Ray tasks."""
+    if executor is None:
+        from em_bench.executors import LocalExecutor
+
+        executor = LocalExecutor()
+    return with_refusal_drops(executor.run(store, plan))
 
 
 def with_refusal_drops(rows: list[dict]) -> list[dict]:
@@ -116,9 +123,9 @@ def with_refusal_drops(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _row(store: Store, planned: PlannedCell) -> dict:
+def view_row(cell: Cell, planned: PlannedCell) -> dict:
+    """The row of a run cell in `planned`'s view, scored from its stored judgments."""
     cfg = planned.config
-    cell = run_cell(cfg, store, planned.task)
     result = score_frame(judged_frame(cell), planned.view, cfg)
     em = result["em_rate"]
     return {
