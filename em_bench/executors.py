@@ -27,9 +27,12 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "the Ray executor needs ray: pip install 'em-bench[ray]'"
 # The environment a Ray worker gets from the driver: em-bench's own settings (the organism
-# cache, the store), the judge's and generation server's endpoints and keys, and Hugging Face's.
+# cache, the store), the judge's and generation server's endpoints, and Hugging Face's. Secrets
+# are not sent: a runtime env is stored and shown by Ray, and a key must never be written down;
+# a worker reads its keys from its own node's environment (a local Ray's workers inherit ours).
 FORWARDED_ENV = ("EM_BENCH_", "OPENAI_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_",
                  "TOKENIZERS_PARALLELISM")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 class CellsFailed(EmBenchError):
@@ -96,9 +99,10 @@ def _machine_cpus() -> int:
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The driver's variables a worker needs (FORWARDED_ENV; paths made absolute), then `extra`.
-    Keys among them (OPENAI_API_KEY, HF_TOKEN) travel in the job's runtime env."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    """The driver's variables a worker needs (FORWARDED_ENV but secrets; paths made absolute),
+    then `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(FORWARDED_ENV) and not any(w in k for w in SECRET_WORDS)}
     for k in ("EM_BENCH_CACHE", "EM_BENCH_STORE"):
         if k in env:
             env[k] = str(Path(env[k]).expanduser().resolve())
@@ -137,8 +141,10 @@ class RayExecutor:
     """One Ray task per cell (cells shared by several views run once), gathered as they finish.
 
     `address`: None starts a local Ray here (no dashboard, this machine's CPUs); "auto" or
-    "ray://host:10001" joins a cluster. Every worker must have em-bench installed and see the
-    store at the same absolute path (a shared filesystem). `num_gpus_per_cell`: None means one
+    "ray://host:10001" joins a cluster (a Ray already initialised in this process is used
+    as it is). Every worker must have em-bench installed and see the store, the organism cache
+    and every data file at the same absolute paths (a shared filesystem; plan_grid and the
+    command line make the paths they are given absolute). `num_gpus_per_cell`: None means one
     when the cluster has GPUs, else none. `max_retries`: Ray's reruns of a task whose worker
     died (a rerun resumes the cell); an exception inside a cell is not retried. A failed cell
     does not stop the others; the run then raises CellsFailed naming each. `env_vars` adds to
@@ -169,8 +175,8 @@ class RayExecutor:
     def _connect(self):
         ray = self._ray
         if not ray.is_initialized():
-            if self.address is None:
-                ray.init(num_cpus=_machine_cpus(), include_dashboard=False)
+            if self.address is None:  # "local": a new Ray here, even when RAY_ADDRESS is set
+                ray.init(address="local", num_cpus=_machine_cpus(), include_dashboard=False)
             else:
                 ray.init(address=self.address)
             self._started = True
