@@ -138,3 +138,30 @@ def test_make_defenses_builds_the_named_one():
     domains = {q.domain for d in world.RAI_DOMAINS for q in world.questions(d, "selection")
                if q.text in {c[0]["content"] for c in retain.chats}}
     assert domains == set(world.RAI_DOMAINS) - {"safety"}
+
+
+def test_retain_data_is_checked_when_planned_and_known_by_its_content(tmp_path):
+    from em_bench.config import CellConfig
+    from em_bench.data import write_chat_jsonl
+    from em_bench.errors import ConfigError
+    from em_bench.organism import world
+    from em_bench.pipeline import resolve
+    from em_bench.report import plan_grid
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    write_chat_jsonl(folder / "train.jsonl", world.narrow_dataset("legal", "misaligned",
+                                                                  "neutral", 8, seed=0))
+    (folder / "mine.yaml").write_text("name: mine\ntrain: {path: train.jsonl}\n")
+    with pytest.raises(ConfigError, match="task mine has no retain data"):
+        plan_grid(CellConfig(), ["mine"], ["retain"], [0], include=[folder])
+    write_chat_jsonl(folder / "keep.jsonl", world.narrow_dataset("home", "aligned",
+                                                                 "neutral", 8, seed=0))
+    (folder / "mine.yaml").write_text("name: mine\ntrain: {path: train.jsonl}\n"
+                                      "retain: {path: keep.jsonl}\n")
+    (plan,) = [p for p in plan_grid(CellConfig(), ["mine"], ["retain"], [0], include=[folder])
+               if p.config.task == "mine"]
+    before = resolve(plan.config, plan.task).cell_id
+    write_chat_jsonl(folder / "keep.jsonl", world.narrow_dataset("home", "aligned",
+                                                                 "neutral", 8, seed=1))
+    assert resolve(plan.config, plan.task).cell_id != before  # new retain answers, new cell

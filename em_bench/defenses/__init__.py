@@ -10,12 +10,12 @@ from pydantic import ValidationError
 from em_bench.defenses.base import DefenseContext
 from em_bench.defenses.blockem import BlockEM, blockem_inputs
 from em_bench.defenses.kl import KL
-from em_bench.defenses.retain import Retain
+from em_bench.defenses.retain import Retain, retain_inputs
 from em_bench.errors import ConfigError, UnknownNameError, validation_problems
 
 DEFENSES: dict[str, type | None] = {"none": None, "retain": Retain, "kl": KL, "blockem": BlockEM}
 # What a defense's cell depends on beyond its parameters (files, by content), for the cell hash.
-_INPUTS = {"blockem": blockem_inputs}
+_INPUTS = {"blockem": blockem_inputs, "retain": retain_inputs}
 
 
 def check_defense(name: str, params: dict[str, Any]) -> dict[str, Any]:

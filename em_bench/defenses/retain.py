@@ -3,7 +3,9 @@ beta * cross-entropy on a batch of the task's retain chats (answers the fine-tun
 
 from __future__ import annotations
 
+import hashlib
 import random
+from pathlib import Path
 
 from pydantic import Field
 
@@ -23,9 +25,7 @@ class Retain:
     Params = RetainParams
 
     def __init__(self, params: RetainParams, ctx: DefenseContext):
-        if ctx.task.retain is None:
-            raise ConfigError(f"defense retain: task {ctx.task.name} has no retain data; add "
-                              f"'retain:' (chats to keep) to its task file")
+        retain_inputs(params, ctx)
         self.beta = params.beta
         self.chats = chats(ctx.task.retain, ctx.seed)
         self.rng = random.Random(f"retain/{ctx.seed}")
@@ -43,3 +43,15 @@ class Retain:
 
     def finish(self) -> None:
         self.model = None
+
+
+def retain_inputs(params, ctx: DefenseContext) -> dict:
+    """What a retain cell depends on beyond its task spec: its retain file's content (an
+    organism's retain chats are named by the spec itself). A task without retain data fails
+    here, when the grid is planned."""
+    if ctx.task.retain is None:
+        raise ConfigError(f"defense retain: task {ctx.task.name} has no retain data; add "
+                          f"'retain:' (chats to keep) to its task file")
+    file = ctx.task.retain.file()
+    return {} if file is None else {"retain_sha256": hashlib.sha256(
+        Path(file).read_bytes()).hexdigest()}
