@@ -403,8 +403,9 @@ def judge_input(generation: dict, task: TaskSpec) -> JudgeInput:
 def _judge(rc: ResolvedCell, cell: Cell, store: Store, juror: str | None = None) -> None:
     """Judge every stored answer not yet judged, with the cell's judge or one juror."""
     stream, name = ("judgments", rc.config.judge) if juror is None else (jury_stream(juror), juror)
-    h = rc.step_hash("judge") + ("" if juror is None else f"|{juror}")
-    if cell.is_done(stream, h):
+    step, h = ("judge", rc.step_hash("judge")) if juror is None else (
+        stream, rc.step_hash("judge") + f"|{juror}")
+    if cell.is_done(step, h):
         return
     judge = make_judge(name, store, rc.config.metrics.em_definition)
     done = {k for (k,) in cell.keys(stream, ("item_id",))}
@@ -412,7 +413,7 @@ def _judge(rc: ResolvedCell, cell: Cell, store: Store, juror: str | None = None)
               if g["key"] not in done]
     for j in judge.judge_many(inputs):
         cell.append(stream, j.to_record())
-    cell.mark_done(stream, h)
+    cell.mark_done(step, h)
 
 
 def judged_frame(cell: Cell, stream: str = "judgments") -> pd.DataFrame:

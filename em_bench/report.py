@@ -15,7 +15,7 @@ from em_bench.defenses import DEFENSES, check_defense
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import judged_frame, resolve, score_frame
 from em_bench.store import Cell, Store
-from em_bench.tasks import TaskSpec, check_task_data, find_tasks
+from em_bench.tasks import TaskSpec, check_task_data, find_tasks, pointed_to
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,14 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
         if name not in found:
             raise UnknownNameError("task", name, list(found))
         specs[name] = found[name].spec
+    for spec in specs.values():  # a malformed row or data not on this machine, before any work
+        check_task_data(spec)
     plan = []
     for task in tasks:
         view = specs[task]
         asked = questions or view.questions
-        suite = {"questions": None if asked is None else str(Path(asked).resolve())}
+        suite = {"questions": None if asked is None else str(Path(pointed_to(str(asked)))
+                                                                .resolve())}
         for seed in seeds:
             cfg = base.model_copy(update={"task": "base", "defense": "none", "seed": seed,
                                           "train": TrainConfig(), "eval_every": None, **suite})
@@ -71,8 +74,6 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
                         "task": task, "defense": defense, "defense_params": params,
                         "seed": seed, "train": train, **suite})
                     plan.append(PlannedCell(cfg, view, view))
-    for spec in specs.values():
-        check_task_data(spec)
     for p in plan:
         resolve(p.config, p.task)
     return plan

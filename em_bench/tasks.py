@@ -202,6 +202,7 @@ def load_task_file(path: Path) -> TaskSpec:
     path = Path(path)
     spec = load_yaml_model(path, TaskSpec, "the task file",
                            lambda e: "; ".join(_problem(x) for x in e.errors()))
+
     def beside(key: str, relative: str, kind: str) -> str:
         if "$" in relative:  # data the user points to: checked when the task is used
             return relative
