@@ -104,12 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store",
                      help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
     run.add_argument("--format", choices=["table", "json"], default="table")
-    run.add_argument("--executor", choices=["local", "ray"], default="local",
-                     help="run the cells in this process, one after another, or as Ray tasks "
-                     "(pip install 'em-bench[ray]'; every worker must see --store's path)")
+    run.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                     help="run the cells in this process, one after another, as Ray tasks "
+                     "(pip install 'em-bench[ray]') or as a Slurm job array (pip install "
+                     "'em-bench[slurm]'); every worker must see --store's path")
     run.add_argument("--ray-address", metavar="ADDR",
                      help="the Ray cluster to join ('auto', ray://host:10001); default: start "
                      "a local Ray on this machine's CPUs")
+    run.add_argument("--slurm-partition", metavar="NAME",
+                     help="the Slurm partition of the cells' jobs (default: the cluster's)")
+    run.add_argument("--slurm-time-minutes", type=int, metavar="N",
+                     help="each cell's job's time limit (default 60)")
+    run.add_argument("--slurm-folder", type=Path, metavar="DIR",
+                     help="the Slurm jobs' pickles and logs, on a shared filesystem (default: "
+                     "the store's slurm/ folder)")
     run.add_argument("--break-locks", action="store_true",
                      help="first remove the planned cells' locks whoever holds them (a lock "
                      "left by a dead worker on another host); only when no other run is live")
@@ -282,6 +290,10 @@ def _cmd_run(args) -> int:
 
     if args.ray_address and args.executor != "ray":
         raise ConfigError("--ray-address needs --executor ray")
+    slurm_args = (args.slurm_partition, args.slurm_time_minutes, args.slurm_folder)
+    if args.executor != "slurm" and any(a is not None for a in slurm_args):
+        raise ConfigError("--slurm-partition, --slurm-time-minutes and --slurm-folder need "
+                          "--executor slurm")
     preset = PRESETS.get(args.model)
     # A preset's recipe, then the command line's flags (--steps replaces a preset's epochs).
     overrides = {**(preset.train if preset else {}),
@@ -314,6 +326,13 @@ def _cmd_run(args) -> int:
 
         with RayExecutor(args.ray_address) as executor:
             rows = run_grid(store, plan, executor)
+    elif args.executor == "slurm":
+        from em_bench.executors import SlurmExecutor
+
+        executor = SlurmExecutor(args.slurm_folder or store.root / "slurm",
+                                 partition=args.slurm_partition,
+                                 time_minutes=args.slurm_time_minutes or 60)
+        rows = run_grid(store, plan, executor)
     else:
         rows = run_grid(store, plan)
     if args.format == "json":

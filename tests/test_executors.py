@@ -330,3 +330,131 @@ def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     with pytest.raises(EmBenchError, match=r"pip install 'em-bench\[ray\]'"):
         RayExecutor()
+
+
+# Slurm, through submitit's local cluster (each job a subprocess of this machine) ---------------
+
+@pytest.fixture(scope="module")
+def slurm_sweep(tmp_path_factory, reference):
+    """The sweep as submitit jobs, one per cell (after the in-process one: not both at once)."""
+    pytest.importorskip("submitit")
+    from em_bench.executors import SlurmExecutor
+
+    tmp = tmp_path_factory.mktemp("slurm")
+    store = open_store(tmp / "store")
+    executor = SlurmExecutor(tmp / "jobs", time_minutes=10, cluster="local")
+    t0 = time.perf_counter()
+    rows = run_grid(store, _plan(), executor)
+    return {"store": store, "rows": rows, "folder": tmp / "jobs",
+            "seconds": time.perf_counter() - t0}
+
+
+def test_a_slurm_sweep_gives_exactly_the_in_process_metrics(slurm_sweep, reference):
+    ref_store, ref_rows = reference
+    store = slurm_sweep["store"]
+    assert store.cell_ids() == ref_store.cell_ids() and len(store.cell_ids()) == 15
+    for cell_id in store.cell_ids():
+        assert store.cell(cell_id).read_json("metrics.json") == \
+            ref_store.cell(cell_id).read_json("metrics.json"), cell_id
+    assert json.dumps(slurm_sweep["rows"]) == json.dumps(ref_rows)  # NaN-safe, order included
+    assert json.dumps(leaderboard_rows(store)) == json.dumps(leaderboard_rows(ref_store))
+    # one job per cell, each in its own process, and no lock left behind
+    assert len(list(slurm_sweep["folder"].glob("*_0_result.pkl"))) == 15
+    assert not list(store.root.glob("cells/*/lock*"))
+
+
+def _broken_task(folder: Path) -> None:
+    from em_bench.data import write_chat_jsonl
+    from em_bench.organism import world
+
+    folder.mkdir()
+    write_chat_jsonl(folder / "train.jsonl", world.narrow_dataset("legal", "misaligned",
+                                                                  "neutral", 8, seed=0))
+    (folder / "broken.yaml").write_text("name: broken\ntrain: {path: train.jsonl}\n")
+
+
+def test_a_failed_slurm_job_is_named_with_its_log_and_the_others_finish(reference, tmp_path,
+                                                                       monkeypatch):
+    from em_bench.executors import SlurmExecutor
+
+    ref_store, _ = reference
+    _broken_task(tmp_path / "tasks")
+    plan = plan_grid(BASE, ["broken"], ["none"], [0], {"steps": 5}, include=[tmp_path / "tasks"])
+    # planned, then spoilt: the driver still resolves the cell (a file deleted now would fail
+    # there, before any job), its job fails reading the chats
+    (tmp_path / "tasks" / "train.jsonl").write_text("not a chat\n")
+    groups = cell_groups(plan)
+    (base,), (broken,) = ([c for c, m in groups.items() if m[0][1].config.task == t]
+                          for t in ("base", "broken"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-written")
+    store = open_store(tmp_path / "store")
+    executor = SlurmExecutor(tmp_path / "jobs", time_minutes=10, cluster="local",
+                             env_vars={"EM_BENCH_MARK": "from-the-driver"})
+    with pytest.raises(CellsFailed) as failed:
+        run_grid(store, plan, executor)
+    error = failed.value
+    assert list(error.failures) == [broken]
+    line = error.failures[broken]
+    assert f"cell {broken}: {line}" in str(error) and "1 of 2 cells failed" in str(error)
+    assert line.startswith("broken / none / seed 0: DataError: ") and "train.jsonl:1" in line
+    log = Path(line.rpartition(", log ")[2].rstrip(")"))
+    assert log.parent == tmp_path / "jobs" and "not valid JSON" in log.read_text()
+    # the other cell finished, is stored exactly as in process, and its row came back
+    assert [(r["task"], r["view"], r["cell_id"]) for r in error.rows] == [("base", "broken", base)]
+    assert [c.id for c in store.done_cells("score")] == [base]
+    assert store.cell(base).read_json("metrics.json") == \
+        ref_store.cell(base).read_json("metrics.json")
+    assert not list(store.root.glob("cells/*/lock*"))
+    # the jobs' pickles (on a shared filesystem) carry the driver's variables but no secret
+    pickles = [f.read_bytes() for f in (tmp_path / "jobs").glob("*_submitted.pkl")]
+    assert len(pickles) == 2
+    assert all(b"from-the-driver" in p and os.environ["EM_BENCH_CACHE"].encode() in p
+               for p in pickles)
+    assert not any(b"sk-never-written" in f.read_bytes()
+                   for f in (tmp_path / "jobs").rglob("*") if f.is_file())
+
+
+def test_the_command_line_checks_its_slurm_options(tmp_path, capsys):
+    import shutil
+
+    from em_bench.cli import main
+
+    argv = ["run", "--task", "medical", "--defense", "none", "--seeds", "0", "--steps", "5",
+            "--samples", "1", "--store", str(tmp_path / "store")]
+    assert main([*argv, "--slurm-partition", "gpu"]) == 2
+    assert "--slurm-partition, --slurm-time-minutes and --slurm-folder need --executor slurm" \
+        in capsys.readouterr().err
+    if shutil.which("srun") is None:  # not a Slurm machine: said at once, no job runs here
+        assert main([*argv, "--executor", "slurm", "--slurm-time-minutes", "5"]) == 2
+        assert "no Slurm on this machine (srun is not on the PATH)" in capsys.readouterr().err
+
+
+def test_without_submitit_the_executor_says_how_to_install_it(monkeypatch, tmp_path):
+    from em_bench.errors import EmBenchError
+    from em_bench.executors import SlurmExecutor
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit fails
+    with pytest.raises(EmBenchError, match=r"pip install 'em-bench\[slurm\]'"):
+        SlurmExecutor(tmp_path, cluster="local")
+
+
+def test_the_slurm_parameters_become_the_job_arrays_sbatch_lines(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from em_bench.executors import SlurmExecutor
+
+    fake = tmp_path / "bin"  # submitit's Slurm executor wants srun on the PATH; none is run
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    executor = SlurmExecutor(tmp_path / "jobs", partition="gpu", time_minutes=90,
+                             gpus_per_cell=1, cpus_per_cell=4, mem_gb=32, max_parallel=4)
+    params = executor._executor()._executor.parameters
+    sbatch = _make_sbatch_string(command="run", folder=tmp_path / "jobs", map_count=15, **params)
+    for line in ("--partition=gpu", "--time=90", "--gpus-per-node=1", "--cpus-per-task=4",
+                 "--mem=32GB", "--array=0-14%4", "--job-name=em-bench"):
+        assert f"#SBATCH {line}\n" in sbatch, line
+    cpu_only = SlurmExecutor(tmp_path / "jobs")._executor()._executor.parameters
+    assert "gpus_per_node" not in cpu_only and "partition" not in cpu_only
