@@ -21,6 +21,7 @@ from em_bench.config import TrainConfig
 from em_bench.errors import ConfigError
 from em_bench.organism.world import RAI_DOMAINS
 from em_bench.report import RAI_SHORT, _align, _pct
+from em_bench.results import flatten
 from em_bench.store import Cell, Store
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -54,17 +55,6 @@ def _mean(values: list) -> float | None:
     return _num(metrics.seed_summary(values)["mean"])
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """Nested keys as dotted names: {"lora": {"rank": 8}} -> {"lora.rank": 8}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _label(d: dict, empty: str) -> str:
     """A short `k=v, ...` label of a flat dict, `empty` when it has nothing to say."""
     return ", ".join(f"{k}={v if isinstance(v, str) else _canonical(v)}"
@@ -86,8 +76,8 @@ def params_label(params: dict) -> str:
 def budget_label(train: dict) -> str:
     """The train settings that differ from the defaults, or `default`: what a reader needs to
     tell two budgets apart without reading the whole config."""
-    defaults = _flatten(TrainConfig().model_dump(mode="json"))
-    return _label({k: v for k, v in _flatten(train).items() if defaults.get(k) != v}, "default")
+    defaults = flatten(TrainConfig().model_dump(mode="json"))
+    return _label({k: v for k, v in flatten(train).items() if defaults.get(k) != v}, "default")
 
 
 def cell_record(cell: Cell) -> dict:
@@ -274,7 +264,7 @@ def _flat_row(row: dict, domains: list[str]) -> dict:
         if k in RAI_COLUMNS:
             out.update({f"{k}.{d}": (v or {}).get(d) for d in domains})
         elif k == "train":
-            out.update(_flatten(v, "train."))
+            out.update(flatten(v, "train."))
         else:
             out[k] = v
     return {k: _canonical(v) if isinstance(v, (dict, list)) else v for k, v in out.items()}

@@ -17,11 +17,12 @@ from em_bench.errors import ConfigError
 from em_bench.store import Cell, Store, open_store
 
 
-def _flatten(d: dict, prefix: str) -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested keys as dotted names: {"lora": {"rank": 8}} -> {"lora.rank": 8}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -34,14 +35,14 @@ def result_row(cell: Cell) -> dict:
     stored, res = cell.read_config() or {}, cell.read_json("metrics.json") or {}
     row = {"cell_id": cell.id, **{k: stored.get(k) for k in ("model", "task", "defense", "seed")},
            "judge": res.get("judge")}
-    row.update(_flatten(stored.get("config") or {}, "config."))
-    row.update(_flatten((stored.get("provenance") or {}).get("versions") or {}, "versions."))
+    row.update(flatten(stored.get("config") or {}, "config."))
+    row.update(flatten((stored.get("provenance") or {}).get("versions") or {}, "versions."))
     for name, m in (res.get("metrics") or {}).items():
         if isinstance(m, dict) and "value" in m:  # a metric with its CI
             row[name] = m["value"]
             row.update({f"{name}.{k}": m[k] for k in ("ci_low", "ci_high", "n") if k in m})
         elif isinstance(m, dict):  # per domain ({domain: metric}) or lm-eval's nested scores
-            for key, v in _flatten(m, f"{name}.").items():
+            for key, v in flatten(m, f"{name}.").items():
                 if key.endswith(".value"):
                     row[key[: -len(".value")]] = v
                 elif isinstance(v, (int, float)) and not key.endswith((".n_excluded", ".seed")):
