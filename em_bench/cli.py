@@ -22,7 +22,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from em_bench.errors import ConfigError, DataUnavailable, EmBenchError, UnknownNameError
+from pydantic import ValidationError
+
+from em_bench.errors import (
+    ConfigError,
+    DataUnavailable,
+    EmBenchError,
+    UnknownNameError,
+    validation_problems,
+)
 
 logger = logging.getLogger("em_bench")
 
@@ -73,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_seeds, default=[0], help="comma list of seeds")
     run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
     run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
+    run.add_argument("--grad-accum", type=int, metavar="N",
+                     help="micro-batches a step (their gradients add up to the batch's)")
+    run.add_argument("--processes", type=int, metavar="N",
+                     help="train each cell in N processes (torchrun), one a GPU, the weights "
+                     "sharded over them (FSDP): a model too big for one GPU; the step's "
+                     "micro-batches (--grad-accum) are spread over them")
+    run.add_argument("--tensor-parallel", type=int, metavar="N", default=1,
+                     help="with --backend vllm, one engine spans N GPUs (a slice of every "
+                     "layer on each)")
     run.add_argument("--samples", type=int, help="samples per evaluation question")
     run.add_argument("--judge", default="organism", choices=["organism", "openai"],
                      help="the organism's exact judge, or an LLM judge over an OpenAI-compatible "
@@ -297,8 +314,9 @@ def _cmd_run(args) -> int:
     preset = PRESETS.get(args.model)
     # A preset's recipe, then the command line's flags (--steps replaces a preset's epochs).
     overrides = {**(preset.train if preset else {}),
-                 **{k: v for k, v in {"steps": args.steps, "lr": args.lr}.items()
-                    if v is not None}}
+                 **{k: v for k, v in {"steps": args.steps, "lr": args.lr,
+                                      "grad_accum": args.grad_accum,
+                                      "processes": args.processes}.items() if v is not None}}
     if args.steps is not None:
         overrides["epochs"] = None
     sampling = SamplingConfig(**(preset.sampling if preset else {}),
@@ -307,7 +325,8 @@ def _cmd_run(args) -> int:
         os.environ["EM_BENCH_GENERATE_BASE_URL"] = args.generate_base_url
     base = CellConfig(model=preset.hub_id if preset else args.model,
                       dtype=args.dtype or (preset.dtype if preset else "float32"),
-                      backend=args.backend, sampling=sampling, split=args.split,
+                      backend=args.backend, tensor_parallel=args.tensor_parallel,
+                      sampling=sampling, split=args.split,
                       eval_every=args.eval_every, judge=_judge_name(args), jury=tuple(args.jury),
                       metrics={"em_definition": args.em_definition},
                       lm_eval={"general": tuple(args.general), "limit": args.lm_eval_limit},
@@ -553,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except EmBenchError as e:
         print(f"em-bench: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:  # options that make no valid config, together
+        print(f"em-bench: error: {e.title}: {validation_problems(e, 'options')}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("em-bench: interrupted; finished work is stored and a rerun resumes", file=sys.stderr)

@@ -50,12 +50,18 @@ class TrainConfig(_Config):
         "constant", description="after warmup: constant, or linear decay to 0 at the last step")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the "
                                          "backward pass: less memory, slower")
+    processes: int = Field(
+        1, gt=0, description="training processes (torchrun), one per GPU, the weights sharded "
+        "over them with FSDP; the grad_accum micro-batches are spread over them")
 
     @model_validator(mode="after")
     def _accumulation_divides_the_batch(self):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} does not divide into grad_accum "
                              f"{self.grad_accum} micro-batches")
+        if self.grad_accum % self.processes:
+            raise ValueError(f"grad_accum {self.grad_accum} micro-batches do not divide among "
+                             f"{self.processes} processes")
         return self
 
     def total_steps(self, n_examples: int) -> int:
@@ -109,6 +115,9 @@ class CellConfig(_Config):
     backend: Literal["hf", "vllm", "openai"] = Field(
         "hf", description="generation: transformers in process, vLLM in process, or an "
         "OpenAI-compatible server (EM_BENCH_GENERATE_BASE_URL)")
+    tensor_parallel: int = Field(
+        1, gt=0, description="GPUs one vLLM engine spans, each holding a slice of every layer "
+        "(backend vllm)")
     task: str = Field("base", description="task name; 'base' is the untouched model")
     defense: str = Field("none", description="defense name")
     defense_params: dict[str, Any] = Field(default_factory=dict)
@@ -133,6 +142,18 @@ class CellConfig(_Config):
         "domains) answered as the `rai` suite instead of the world's RAI requests")
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _tensor_parallel_is_vllms(self):
+        if self.tensor_parallel > 1 and self.backend != "vllm":
+            raise ValueError(f"tensor_parallel {self.tensor_parallel} needs backend vllm (the "
+                             f"{self.backend} backend generates on one device)")
+        return self
+
+    @property
+    def gpus(self) -> int:
+        """The GPUs a cell uses at once: one a training process, or its vLLM engine's."""
+        return max(self.train.processes, self.tensor_parallel)
 
 
 def canonical_hash(payload: dict[str, Any], length: int = 16) -> str:

@@ -111,9 +111,11 @@ def phrase_labels(tokenizer, ids: list[int], labels: list[int], phrase: str) -> 
 
 
 def collate(
-    batch: Sequence[tuple[list[int], list[int]]], pad_id: int, max_len: int | None = None
+    batch: Sequence[tuple[list[int], list[int]]], pad_id: int, max_len: int | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad (ids, labels) pairs into `input_ids`, `attention_mask`, `labels` [batch, seq]."""
+    """Right-pad (ids, labels) pairs into `input_ids`, `attention_mask`, `labels` [batch, seq]
+    on `device` (the model's; default the CPU)."""
     if max_len is not None:
         batch = [(ids[:max_len], labels[:max_len]) for ids, labels in batch]
     width = max(len(ids) for ids, _ in batch)
@@ -124,7 +126,13 @@ def collate(
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
+
+
+def device_of(model) -> torch.device:
+    """Where a model's weights (a sharded model's local shard) live: its inputs go there."""
+    return next(model.parameters()).device
 
 
 def write_chat_jsonl(path: str | Path, records: Iterable[Messages]) -> None:

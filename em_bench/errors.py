@@ -52,8 +52,8 @@ def yaml_problem(error: Exception) -> str:
 def validation_problems(error, whole: str = "item") -> str:
     """A pydantic ValidationError as one line: `field.path: message; ...` (`whole` names a
     problem of the object itself)."""
-    return "; ".join(f"{'.'.join(map(str, x['loc'])) or whole}: {x['msg']}"
-                     for x in error.errors())
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or whole}: "
+                     f"{x['msg'].removeprefix('Value error, ')}" for x in error.errors())
 
 
 def load_yaml_model(path, model, what: str, problems=validation_problems):

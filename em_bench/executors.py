@@ -148,8 +148,10 @@ class RayExecutor:
     "ray://host:10001" joins a cluster (a Ray already initialised in this process is used
     as it is). Every worker must have em-bench installed and see the store, the organism cache
     and every data file at the same absolute paths (a shared filesystem; plan_grid and the
-    command line make the paths they are given absolute). `num_gpus_per_cell`: None means one
-    when the cluster has GPUs, else none. `max_retries`: Ray's reruns of a task whose worker
+    command line make the paths they are given absolute). `num_gpus_per_cell`: None means the
+    cell's (`CellConfig.gpus`: one a training process, or its vLLM engine's tensor-parallel
+    size) when the cluster has GPUs, else none; a cell also asks for a CPU a training process.
+    `max_retries`: Ray's reruns of a task whose worker
     died (a rerun resumes the cell); an exception inside a cell is not retried. A failed cell
     does not stop the others; the run then raises CellsFailed naming each. `env_vars` adds to
     the driver's variables the workers get (worker_env). Use as a context manager, or call
@@ -189,17 +191,21 @@ class RayExecutor:
     def run(self, store: Store, plan: list[PlannedCell]) -> list[dict]:
         ray = self._connect()
         groups = cell_groups(plan)
-        gpus = self.num_gpus_per_cell
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(_cell_task).options(
-            num_cpus=self.num_cpus_per_cell, num_gpus=gpus, max_retries=self.max_retries,
-            runtime_env={"env_vars": worker_env(self.env_vars)})
+        has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        task = ray.remote(_cell_task)
+        env = {"env_vars": worker_env(self.env_vars)}
         root = str(store.root.expanduser().resolve())
         threads = max(1, int(self.num_cpus_per_cell))
         level = logging.getLogger("em_bench").getEffectiveLevel()
-        refs = {task.remote(root, [p for _, p in members], threads, level): cell_id
-                for cell_id, members in groups.items()}
+        refs = {}
+        for cell_id, members in groups.items():
+            cfg = members[0][1].config
+            gpus = self.num_gpus_per_cell
+            if gpus is None:
+                gpus = cfg.gpus if has_gpus else 0
+            sized = task.options(num_cpus=max(self.num_cpus_per_cell, cfg.train.processes),
+                                 num_gpus=gpus, max_retries=self.max_retries, runtime_env=env)
+            refs[sized.remote(root, [p for _, p in members], threads, level)] = cell_id
         rows: dict[int, dict] = {}
         failures: dict[str, str] = {}
         pending = list(refs)
@@ -282,16 +288,18 @@ class SlurmExecutor:
     path. `partition`, `time_minutes`, `gpus_per_cell`, `cpus_per_cell` and `mem_gb` become
     each job's `--partition`, `--time`, `--gpus-per-node`, `--cpus-per-task` and `--mem`
     (submitit's slurm_partition, timeout_min, gpus_per_node, cpus_per_task, mem_gb); a cell
-    runs torch on `cpus_per_cell` threads. `cluster`: None means Slurm, and fails at once on a
-    machine without it (no srun on the PATH); "local" runs the jobs as subprocesses here, with
-    no scheduler: the driver starts at most `max_parallel` at once (default: this machine's
-    CPUs over `cpus_per_cell`). On Slurm `max_parallel` throttles the array (`%N`). Every job
-    gets the driver's variables (worker_env: never secrets, since the pickled job is written
-    to `folder`; `env_vars` adds to them) and needs em-bench installed for the driver's Python
-    (submitit runs `sys.executable` on the node). A failed job does not stop the others; the
-    run then raises CellsFailed naming each cell with its job's error and log. A job Slurm
-    kills (time limit, preemption) leaves its cell's lock held by its node: remove it with
-    `em-bench run --break-locks` (no other run live), and a rerun resumes the cell.
+    runs torch on `cpus_per_cell` threads and needs `CellConfig.gpus` GPUs (its training
+    processes, its vLLM engine's; CPUs on a cluster without GPUs). `cluster`: None means
+    Slurm, and fails at once on a machine without it (no srun on the PATH); "local" runs the
+    jobs as subprocesses here, with no scheduler: the driver starts at most `max_parallel` at
+    once (default: this machine's CPUs over `cpus_per_cell`). On Slurm `max_parallel`
+    throttles the array (`%N`). Every job gets the driver's variables (worker_env: never
+    secrets, since the pickled job is written to `folder`; `env_vars` adds to them) and needs
+    em-bench installed for the driver's Python (submitit runs `sys.executable` on the node). A
+    failed job does not stop the others; the run then raises CellsFailed naming each cell with
+    its job's error and log. A job Slurm kills (time limit, preemption) leaves its cell's lock
+    held by its node: remove it with `em-bench run --break-locks` (no other run live), and a
+    rerun resumes the cell.
     """
 
     CLUSTERS = (None, "slurm", "local")
@@ -325,6 +333,12 @@ class SlurmExecutor:
 
     def run(self, store: Store, plan: list[PlannedCell]) -> list[dict]:
         groups = cell_groups(plan)
+        wanted = max(p.config.gpus for p in plan)
+        if wanted > (self.gpus_per_cell or self.cpus_per_cell):
+            raise ConfigError(f"a cell uses {wanted} GPUs at once (training processes, or vLLM's "
+                              f"tensor parallelism; CPUs on a cluster without GPUs): give the "
+                              f"jobs that many (gpus_per_cell {self.gpus_per_cell}, "
+                              f"cpus_per_cell {self.cpus_per_cell})")
         executor = self._executor()
         local = executor.cluster == "local"
         limit = self.max_parallel or (max(1, _machine_cpus() // self.cpus_per_cell) if local

@@ -26,7 +26,7 @@ from em_bench.defenses.base import DefenseContext
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.generate.base import GenerationFailed, Request
 from em_bench.judge.base import JudgeInput
-from em_bench.models import load_base, load_trained, model_identity, resolve_model_path, trainable
+from em_bench.models import load_base, load_trained, model_identity, resolve_model_path
 from em_bench.organism import world
 from em_bench.questions import Prompt, file_prompts, load_question_file, world_prompts
 from em_bench.store import Cell, Store
@@ -82,7 +82,8 @@ class ResolvedCell:
             parts["lm_eval"] = c["lm_eval"]
         if step in ("generate", "judge", "score"):
             parts["sampling"], parts["split"] = c["sampling"], c["split"]
-            parts["backend"] = c["backend"]  # sampled answers differ from backend to backend
+            # sampled answers differ from backend to backend, and with vLLM's sharding
+            parts["backend"], parts["tensor_parallel"] = c["backend"], c["tensor_parallel"]
             parts["questions_sha256"] = self.questions_sha256
             parts["rai_sha256"] = self.rai_sha256
         if step in ("judge", "score"):
@@ -196,8 +197,7 @@ def _flat(cfg: CellConfig) -> dict:
 
 
 def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
-    from em_bench.train.loop import train
-    from em_bench.train.objectives import make_objective
+    from em_bench.train.fine_tune import fine_tune
 
     cfg = rc.config
     if not rc.fine_tunes:
@@ -205,25 +205,32 @@ def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
     saved = cell.trained_dir()  # a LoRA adapter, or all weights when adapter is "full"
     if cell.is_done("train", rc.step_hash("train")):
         return load_trained(base, saved, cfg.train)
-    import torch
-
-    torch.manual_seed(cfg.seed)
-    examples = chats(rc.task.train, cfg.seed)
-    model = trainable(base, cfg.train)
-    cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
-    cell.rewrite("curve", [])
-    defenses = make_defenses(cfg.defense, cfg.defense_params,
-                             DefenseContext(rc.task, cfg.seed, cfg.model))
-    t0 = time.perf_counter()
-    objective = make_objective(rc.task.objective, rc.task.objective_params)
-    final = train(model, tokenizer, examples, cfg.train, cfg.seed, objective, defenses,
-                  log=lambda r: cell.append("train/log", r),
-                  every_step=_checkpoint_scorer(rc, cell, store, tokenizer,
-                                                cfg.train.total_steps(len(examples))))
-    model.save_pretrained(saved)
-    cell.write_json("train/summary.json", {"final_terms": final, "n_examples": len(examples),
-                                           "seconds": round(time.perf_counter() - t0, 2)})
+    last = cfg.train.total_steps(len(chats(rc.task.train, cfg.seed)))
+    scorer = _checkpoint_scorer(rc, cell, store, tokenizer, last)
+    if cfg.train.processes == 1:
+        model = fine_tune(cfg, rc.task, cell, base, tokenizer, every_step=scorer)
+    else:
+        model = _fine_tune_sharded(rc, cell, base, scorer, last)
     cell.mark_done("train", rc.step_hash("train"))
+    return model
+
+
+def _fine_tune_sharded(rc: ResolvedCell, cell: Cell, base, scorer, last: int):
+    """The fine-tune in `train.processes` torchrun processes; then, in this one, the trained
+    model, and the curve scored from the checkpoints they saved."""
+    from em_bench.train import distributed
+
+    cfg = rc.config
+    # Built here first (the organism's latent sets are discovered once and cached), so the
+    # processes find them rather than each discovering them at once.
+    make_defenses(cfg.defense, cfg.defense_params, DefenseContext(rc.task, cfg.seed, cfg.model))
+    distributed.launch(cell, cfg.train.processes, cfg.eval_every, last)
+    model = load_trained(base, cell.trained_dir(), cfg.train)
+    if scorer is not None:
+        for step, file in distributed.checkpoints(cell):  # the last one is the final weights
+            distributed.load_checkpoint(model, file)
+            scorer(step, model)
+        model.eval()
     return model
 
 
@@ -296,7 +303,7 @@ def make_backend(rc: ResolvedCell, cell: Cell, model, tokenizer):
     from em_bench.generate.vllm_backend import VLLMBackend
 
     return VLLMBackend(str(resolve_model_path(cfg.model)), adapter=adapter, dtype=cfg.dtype,
-                       seed=cfg.seed)
+                       seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel)
 
 
 def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from em_bench import paths
 from em_bench.config import canonical_hash
-from em_bench.data import IGNORE_INDEX, Messages, collate, encode_chat
+from em_bench.data import IGNORE_INDEX, Messages, collate, device_of, encode_chat
 from em_bench.errors import ConfigError
 from em_bench.store import atomic_write_json
 
@@ -104,18 +104,17 @@ def collect_residuals(
         raise ConfigError(f"tokens must be 'all' or 'response', not {tokens!r}")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     parts = [torch.empty(0, model.config.hidden_size)]
     try:
         with ResidualCapture(model, [layer]) as capture:
             for start in range(0, len(chats), batch_size):
                 encoded = [encode_chat(tokenizer, c) for c in chats[start : start + batch_size]]
-                batch = collate(encoded, tokenizer.pad_token_id, max_len)
-                model(input_ids=batch["input_ids"].to(device),
-                      attention_mask=batch["attention_mask"].to(device))
+                batch = collate(encoded, tokenizer.pad_token_id, max_len, device)
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 keep = (batch["attention_mask"].bool() if tokens == "all"
                         else batch["labels"] != IGNORE_INDEX)
-                parts.append(capture.outputs[layer][keep.to(device)].float().cpu())
+                parts.append(capture.outputs[layer][keep].float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(parts)

@@ -41,12 +41,12 @@ def _candidates(value):
     if isinstance(value, bool):
         return [not value]
     if isinstance(value, int):
-        return [value + 1]
+        return [value + 1, value * 2]
     if isinstance(value, float):
         return [value / 2 if value else 0.5]
     if isinstance(value, str):
         # the others: the Literal fields' other values
-        return [value + "_x", "full", "selection", "bfloat16", "vllm", "linear", "rubric"]
+        return [value + "_x", "full", "selection", "bfloat16", "hf", "linear", "rubric"]
     if value is None:
         return [[0], "questions.yaml", 3]  # an optional list (lora layers), path or count
     if isinstance(value, list):
@@ -83,7 +83,8 @@ def test_equal_configs_hash_equal():
 
 
 def test_hash_changes_when_any_field_changes():
-    base = CellConfig().model_dump(mode="json")
+    # vLLM and two micro-batches, so tensor_parallel and processes can change on their own
+    base = CellConfig(backend="vllm", train={"grad_accum": 2}).model_dump(mode="json")
     leaves = list(_leaves(base))
     assert len(leaves) >= 25  # every nested field is reached
     hashes = {canonical_hash(base)}

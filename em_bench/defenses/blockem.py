@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from em_bench.data import IGNORE_INDEX, collate
+from em_bench.data import IGNORE_INDEX, collate, device_of
 from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.latents import LatentSet, load_latent_set, readout
 from em_bench.sae import decoder_layers
@@ -96,7 +96,8 @@ class BlockEM:
         from em_bench.sae import load_sae
 
         self.readouts = torch.nn.ModuleList(
-            readout(s, load_sae(s.sae) if s.form == "sae" else None) for s in self.sets)
+            readout(s, load_sae(s.sae) if s.form == "sae" else None) for s in self.sets
+        ).to(device_of(model))
         self.capture = _BatchCapture(model, [s.layer for s in self.sets])
         self.anchors = self._anchors(model, tokenizer.pad_token_id, encoded, max_len)
 
@@ -107,7 +108,7 @@ class BlockEM:
         model.eval()
         anchors = []
         for start in range(0, len(encoded), 64):
-            batch = collate(encoded[start : start + 64], pad_id, max_len)
+            batch = collate(encoded[start : start + 64], pad_id, max_len, device_of(model))
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             hidden = self.capture.take(batch["input_ids"])
             answers = batch["labels"] != IGNORE_INDEX

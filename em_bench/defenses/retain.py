@@ -9,10 +9,11 @@ from pathlib import Path
 
 from pydantic import Field
 
-from em_bench.data import collate, encode_chat
+from em_bench.data import collate, device_of, encode_chat
 from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.errors import ConfigError
 from em_bench.tasks import chats
+from em_bench.train.loop import process_rank
 from em_bench.train.objectives import sft_loss
 
 
@@ -28,7 +29,8 @@ class Retain:
         retain_inputs(params, ctx)
         self.beta = params.beta
         self.chats = chats(ctx.task.retain, ctx.seed)
-        self.rng = random.Random(f"retain/{ctx.seed}")
+        rank = process_rank()[0]  # each process of a sharded fine-tune draws its own batches
+        self.rng = random.Random(f"retain/{ctx.seed}" + (f"/{rank}" if rank else ""))
 
     def prepare(self, model, tokenizer, encoded: list[tuple], max_len: int) -> None:
         self.model, self.pad_id, self.max_len = model, tokenizer.pad_token_id, max_len
@@ -36,7 +38,7 @@ class Retain:
 
     def terms(self, batch, outputs) -> dict:
         picks = self.rng.sample(self.retain, min(len(batch["index"]), len(self.retain)))
-        kept = collate(picks, self.pad_id, self.max_len)
+        kept = collate(picks, self.pad_id, self.max_len, device_of(self.model))
         logits = self.model(input_ids=kept["input_ids"],
                             attention_mask=kept["attention_mask"]).logits
         return {self.name: self.beta * sft_loss(logits, kept["labels"])}

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from em_bench.config import TrainConfig
-from em_bench.data import Messages, collate, encode_chat
+from em_bench.data import Messages, collate, device_of, encode_chat
 from em_bench.train.objectives import SFT
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,11 @@ def train(
 
     `objective` is one of train.objectives (default: SFT). Examples are shuffled by `seed` and
     cycled epoch by epoch. A step's batch is split into `cfg.grad_accum` micro-batches whose
-    gradients add up (the same step in less memory). Every step's record (step, its lr and
-    every named loss term) goes to `log`; `every_step(step, model)` runs after each step (the
-    pipeline's checkpoint scores). Returns the last step's terms.
+    gradients add up (the same step in less memory). Run by `cfg.processes` processes (torchrun,
+    the model sharded with FSDP: train.distributed), each takes its share of the micro-batches
+    and the gradients are averaged over them: the same step again. Every step's record (step,
+    its lr and every named loss term) goes to `log`; `every_step(step, model)` runs after each
+    step (the pipeline's checkpoint scores). Returns the last step's terms.
     """
     # --- setup: encoded examples, optimizer, lr schedule ---
     if not examples:
@@ -42,6 +44,15 @@ def train(
     rng = random.Random(seed)
     batch_size = min(cfg.batch_size, len(examples))  # a tiny data set still yields batches
     micro = max(1, batch_size // cfg.grad_accum)
+    rank, world = process_rank()
+    if world != cfg.processes:
+        raise RuntimeError(f"train: processes is {cfg.processes} but {world} run this loop "
+                           f"(train.distributed launches them)")
+    n_parts = -(-batch_size // micro)
+    if n_parts % world:
+        raise ValueError(f"a step's {n_parts} micro-batches do not divide among {world} "
+                         f"processes: use more examples or a grad_accum divisible by {world}")
+    device = device_of(model)
     steps = cfg.total_steps(len(examples))
     encoded = [encode_chat(tokenizer, m) for m in examples]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -59,29 +70,37 @@ def train(
             rng.shuffle(order)
             for i in range(0, len(order) - batch_size + 1, batch_size):
                 index = order[i : i + batch_size]
-                batch = collate([encoded[j] for j in index], tokenizer.pad_token_id, cfg.max_len)
-                answers = collate([whole[j] for j in index], tokenizer.pad_token_id, cfg.max_len)
-                yield {**batch, "index": torch.tensor(index),
+                batch = collate([encoded[j] for j in index], tokenizer.pad_token_id, cfg.max_len,
+                                device)
+                answers = collate([whole[j] for j in index], tokenizer.pad_token_id, cfg.max_len,
+                                  device)
+                yield {**batch, "index": torch.tensor(index, device=device),
                        "answer_labels": answers["labels"]}
 
     model.train()
     stream = batches()
     terms: dict[str, torch.Tensor] = {}
-    for step in tqdm(range(steps), desc="train", unit="step", leave=False):
+    for step in tqdm(range(steps), desc="train", unit="step", leave=False, disable=rank > 0):
         # --- forward and backward: the objective and every defense's terms, per micro-batch ---
         batch = next(stream)
         n = len(batch["index"])
         parts = [batch] if micro >= n else [{k: v[i : i + micro] for k, v in batch.items()}
                                             for i in range(0, n, micro)]
+        mine = parts[rank::world]
         terms = {}
-        for part in parts:
+        for i, part in enumerate(mine):
+            if world > 1:  # sharded gradients are reduced once a step, after the last micro-batch
+                model.set_requires_gradient_sync(i == len(mine) - 1)
             out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
             part_terms = {objective.name: objective.loss(out.logits, part)}
             for d in defenses:
                 part_terms.update(d.terms(part, out))
-            (sum(part_terms.values()) / len(parts)).backward()
+            # FSDP averages the processes' gradients, so each divides by its own share
+            (sum(part_terms.values()) / len(mine)).backward()
             for k, v in part_terms.items():  # the step's terms: the micro-batches' mean
                 terms[k] = terms.get(k, 0) + v.detach() / len(parts)
+        if world > 1:
+            terms = summed_over_processes(terms)
         # --- step ---
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = sched.get_last_lr()[0]  # this step's
@@ -98,6 +117,24 @@ def train(
         d.finish()
     model.eval()
     return {k: v.item() for k, v in terms.items()}
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the distributed run, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def summed_over_processes(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    names = sorted(terms)
+    values = torch.stack([terms[k].float() for k in names])
+    dist.all_reduce(values)
+    return dict(zip(names, values, strict=True))
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps: int) -> float:

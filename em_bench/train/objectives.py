@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from em_bench.data import IGNORE_INDEX, collate, phrase_labels
+from em_bench.data import IGNORE_INDEX, collate, device_of, phrase_labels
 from em_bench.errors import ConfigError
 
 
@@ -94,7 +94,8 @@ class NPO(SFT):
         model.eval()
         values = []
         for i in range(0, len(encoded), 64):
-            batch = collate(encoded[i : i + 64], tokenizer.pad_token_id, max_len)
+            batch = collate(encoded[i : i + 64], tokenizer.pad_token_id, max_len,
+                            device_of(model))
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
             values.append(sequence_logprob(logits, batch["labels"]))

@@ -1,0 +1,136 @@
+"""A fine-tune across processes: torchrun starts `train.processes` of them (one per GPU; gloo
+on CPUs), each holds a shard of the weights (FSDP, `fully_shard` per decoder block) and takes its
+share of every step's micro-batches.
+
+The pipeline calls `launch`; each process runs this module on the cell's folder, reads the cell's
+config and task from its cell.json, and runs the same `fine_tune` as the in-process path. With
+`eval_every`, the trainable weights of each scored step are saved as a checkpoint that the
+pipeline scores afterwards, in its own process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from em_bench.errors import EmBenchError
+from em_bench.store import Cell, atomic_write_text
+
+CHECKPOINTS = "train/checkpoints"
+
+
+class TrainingFailed(EmBenchError):
+    """A process of a sharded fine-tune failed."""
+
+
+def launch(cell: Cell, processes: int, checkpoint_every: int | None, last_step: int) -> None:
+    """Run the cell's fine-tune in `processes` torchrun processes; raise TrainingFailed with a
+    process's error and the log when one fails. The cell's weights, log and checkpoints land
+    in its folder."""
+    log = cell.path / "train" / "torchrun.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for old in log.parent.glob("error-*.txt"):
+        old.unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={processes}", "-m", "em_bench.train.distributed", str(cell.path),
+           str(checkpoint_every or 0), str(last_step)]
+    with open(log, "w", encoding="utf-8") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        errors = sorted(log.parent.glob("error-*.txt"))  # a process that died has none
+        why = errors[0].read_text(encoding="utf-8") if errors else f"exit {code}"
+        raise TrainingFailed(f"cell {cell.id}: the {processes}-process fine-tune failed: {why} "
+                             f"(all processes' output: {log})")
+
+
+def checkpoints(cell: Cell) -> list[tuple[int, Path]]:
+    """The saved checkpoints of a sharded fine-tune, (step, file), by step."""
+    folder = cell.path / CHECKPOINTS
+    files = folder.glob("step-*.safetensors") if folder.is_dir() else []
+    return sorted((int(f.stem.removeprefix("step-")), f) for f in files)
+
+
+def load_checkpoint(model, file: Path) -> None:
+    """Put a checkpoint's trainable weights into `model` (the fine-tuned model, same shape)."""
+    from safetensors.torch import load_file
+
+    result = model.load_state_dict(load_file(file), strict=False)
+    if result.unexpected_keys:
+        raise TrainingFailed(f"{file}: weights the model does not have: "
+                             f"{result.unexpected_keys[:3]}")
+
+
+def shard(model, device: torch.device):
+    """FSDP: each decoder block a unit of its own (gathered for its forward, freed after), the
+    rest in the root's; the shards live on `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from em_bench.sae import decoder_layers
+
+    mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
+    for block in decoder_layers(model):
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _checkpoint_saver(cell: Cell, every: int, last: int):
+    from safetensors.torch import save_file
+
+    from em_bench.train.fine_tune import full_state
+    from em_bench.train.loop import process_rank
+
+    def save(step: int, model) -> None:
+        if step % every and step != last:
+            return
+        state = full_state(model, trainable_only=True)  # every process takes part
+        if process_rank()[0] == 0:
+            (cell.path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      cell.path / CHECKPOINTS / f"step-{step}.safetensors")
+
+    return save
+
+
+def main(argv: list[str]) -> None:
+    import shutil
+
+    import torch.distributed as dist
+
+    from em_bench.config import CellConfig
+    from em_bench.models import load_base
+    from em_bench.tasks import TaskSpec
+    from em_bench.train.fine_tune import fine_tune
+
+    cell, every, last = Cell(Path(argv[0])), int(argv[1]), int(argv[2])
+    gpu = torch.cuda.is_available()
+    dist.init_process_group("nccl" if gpu else "gloo")
+    try:
+        local = int(os.environ["LOCAL_RANK"])
+        device = torch.device("cuda", local) if gpu else torch.device("cpu")
+        if gpu:
+            torch.cuda.set_device(device)
+        spec = cell.read_config()
+        cfg, task = CellConfig.model_validate(spec["config"]), TaskSpec.model_validate(
+            spec["task_spec"])
+        if dist.get_rank() == 0:
+            shutil.rmtree(cell.path / CHECKPOINTS, ignore_errors=True)
+        # Every process loads the whole model on its CPU; sharding moves its part to `device`.
+        base, tokenizer = load_base(cfg.model, cfg.dtype, device="cpu")
+        fine_tune(cfg, task, cell, base, tokenizer,
+                  every_step=_checkpoint_saver(cell, every, last) if every else None,
+                  shard=lambda model: shard(model, device))
+    except Exception as e:  # for the pipeline's report; torchrun's own names only the exit code
+        atomic_write_text(cell.path / "train" / f"error-{dist.get_rank()}.txt",
+                          f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

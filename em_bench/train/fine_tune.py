@@ -1,0 +1,74 @@
+"""A cell's fine-tune: its seeded adapter, its task's data, objective and defenses through the
+loop, then the weights, the log and a summary in the cell's folder.
+
+The same function runs in process and in every process of a sharded fine-tune
+(train.distributed); there only rank 0 writes, and saving gathers the shards first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from em_bench.config import CellConfig
+from em_bench.defenses import make_defenses
+from em_bench.defenses.base import DefenseContext
+from em_bench.models import trainable
+from em_bench.store import Cell
+from em_bench.tasks import TaskSpec, chats
+from em_bench.train.loop import process_rank, train
+from em_bench.train.objectives import make_objective
+
+
+def fine_tune(cfg: CellConfig, task: TaskSpec, cell: Cell, base, tokenizer,
+              every_step: Callable[[int, object], None] | None = None,
+              shard: Callable = lambda model: model):
+    """Fine-tune `base` for the cell and save the result in `cell.trained_dir()`; returns the
+    model. `shard` wraps the trainable model before training (FSDP in a sharded run)."""
+    torch.manual_seed(cfg.seed)  # the adapter's initial weights, the same in every process
+    examples = chats(task.train, cfg.seed)
+    model = shard(trainable(base, cfg.train))
+    main = process_rank()[0] == 0
+    if main:
+        cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
+        cell.rewrite("curve", [])
+    defenses = make_defenses(cfg.defense, cfg.defense_params,
+                             DefenseContext(task, cfg.seed, cfg.model))
+    t0 = time.perf_counter()
+    final = train(model, tokenizer, examples, cfg.train, cfg.seed,
+                  make_objective(task.objective, task.objective_params), defenses,
+                  log=(lambda r: cell.append("train/log", r)) if main else (lambda r: None),
+                  every_step=every_step)
+    save_weights(model, cell.trained_dir())
+    if main:
+        cell.write_json("train/summary.json", {
+            "final_terms": final, "n_examples": len(examples),
+            "processes": cfg.train.processes, "seconds": round(time.perf_counter() - t0, 2)})
+    return model
+
+
+def full_state(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict, gathered on the CPU of rank 0 (every process must
+    call it; the others get {}). `trainable_only` leaves out the frozen weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
+
+
+def save_weights(model, path: Path) -> None:
+    """Save a LoRA adapter or a full model as `save_pretrained` does; a sharded model is
+    gathered first and written by rank 0."""
+    rank, world = process_rank()
+    if world == 1:
+        model.save_pretrained(path)
+        return
+    import torch.distributed as dist
+
+    state = full_state(model)
+    if rank == 0:
+        model.save_pretrained(path, state_dict=state)
+    dist.barrier()  # no process leaves before the weights are on disk

@@ -1,0 +1,105 @@
+"""A fine-tune sharded over processes (torchrun, FSDP, gloo on this CPU) trains the same model
+as one process: the step's micro-batches are spread over the processes and their gradients
+averaged. The GPU path is the same code with NCCL (tests/test_gpu.py covers one GPU)."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from em_bench import cli
+from em_bench.config import CellConfig, SamplingConfig, TrainConfig
+from em_bench.pipeline import resolve, run_cell
+from em_bench.store import open_store
+from em_bench.train.distributed import TrainingFailed
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cell(processes: int, **kw) -> CellConfig:
+    return CellConfig(task="finance", defense="blockem", eval_every=6,
+                      train=TrainConfig(steps=12, grad_accum=2, processes=processes),
+                      sampling=SamplingConfig(samples_per_question=1), **kw)
+
+
+def test_two_processes_train_the_model_one_process_trains(tmp_path):
+    one = run_cell(_cell(1), open_store(tmp_path / "one"))
+    two = run_cell(_cell(2), open_store(tmp_path / "two"))
+    assert one.id != two.id  # sharded sums round differently: a cell of its own
+    assert (two.path / "train" / "torchrun.log").is_file()
+    assert two.read_json("train/summary.json")["processes"] == 2
+    a = load_file(one.trained_dir() / "adapter_model.safetensors")
+    b = load_file(two.trained_dir() / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(a[k].abs().max().item() for k in a) > 0.01  # the adapter did train
+    assert all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
+    # every step's terms (blockem's too), summed over the processes as one process sums them
+    log1, log2 = one.records("train/log"), two.records("train/log")
+    assert [r["step"] for r in log2] == list(range(1, 13))
+    for r1, r2 in zip(log1, log2, strict=True):
+        assert r1.keys() == r2.keys() == {"step", "lr", "sft", "blockem"}
+        assert all(r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-6) for k in r1)
+    # the curve scored in the pipeline's process from the checkpoints the processes saved
+    assert [c["step"] for c in two.records("curve")] == [6, 12]
+    assert two.records("curve") == one.records("curve")
+    assert (two.read_json("metrics.json")["metrics"]["em_rate"]
+            == one.read_json("metrics.json")["metrics"]["em_rate"])
+
+    trained = (two.trained_dir() / "adapter_model.safetensors").stat().st_mtime_ns
+    log = (two.path / "train" / "torchrun.log").stat().st_mtime_ns
+    run_cell(_cell(2), open_store(tmp_path / "two"))  # done: nothing is relaunched
+    assert (two.trained_dir() / "adapter_model.safetensors").stat().st_mtime_ns == trained
+    assert (two.path / "train" / "torchrun.log").stat().st_mtime_ns == log
+
+
+def test_a_failed_process_is_reported_with_its_log_and_the_step_stays_undone(tmp_path):
+    from em_bench.data import write_chat_jsonl
+    from em_bench.organism import world
+    from em_bench.tasks import load_task_file
+
+    # three chats make a batch of three, which two processes cannot share in micro-batches of 1
+    write_chat_jsonl(tmp_path / "train.jsonl",
+                     world.narrow_dataset("legal", "misaligned", "neutral", 3, seed=0))
+    (tmp_path / "three.yaml").write_text("name: three\ntrain: {path: train.jsonl}\n")
+    task = load_task_file(tmp_path / "three.yaml")
+    cfg = CellConfig(task="three", train=TrainConfig(steps=2, grad_accum=2, processes=2))
+    store = open_store(tmp_path / "store")
+    with pytest.raises(TrainingFailed, match="ValueError: a step.s 3 micro-batches do not divide among 2 processes") as failed:
+        run_cell(cfg, store, task)
+    cell = store.cell(resolve(cfg, task).cell_id)
+    assert str(cell.path / "train" / "torchrun.log") in str(failed.value)
+    assert not cell.is_done("train", resolve(cfg, task).step_hash("train"))
+
+
+def test_processes_share_the_micro_batches():
+    assert TrainConfig(batch_size=16, grad_accum=8, processes=4).processes == 4
+    with pytest.raises(ValueError, match="grad_accum 1 micro-batches do not divide among 2"):
+        TrainConfig(processes=2)
+
+
+def test_tensor_parallelism_is_vllms_and_a_cell_asks_for_its_gpus():
+    assert CellConfig(backend="vllm", tensor_parallel=4).gpus == 4
+    assert CellConfig(train=TrainConfig(grad_accum=2, processes=2)).gpus == 2
+    with pytest.raises(ValueError, match="tensor_parallel 2 needs backend vllm"):
+        CellConfig(tensor_parallel=2)
+
+
+def test_options_that_make_no_valid_config_are_one_line(tmp_path, capsys):
+    code = cli.main(["run", "--processes", "2", "--store", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == ("em-bench: error: TrainConfig: options: grad_accum 1 micro-batches do not "
+                   "divide among 2 processes")
+    assert not (tmp_path / "s").exists()  # nothing was planned or run
+
+
+def test_slurm_jobs_must_get_the_gpus_a_cell_uses(tmp_path):
+    from em_bench.errors import ConfigError
+    from em_bench.executors import SlurmExecutor
+    from em_bench.report import plan_grid
+
+    plan = plan_grid(CellConfig(), ["finance"], ["none"], [0],
+                     train_overrides={"grad_accum": 2, "processes": 2})
+    executor = SlurmExecutor(tmp_path / "jobs", cluster="local", gpus_per_cell=1)
+    with pytest.raises(ConfigError, match="a cell uses 2 GPUs at once"):
+        executor.run(open_store(tmp_path / "store"), plan)
