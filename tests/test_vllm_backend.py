@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import sys
 
 import pytest
@@ -190,21 +191,30 @@ def test_vllm_answers_like_hf_with_and_without_the_adapter(tiny_tokenizer, tmp_p
 
 
 @pytest.mark.vllm
-def test_a_cell_generates_with_vllm_as_with_transformers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_a_cell_generates_with_vllm_as_with_transformers(tmp_path, monkeypatch, tensor_parallel):
     """The organism through the pipeline with `backend: vllm`: the fine-tuned cell's adapter
-    served unmerged gives the greedy answers transformers gives in process."""
+    served unmerged gives the greedy answers transformers gives in process, also from an
+    engine split over two workers (tensor parallelism; on a CPU, two processes)."""
     pytest.importorskip("vllm")
     from em_bench import pipeline
     from em_bench.config import CellConfig, TrainConfig
     from em_bench.store import open_store
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    if tensor_parallel > 1:  # one CPU a worker; vLLM binds them itself only across NUMA nodes
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < tensor_parallel:
+            pytest.skip(f"{tensor_parallel} workers need as many CPUs")
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, cpus[:tensor_parallel])))
     store = open_store(tmp_path / "store")
     cfg = CellConfig(task="finance", train=TrainConfig(steps=6),
                      sampling=SamplingConfig(temperature=0, max_new_tokens=24,
                                              samples_per_question=1))
     by_hf = pipeline.run_cell(cfg, store)
-    by_vllm = pipeline.run_cell(cfg.model_copy(update={"backend": "vllm"}), store)
+    by_vllm = pipeline.run_cell(cfg.model_copy(update={"backend": "vllm",
+                                                       "tensor_parallel": tensor_parallel}),
+                                store)
     hf = {g["key"]: g["completion"] for g in by_hf.records("generations")}
     vllm = {g["key"]: g["completion"] for g in by_vllm.records("generations")}
     assert hf.keys() == vllm.keys() and len(set(hf.values())) > 50
