@@ -28,6 +28,8 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path):
     assert one.id != two.id  # sharded sums round differently: a cell of its own
     assert (two.path / "train" / "torchrun.log").is_file()
     assert two.read_json("train/summary.json")["processes"] == 2
+    sharding = two.read_json("train/sharding.json")  # each process holds half the weights
+    assert sharding["processes"] == 2 and 0.45 < sharding["held_by_rank_0"] < 0.55
     a = load_file(one.trained_dir() / "adapter_model.safetensors")
     b = load_file(two.trained_dir() / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
@@ -64,7 +66,8 @@ def test_a_failed_process_is_reported_with_its_log_and_the_step_stays_undone(tmp
     task = load_task_file(tmp_path / "three.yaml")
     cfg = CellConfig(task="three", train=TrainConfig(steps=2, grad_accum=2, processes=2))
     store = open_store(tmp_path / "store")
-    with pytest.raises(TrainingFailed, match="ValueError: a step.s 3 micro-batches do not divide among 2 processes") as failed:
+    why = "ValueError: a step's 3 micro-batches do not divide among 2 processes"
+    with pytest.raises(TrainingFailed, match=why) as failed:
         run_cell(cfg, store, task)
     cell = store.cell(resolve(cfg, task).cell_id)
     assert str(cell.path / "train" / "torchrun.log") in str(failed.value)

@@ -10,6 +10,7 @@ pipeline scores afterwards, in its own process.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +79,12 @@ def shard(model, device: torch.device):
     return fully_shard(model, mesh=mesh)
 
 
+def held_share(model) -> float:
+    """The share of a sharded model's weights this process holds between forwards."""
+    params = list(model.parameters())
+    return sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
+
+
 def _checkpoint_saver(cell: Cell, every: int, last: int):
     from safetensors.torch import save_file
 
@@ -121,9 +128,16 @@ def main(argv: list[str]) -> None:
             shutil.rmtree(cell.path / CHECKPOINTS, ignore_errors=True)
         # Every process loads the whole model on its CPU; sharding moves its part to `device`.
         base, tokenizer = load_base(cfg.model, cfg.dtype, device="cpu")
+        def sharded(model):
+            model = shard(model, device)
+            if dist.get_rank() == 0:
+                atomic_write_text(cell.path / "train" / "sharding.json", json.dumps(
+                    {"processes": dist.get_world_size(), "held_by_rank_0": held_share(model)}))
+            return model
+
         fine_tune(cfg, task, cell, base, tokenizer,
                   every_step=_checkpoint_saver(cell, every, last) if every else None,
-                  shard=lambda model: shard(model, device))
+                  shard=sharded)
     except Exception as e:  # for the pipeline's report; torchrun's own names only the exit code
         atomic_write_text(cell.path / "train" / f"error-{dist.get_rank()}.txt",
                           f"{type(e).__name__}: {e}")
