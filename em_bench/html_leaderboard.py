@@ -744,13 +744,18 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_html(store: Store, out: Path | str, schema: Path | str | None = None) -> Path:
-    """Write the leaderboard to `out`: index.html and cells/<cell_id>.html; returns the index."""
+    """Write the leaderboard to `out`: index.html and cells/<cell_id>.html; returns the index.
+    A cell page of an earlier leaderboard in `out` whose cell is not in this one is removed."""
     columns = load_schema(schema)
     rows = leaderboard_rows(store)
     out = Path(out)
     index = out / "index.html"
     _write(index, index_html(store, rows, columns))
+    pages = set()
     for n, r in enumerate(rows, 1):
         for cell_id in r["cell_ids"]:
+            pages.add(out / _cell_href(cell_id))
             _write(out / _cell_href(cell_id), cell_html(store.cell(cell_id), r, n))
+    for stale in set((out / "cells").glob("*.html")) - pages:
+        stale.unlink()
     return index

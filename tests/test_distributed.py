@@ -66,7 +66,7 @@ def test_a_failed_process_is_reported_with_its_log_and_the_step_stays_undone(tmp
     task = load_task_file(tmp_path / "three.yaml")
     cfg = CellConfig(task="three", train=TrainConfig(steps=2, grad_accum=2, processes=2))
     store = open_store(tmp_path / "store")
-    why = "ValueError: a step's 3 micro-batches do not divide among 2 processes"
+    why = r"ValueError: a step's 3 micro-batches \(a batch of 3 in parts of 1\) do not divide"
     with pytest.raises(TrainingFailed, match=why) as failed:
         run_cell(cfg, store, task)
     cell = store.cell(resolve(cfg, task).cell_id)

@@ -329,6 +329,18 @@ def test_a_store_of_base_cells_only_has_empty_comparison_plots(tmp_path):
     assert 'id="plot-refusal" class="plot" data-points="7"' in html
 
 
+def test_rewriting_a_site_removes_the_pages_of_cells_it_no_longer_holds(tmp_path):
+    store = open_store(tmp_path / "store")
+    add_cell(store, "base", "none", 0, 0.0, 1.0)
+    site = tmp_path / "site"
+    (site / "cells").mkdir(parents=True)
+    (site / "cells" / "gone.html").write_text("an earlier study's cell")
+    (site / "cells" / "notes.txt").write_text("not a page")
+    write_html(store, site)
+    assert sorted(p.name for p in (site / "cells").iterdir()) == [
+        *(f"{c}.html" for c in store.cell_ids()), "notes.txt"]
+
+
 def test_the_schema_file_validates_and_each_line_is_a_column(tmp_path):
     columns = load_schema()
     keys = [c.key for c in columns]

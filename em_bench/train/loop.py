@@ -50,8 +50,8 @@ def train(
                            f"(train.distributed launches them)")
     n_parts = -(-batch_size // micro)
     if n_parts % world:
-        raise ValueError(f"a step's {n_parts} micro-batches do not divide among {world} "
-                         f"processes: use more examples or a grad_accum divisible by {world}")
+        raise ValueError(f"a step's {n_parts} micro-batches (a batch of {batch_size} in parts of "
+                         f"{micro}) do not divide among {world} processes")
     device = device_of(model)
     steps = cfg.total_steps(len(examples))
     encoded = [encode_chat(tokenizer, m) for m in examples]
