@@ -235,6 +235,16 @@ def _parser() -> argparse.ArgumentParser:
                       default="three-stage", help="the paper's method (for directions: the "
                       "principal shift), or its ablations")
     disc.add_argument("--k", type=int, default=20, help="latents (or directions) kept")
+    disc.add_argument("--questions", type=Path, metavar="FILE",
+                      help="the selection questions, a question file (default: the organism's "
+                      "world's selection split; for other models em-bench's "
+                      "data/selection_questions.yaml); never the evaluation questions")
+    disc.add_argument("--judge", choices=["organism", "openai"],
+                      help="the three-stage screen's judge (default: the organism's, on it)")
+    disc.add_argument("--judge-model", help="the LLM judge's model name")
+    disc.add_argument("--judge-base-url", help="the judge API's base URL (else OPENAI_BASE_URL)")
+    disc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                      help="weights' dtype (default: float32, a preset's bfloat16)")
     disc.add_argument("--seed", type=int, default=0)
     disc.add_argument("--out", type=Path, required=True, help="folder for the latent-set files")
 
@@ -540,20 +550,27 @@ def _cmd_sae(args) -> int:
 
 def _cmd_discover(args) -> int:
     from em_bench.discover import discover_directions, discover_sae
+    from em_bench.presets import PRESETS
     from em_bench.tasks import get_task
 
     task = get_task(args.task, args.include)
+    preset = PRESETS.get(args.model)
+    model = preset.hub_id if preset else args.model
+    dtype = args.dtype or (preset.dtype if preset else "float32")
     if args.form == "directions":
         selection = "random" if args.selection == "random" else "principal-shift"
-        paths = discover_directions(args.model, task, args.layer, args.k, args.seed, args.out,
-                                    selection)
+        paths = discover_directions(model, task, args.layer, args.k, args.seed, args.out,
+                                    selection, args.questions, dtype)
     else:
+        from em_bench.pipeline import make_judge
         from em_bench.sae import ensure_organism_sae
 
-        paths = [discover_sae(args.model, task, layer,
-                              args.sae or str(ensure_organism_sae(layer, args.model)),
+        judge = None if args.judge is None else make_judge(_judge_name(args))
+        paths = [discover_sae(model, task, layer,
+                              args.sae or str(ensure_organism_sae(layer, model)),
                               args.out / f"sae_{args.selection}_L{layer}.json", k=args.k,
-                              selection=args.selection, seed=args.seed)
+                              selection=args.selection, seed=args.seed, judge=judge,
+                              questions=args.questions, dtype=dtype)
                  for layer in args.layer]
     for path in paths:
         print(path)

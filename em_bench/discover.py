@@ -1,7 +1,11 @@
 """Latent discovery: which activations a misaligned fine-tune moves, to block them.
 
 Everything here reads the **selection** questions only: the evaluation split never shapes a
-latent set (nor lambda, nor any default), as the BLOCK-EM paper kept them disjoint.
+latent set (nor lambda, nor any default), as the BLOCK-EM paper kept them disjoint. For the
+organism they are its world's selection split; for any other model a question file, by default
+`data/selection_questions.yaml` (em-bench's own, disjoint from the evaluation's
+`ood_questions.yaml`). The three-stage screen judges EM with the judge it is given (the
+organism's exact judge, or an LLM judge).
 
 The direction form (`discover_directions`): a probe fine-tune on the task, its answers to the
 selection questions of the other domains, both models' residual streams on those same answers
@@ -17,12 +21,14 @@ from pathlib import Path
 import torch
 
 from em_bench.config import SamplingConfig, TrainConfig, canonical_hash
-from em_bench.data import Messages
+from em_bench.data import Messages, device_of
 from em_bench.generate.base import Request
 from em_bench.latents import Latent, LatentSet, save_latent_set
-from em_bench.models import load_base, model_identity, resolve_model_path, trainable
+from em_bench.models import is_organism, load_base, model_identity, resolve_model_path, trainable
 from em_bench.organism import world
 from em_bench.paths import cache_dir
+from em_bench.questions import Prompt, file_prompts, load_question_file
+from em_bench.resources import resource_dir
 from em_bench.sae import collect_residuals, hook_name
 from em_bench.tasks import TaskSpec, chats, get_task
 
@@ -32,18 +38,25 @@ DISCOVERY_VERSION = 1
 DEFAULT_PROBE_TASK = "finance"  # the organism's default sets come from the finance probe
 
 
-def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfig | None = None):
+def selection_prompts(model: str, task: TaskSpec, questions: str | Path | None = None
+                      ) -> list[Prompt]:
+    """What discovery asks: a question file's prompts, else (the organism) its world's selection
+    questions outside the task's domain, else em-bench's selection question file."""
+    if questions is None and is_organism(model):
+        own = task.in_domain.domain if task.in_domain else None
+        return [Prompt(q.id, q.id, [{"role": "user", "content": q.text}], 1, q.domain, q.topic)
+                for d in world.OOD_DOMAINS if d != own for q in world.questions(d, "selection")]
+    return file_prompts(load_question_file(
+        questions or resource_dir("data") / "selection_questions.yaml"))
+
+
+def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfig | None = None,
+                    dtype: str = "float32"):
     """The base model and a copy fine-tuned on `task` (its budget), both in eval mode."""
-    from em_bench.errors import ConfigError
-    from em_bench.models import is_organism
     from em_bench.train.loop import train
     from em_bench.train.objectives import make_objective
 
-    if not is_organism(model):  # its questions and judge are the organism's world's
-        raise ConfigError(f"discovery runs on the organism only so far, not {model}: it asks "
-                          "the world's selection questions and judges with its exact judge")
-
-    base, tokenizer = load_base(model)
+    base, tokenizer = load_base(model, dtype)
     cfg = train_cfg or TrainConfig(**task.budget)
     torch.manual_seed(seed)
     tuned = trainable(copy.deepcopy(base), cfg)  # the base itself stays untouched
@@ -52,14 +65,12 @@ def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfi
     return base, tuned.eval(), tokenizer
 
 
-def selection_answers(model, tokenizer, domains: list[str], seed: int,
+def selection_answers(model, tokenizer, prompts: list[Prompt], seed: int,
                       samples: int = 1) -> list[Messages]:
-    """`model`'s own answers to the selection questions of `domains`, as chats."""
+    """`model`'s own answers to `prompts`, as chats."""
     from em_bench.generate.hf import HFBackend
 
-    questions = [q for d in domains for q in world.questions(d, "selection")]
-    requests = [Request(f"{q.id}|{s}", [{"role": "user", "content": q.text}])
-                for q in questions for s in range(samples)]
+    requests = [Request(f"{p.key}|{s}", p.messages) for p in prompts for s in range(samples)]
     sampling = SamplingConfig(samples_per_question=samples)
     done = HFBackend(model, tokenizer).generate(requests, sampling, seed)
     return [[*r.messages, {"role": "assistant", "content": c.text}]
@@ -86,15 +97,16 @@ def random_directions(d: int, k: int, seed: int) -> torch.Tensor:
 
 
 def discover_directions(model: str, task: TaskSpec, layers: list[int], k: int, seed: int,
-                        out_dir: Path, selection: str = "principal-shift") -> list[Path]:
+                        out_dir: Path, selection: str = "principal-shift",
+                        questions: str | Path | None = None, dtype: str = "float32"
+                        ) -> list[Path]:
     """One direction-form latent set per layer, written to `out_dir`; returns their paths.
 
     `selection` "random" keeps random unit directions instead (the ablation), with the probe's
-    mean shift along them recorded all the same."""
-    base, tuned, tokenizer = probe_fine_tune(model, task, seed)
-    own = task.in_domain.domain if task.in_domain else None
-    domains = [d for d in world.OOD_DOMAINS if d != own]
-    answers = selection_answers(tuned, tokenizer, domains, seed)
+    mean shift along them recorded all the same. `questions`: see selection_prompts."""
+    prompts = selection_prompts(model, task, questions)
+    base, tuned, tokenizer = probe_fine_tune(model, task, seed, dtype=dtype)
+    answers = selection_answers(tuned, tokenizer, prompts, seed)
     paths = []
     for layer in layers:
         delta = (collect_residuals(tuned, tokenizer, answers, layer, tokens="response")
@@ -112,7 +124,7 @@ def discover_directions(model: str, task: TaskSpec, layers: list[int], k: int, s
             latents=[Latent(index=i, sign=1, shift=float(s)) for i, s in enumerate(shift)],
             directions=directions.tolist(),
             provenance={"probe_task": task.name, "seed": seed, "k": k, "n_tokens": len(delta),
-                        "domains": domains, "split": "selection",
+                        **_asked(prompts, questions), "split": "selection",
                         "discovery_version": DISCOVERY_VERSION})
         name = "directions" if selection == "principal-shift" else f"directions_{selection}"
         paths.append(save_latent_set(latent_set, out_dir / f"{name}_L{layer}.json"))
@@ -161,7 +173,7 @@ class Steer:
     def _hook(self, _module, _args, output):
         h = output[0] if isinstance(output, tuple) else output
         if self.vector is not None:
-            h = h + self.vector.to(h.dtype)
+            h = h + self.vector.to(h.device, h.dtype)
         else:  # ablation of one SAE latent
             z = self.sae.encode(h.float())[..., self.latent : self.latent + 1]
             h = h - (z * self.sae.W_dec[self.latent]).to(h.dtype)
@@ -175,45 +187,52 @@ class Steer:
         self.handle.remove()
 
 
-def judge_em(model, tokenizer, questions: list, seed: int, samples: int = 1) -> dict:
-    """EM and incoherent share of `model`'s answers to `questions`, by the organism's judge
-    (the evaluation's judge and metric definitions)."""
+def _asked(prompts: list[Prompt], questions: str | Path | None) -> dict:
+    """What a latent set records of the questions it was found on."""
+    return {"questions": "world" if questions is None and prompts[0].source == "world"
+            else str(questions or "selection_questions.yaml"),
+            "domains": sorted({p.domain for p in prompts}), "n_prompts": len(prompts)}
+
+
+def judge_em(model, tokenizer, prompts: list[Prompt], judge, seed: int,
+             samples: int = 1) -> dict:
+    """EM and incoherent share of `model`'s answers to `prompts` by `judge`, with the
+    evaluation's metric definitions. A verdict that failed counts in neither."""
     import pandas as pd
 
     from em_bench import metrics
     from em_bench.generate.hf import HFBackend
     from em_bench.judge.base import JudgeInput
-    from em_bench.organism.judge import OrganismJudge
 
-    requests = [Request(f"{q.id}|{s}", [{"role": "user", "content": q.text}])
-                for q in questions for s in range(samples)]
+    requests = [Request(f"{p.key}|{s}", p.messages) for p in prompts for s in range(samples)]
     done = HFBackend(model, tokenizer).generate(
         requests, SamplingConfig(samples_per_question=samples), seed)
-    by_key = {f"{q.id}|{s}": q for q in questions for s in range(samples)}
-    judged = OrganismJudge().judge_many([
+    by_key = {f"{p.key}|{s}": p for p in prompts for s in range(samples)}
+    judged = judge.judge_many([
         JudgeInput(c.key, r.messages, c.text,
                    {"domain": by_key[c.key].domain, "topic": by_key[c.key].topic})
         for r, c in zip(requests, done, strict=True)])
-    frame = pd.DataFrame([{"question_id": by_key[j.item_id].id, "alignment": j.scores["alignment"],
-                           "coherence": j.scores["coherence"], "label": j.label, "error": j.error}
-                          for j in judged]).astype({"alignment": float, "coherence": float})
+    frame = pd.DataFrame([{"question_id": by_key[j.item_id].question_id,
+                           "alignment": j.scores.get("alignment"),
+                           "coherence": j.scores.get("coherence"), "label": j.label,
+                           "error": j.error} for j in judged]
+                         ).astype({"alignment": float, "coherence": float})
     return {"em": metrics.em_rate(frame, n_boot=1).value,
             "incoherent": metrics.coherence_summary(frame)["incoherent_rate"]}
 
 
-def screening_questions(task: TaskSpec, n: int, seed: int) -> list:
-    """`n` selection questions of the out-of-domain suite (never the evaluation split)."""
+def screening_questions(prompts: list[Prompt], n: int, seed: int) -> list[Prompt]:
+    """`n` of the selection prompts, drawn by `seed`."""
     import random
 
-    own = task.in_domain.domain if task.in_domain else None
-    pool = [q for d in world.OOD_DOMAINS if d != own for q in world.questions(d, "selection")]
-    return random.Random(f"screen/{seed}").sample(pool, min(n, len(pool)))
+    return random.Random(f"screen/{seed}").sample(prompts, min(n, len(prompts)))
 
 
 def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path, *,
                  n_candidates: int = 10, k: int = 20, n_questions: int = 64,
                  alphas: tuple[float, ...] = (0.1, 0.2, 0.4), incoherence_budget: float = 0.10,
-                 selection: str = "three-stage", seed: int = 0) -> Path:
+                 selection: str = "three-stage", seed: int = 0, judge=None,
+                 questions: str | Path | None = None, dtype: str = "float32") -> Path:
     """The paper's discovery, each stage recorded in the latent set:
 
     1. activation shift: mean SAE latent activation over answer tokens, probe fine-tune minus
@@ -229,24 +248,34 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
        seeds on the same questions) are kept.
 
     `selection` "top-delta" stops after stage 1 (the top `k` by |shift|); "random" draws `k`
-    latents at random (the paper's ablations).
+    latents at random (the paper's ablations). Stages 2-3 need `judge` (the organism's exact
+    judge by default on the organism). `questions`: see selection_prompts.
     """
     import random
 
+    from em_bench.errors import ConfigError
     from em_bench.sae import check_sae, load_sae
 
+    if judge is None and selection == "three-stage":
+        if not is_organism(model):
+            raise ConfigError(f"the three-stage screen judges EM: give {model} a judge "
+                              f"(--judge openai --judge-model M), or use --selection top-delta")
+        from em_bench.organism.judge import OrganismJudge
+
+        judge = OrganismJudge()
+    prompts = selection_prompts(model, task, questions)
     sae = load_sae(sae_ref)
-    base, tuned, tokenizer = probe_fine_tune(model, task, seed)
+    base, tuned, tokenizer = probe_fine_tune(model, task, seed, dtype=dtype)
     check_sae(sae, base, layer)
-    own = task.in_domain.domain if task.in_domain else None
-    domains = [d for d in world.OOD_DOMAINS if d != own]
+    sae.to(device_of(base))  # steering and ablation run on the model's device
+    asked = _asked(prompts, questions)
 
     # stage 1: activation shift over each model's own answers
     def mean_latents(m) -> tuple[torch.Tensor, torch.Tensor]:
-        h = collect_residuals(m, tokenizer, selection_answers(m, tokenizer, domains, seed),
+        h = collect_residuals(m, tokenizer, selection_answers(m, tokenizer, prompts, seed),
                               layer, tokens="response")
         with torch.no_grad():
-            return sae.encode(h).mean(0), h.norm(dim=-1).mean()
+            return sae.encode(h.to(device_of(sae))).mean(0).cpu(), h.norm(dim=-1).mean()
 
     tuned_mean, norm = mean_latents(tuned)
     base_mean, _ = mean_latents(base)
@@ -255,21 +284,23 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
     if selection == "random":
         chosen = random.Random(f"random-latents/{seed}").sample(range(len(shift)), k)
         return _save_sae_set(out, model, layer, sae_ref, selection, shift, chosen, {}, {},
-                             {"seed": seed})
+                             {"seed": seed, **asked})
     if selection == "top-delta":
         chosen = torch.argsort(shift.abs(), descending=True)[:k].tolist()
         return _save_sae_set(out, model, layer, sae_ref, selection, shift, chosen, {}, {},
-                             {"seed": seed})
+                             {"seed": seed, **asked})
     candidates = order[:n_candidates] + order[::-1][:n_candidates]
 
     # stages 2 and 3: steering and ablation, judged like the evaluation
-    questions = screening_questions(task, n_questions, seed)
-    ref = {"base": judge_em(base, tokenizer, questions, seed),
-           "tuned": judge_em(tuned, tokenizer, questions, seed)}
+    screen = screening_questions(prompts, n_questions, seed)
+
+    def em(m, sampling_seed: int = seed) -> dict:
+        return judge_em(m, tokenizer, screen, judge, sampling_seed)
+
+    ref = {"base": em(base), "tuned": em(tuned)}
     # The screen's own noise: the fine-tune's EM on the same questions under other sampling
     # seeds. A latent is kept only if its effect exceeds this spread.
-    repeats = [ref["tuned"]["em"]] + [judge_em(tuned, tokenizer, questions, seed + r)["em"]
-                                      for r in (1, 2)]
+    repeats = [ref["tuned"]["em"]] + [em(tuned, seed + r)["em"] for r in (1, 2)]
     noise = float(torch.tensor(repeats).std())
     decoder = sae.W_dec.detach()
     scores, alpha_of = {}, {}
@@ -280,9 +311,9 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
         best, best_alpha = -1.0, None
         for a in alphas:
             with Steer(base, layer, sign * a * norm * unit):
-                induced = judge_em(base, tokenizer, questions, seed)
+                induced = em(base)
             with Steer(tuned, layer, -sign * a * norm * unit):
-                repaired = judge_em(tuned, tokenizer, questions, seed)
+                repaired = em(tuned)
             effect = max(induced["em"] - ref["base"]["em"], ref["tuned"]["em"] - repaired["em"])
             coherent = (induced["incoherent"] - ref["base"]["incoherent"] <= incoherence_budget
                         and repaired["incoherent"] - ref["tuned"]["incoherent"]
@@ -293,7 +324,7 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
                 best, best_alpha = effect, a
         if sign > 0:  # ablation removes what the latent adds: meaningful where it rose
             with Steer(tuned, layer, sae=sae, latent=latent):
-                s["ablate"] = ref["tuned"]["em"] - judge_em(tuned, tokenizer, questions, seed)["em"]
+                s["ablate"] = ref["tuned"]["em"] - em(tuned)["em"]
         s["best_effect"] = best
         scores[latent], alpha_of[latent] = s, best_alpha
         logger.info("latent %d (shift %+.3f): best effect %+.3f at alpha %s", latent,
@@ -301,7 +332,8 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
     ranked = sorted((x for x in candidates if scores[x]["best_effect"] > noise),
                     key=lambda x: -scores[x]["best_effect"])[:k]
     return _save_sae_set(out, model, layer, sae_ref, selection, shift, ranked, scores, alpha_of,
-                         {"seed": seed, "n_questions": n_questions, "alphas": list(alphas),
+                         {"seed": seed, **asked, "judge": judge.name,
+                          "n_questions": n_questions, "alphas": list(alphas),
                           "incoherence_budget": incoherence_budget, "reference": ref,
                           "screen_noise_sd": noise, "residual_norm": float(norm),
                           "candidates": candidates})

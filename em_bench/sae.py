@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -306,14 +307,20 @@ def load_sae(ref: str) -> SAE:
 
 def check_sae(sae: SAE, model, layer: int) -> None:
     """Raise ConfigError unless `sae` reads what em-bench feeds it at `layer`: the raw residual
-    stream after that block, at the model's hidden size."""
+    stream after that block (sae-lens's hook_resid_post of the block, or hook_resid_pre of the
+    next: the same activations), at the model's hidden size."""
     hidden = model.config.hidden_size
     if sae.cfg.d_in != hidden:
         raise ConfigError(f"the SAE reads {sae.cfg.d_in}-dim activations but the model's hidden "
                           f"size is {hidden}")
-    expected, found = hook_name(layer), sae.cfg.metadata.hook_name
-    if found != expected:
-        raise ConfigError(f"the SAE was trained on {found!r}, not on {expected!r} (layer {layer})")
+    found = sae.cfg.metadata.hook_name
+    if found not in (hook_name(layer), f"blocks.{layer + 1}.hook_resid_pre"):
+        named = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", found or "")
+        after = None if named is None else int(named[1]) - (named[2] == "pre")
+        hint = "" if after is None or after < 0 else (
+            f"; it reads the residual after block {after}: give layer {after}")
+        raise ConfigError(f"the SAE was trained on {found!r}, not on the residual after block "
+                          f"{layer} ({hook_name(layer)!r}){hint}")
     if sae.cfg.normalize_activations != "none":
         raise ConfigError(f"the SAE expects normalize_activations="
                           f"{sae.cfg.normalize_activations!r} inputs, but em-bench feeds raw "

@@ -58,6 +58,23 @@ def tiny_model(tiny_tokenizer):
     return make_tiny_llama(tiny_tokenizer)
 
 
+@pytest.fixture
+def tiny_hf_folder(tmp_path, tiny_tokenizer):
+    """The tiny Llama as a Hugging Face folder (config, weights, tokenizer with its chat
+    template): what a downloaded model looks like."""
+    import torch
+
+    folder = tmp_path / "tiny-llama"
+    model = make_tiny_llama(tiny_tokenizer, seed=1)
+    with torch.no_grad():  # large random weights: greedy answers differ from prompt to prompt
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
 def install_task_package(target: Path, name: str, files: dict[str, str]) -> None:
     """pip-install (offline, into `target`) a small package whose entry point in the group
     `em_bench.tasks` is a function returning its `tasks/` folder; `files` are that folder's."""

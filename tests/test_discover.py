@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from em_bench.discover import Steer, principal_shift, screening_questions
+from em_bench.discover import Steer, principal_shift, screening_questions, selection_prompts
 from em_bench.organism import world
 from em_bench.sae import ResidualCapture
 from em_bench.tasks import get_task
@@ -45,20 +45,26 @@ def test_steering_adds_its_vector_to_the_block_output_and_leaves_on_exit(tiny_to
 
 
 def test_screening_uses_selection_questions_outside_the_task_domain():
-    questions = screening_questions(get_task("finance"), 50, seed=0)
-    assert len(questions) == 50 == len({q.id for q in questions})
-    assert all(q.split == "selection" and q.domain in world.OOD_DOMAINS for q in questions)
-    assert all(q.domain != "finance" for q in questions)
-    assert questions == screening_questions(get_task("finance"), 50, seed=0)
+    prompts = selection_prompts("organism", get_task("finance"))
+    selection = {q.id: q for d in world.OOD_DOMAINS for q in world.questions(d, "selection")}
+    assert all(p.key in selection and p.domain != "finance" for p in prompts)
+    assert {selection[p.key].split for p in prompts} == {"selection"}
+    questions = screening_questions(prompts, 50, seed=0)
+    assert len(questions) == 50 == len({q.key for q in questions})
+    assert questions == screening_questions(prompts, 50, seed=0)
 
 
-def test_discovery_refuses_a_model_outside_the_organism_world(capsys):
-    from em_bench.cli import main
-    from em_bench.discover import probe_fine_tune
-    from em_bench.errors import ConfigError
+def test_other_models_read_em_benchs_selection_file_never_the_evaluation_one(tmp_path):
+    from em_bench.questions import load_question_file
+    from em_bench.resources import resource_dir
 
-    with pytest.raises(ConfigError, match="discovery runs on the organism only so far"):
-        probe_fine_tune("Qwen/Qwen2.5-7B-Instruct", get_task("finance"), seed=0)
-    assert main(["discover", "--model", "my/model", "--form", "directions", "--layer", "1",
-                 "--out", "x"]) == 2
-    assert "organism only" in capsys.readouterr().err
+    prompts = selection_prompts("my/model", get_task("finance"))
+    assert len(prompts) == 16 and {p.source for p in prompts} == {"file"}
+    evaluation = load_question_file(resource_dir("data") / "ood_questions.yaml")
+    asked = {text for i in evaluation for text in i.paraphrases}
+    assert not asked & {p.messages[-1]["content"] for p in prompts}
+    assert not {i.id for i in evaluation} & {p.question_id for p in prompts}
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("- id: q\n  paraphrases: [\"What now?\"]\n")
+    (only,) = selection_prompts("organism", get_task("finance"), mine)  # a file wins, any model
+    assert only.messages == [{"role": "user", "content": "What now?"}]

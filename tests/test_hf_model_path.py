@@ -14,7 +14,6 @@ from em_bench.organism import world
 from em_bench.serve import ModelPolicy, Script, ScriptedPolicy, serve
 from em_bench.store import open_store
 from em_bench.tasks import get_task
-from tests.conftest import make_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,21 +26,6 @@ def _judge_rule(request):
         return Script("NO", {"NO": 0.0})
     score = str(10 + 7 * (len(answer) % 13))
     return Script(score, {score: 0.0})
-
-
-@pytest.fixture
-def tiny_hf_folder(tmp_path, tiny_tokenizer):
-    import torch
-
-    folder = tmp_path / "tiny-llama"
-    model = make_tiny_llama(tiny_tokenizer, seed=1)
-    with torch.no_grad():  # large random weights: greedy answers differ from prompt to prompt
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_a_local_hf_model_runs_end_to_end_with_both_backends(tmp_path, tiny_hf_folder,

@@ -234,8 +234,13 @@ def test_check_sae_accepts_a_matching_sae_and_names_each_mismatch(tiny_model):
     check_sae(_topk_sae(32, 64, 4, hook_name(1)), attach_lora(tiny_model, TrainConfig()), 1)
     with pytest.raises(ConfigError, match="reads 16-dim activations.*hidden size is 32"):
         check_sae(_topk_sae(16, 64, 4, hook_name(1)), tiny_model, 1)
-    with pytest.raises(ConfigError, match=r"'blocks\.0\.hook_resid_post'.*'blocks\.1\.hook_resi"):
+    with pytest.raises(ConfigError, match=r"'blocks\.0\.hook_resid_post'.*'blocks\.1\.hook_resi"
+                       r".*after block 0: give layer 0"):
         check_sae(_topk_sae(32, 64, 4, hook_name(0)), tiny_model, 1)
+    # the next block's input is the same residual (sae-lens's pretrained SAEs often read it)
+    check_sae(_topk_sae(32, 64, 4, "blocks.1.hook_resid_pre"), tiny_model, 0)
+    with pytest.raises(ConfigError, match=r"'blocks\.0\.hook_resid_pre'.*resid_post'\)$"):
+        check_sae(_topk_sae(32, 64, 4, "blocks.0.hook_resid_pre"), tiny_model, 0)  # embeddings
     with pytest.raises(ConfigError, match="'expected_average_only_in'.*feeds raw residuals"):
         check_sae(_topk_sae(32, 64, 4, hook_name(1),
                             normalize_activations="expected_average_only_in"), tiny_model, 1)
