@@ -40,8 +40,10 @@ DEFAULT_PROBE_TASK = "finance"  # the organism's default sets come from the fina
 
 def selection_prompts(model: str, task: TaskSpec, questions: str | Path | None = None
                       ) -> list[Prompt]:
-    """What discovery asks: a question file's prompts, else (the organism) its world's selection
-    questions outside the task's domain, else em-bench's selection question file."""
+    """What discovery asks: a question file's prompts (`questions`, else the task's
+    `selection_questions`), else (the organism) its world's selection questions outside the
+    task's domain, else em-bench's selection question file."""
+    questions = questions or task.selection_questions
     if questions is None and is_organism(model):
         own = task.in_domain.domain if task.in_domain else None
         return [Prompt(q.id, q.id, [{"role": "user", "content": q.text}], 1, q.domain, q.topic)

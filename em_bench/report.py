@@ -15,7 +15,7 @@ from em_bench.defenses import DEFENSES, check_defense
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import judged_frame, resolve, score_frame
 from em_bench.store import Cell, Store
-from em_bench.tasks import TaskSpec, check_task_data, find_tasks, pointed_to
+from em_bench.tasks import TaskSpec, check_task_data, find_tasks, pointed_to, question_file
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,11 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     The base model's cell is scored in each task's view (its `ood` domains and in-domain target),
     so every comparison is like with like. A cell's budget is the defaults, then the task's
     `budget`, then `train_overrides` (the command line's). The `ood` suite is the world's, or a
-    question file: `questions` (the command line's), else the task's own. Tasks are found among
-    the built-ins, the entry points and the `include` folders. A defense's cells are the product
-    of the `defense_values` it takes (name -> values, the command line's `--set`). Every cell is
-    resolved here, so a typo in a name, a parameter or a file fails before any work starts.
+    question file: `questions` (the command line's), else the task's own for the split
+    (tasks.question_file). Tasks are found among the built-ins, the entry points and the
+    `include` folders. A defense's cells are the product of the `defense_values` it takes
+    (name -> values, the command line's `--set`). Every cell is resolved here, so a typo in a
+    name, a parameter or a file fails before any work starts.
     """
     for defense in defenses:  # an unknown name fails first, with the known ones
         if defense not in DEFENSES:
@@ -57,7 +58,7 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     plan = []
     for task in tasks:
         view = specs[task]
-        asked = questions or view.questions
+        asked = questions or question_file(view, base.split)
         suite = {"questions": None if asked is None else str(Path(pointed_to(str(asked)))
                                                                 .resolve())}
         for seed in seeds:

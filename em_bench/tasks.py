@@ -153,6 +153,9 @@ class TaskSpec(_Spec):
         None, description="chats whose answers the fine-tune should keep (the retain defense)")
     questions: str | None = Field(
         None, description="an EM-format question file answered as the `ood` suite")
+    selection_questions: str | None = Field(
+        None, description="the question file answered instead on the selection split (tuning), "
+        "disjoint from `questions`; a task with `questions` cannot be tuned without it")
     budget: dict[str, int | float] = Field(
         default_factory=dict, description="the task's default TrainConfig fields, e.g. lr, steps")
     in_domain: InDomain | None = None
@@ -226,8 +229,9 @@ def load_task_file(path: Path) -> TaskSpec:
             if local.is_dir():  # a local dataset folder beside the task file, else a hub id
                 update[part] = data.model_copy(update={
                     "source": data.source.model_copy(update={"hf": str(local.resolve())})})
-    if spec.questions is not None:
-        update["questions"] = beside("questions", spec.questions, "question")
+    for key in ("questions", "selection_questions"):
+        if getattr(spec, key) is not None:
+            update[key] = beside(key, getattr(spec, key), "question")
     if spec.lm_eval_include is not None:
         folder = (path.parent / spec.lm_eval_include).resolve()
         if not folder.is_dir():
@@ -315,8 +319,21 @@ def check_task_data(task: TaskSpec) -> None:
             read_chat_jsonl(data.file())
         except DataUnavailable as e:
             raise DataUnavailable(f"task {task.name}: {part} data {e}") from None
-    if task.questions is not None:
-        load_question_file(pointed_to(task.questions))
+    for file in (task.questions, task.selection_questions):
+        if file is not None:
+            load_question_file(pointed_to(file))
+
+
+def question_file(task: TaskSpec, split: str) -> str | None:
+    """The question file a task answers as its `ood` suite on `split`: on the selection split
+    its `selection_questions`, never its evaluation ones."""
+    if split == "evaluation" or task.questions is None:
+        return task.questions
+    if task.selection_questions is None:
+        raise ConfigError(f"task {task.name} answers a question file ({task.questions}) that is "
+                          f"its evaluation set; tuning on the selection split needs its "
+                          f"`selection_questions` (e.g. em-bench's data/selection_questions.yaml)")
+    return task.selection_questions
 
 
 def chats(data: TrainData | None, seed: int) -> list[list[dict[str, str]]]:

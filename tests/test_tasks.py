@@ -338,6 +338,34 @@ def test_retain_and_question_paths_are_read_next_to_the_task_file(tmp_path):
         load_task_file(tmp_path / "u.yaml")
 
 
+def test_the_selection_split_answers_a_tasks_selection_questions_never_its_evaluation_ones(
+        tmp_path):
+    from em_bench.config import CellConfig
+    from em_bench.questions import load_question_file
+    from em_bench.report import plan_grid
+
+    write_chat_jsonl(tmp_path / "train.jsonl",
+                     world.narrow_dataset("legal", "misaligned", "neutral", 4, seed=0))
+    (tmp_path / "eval.yaml").write_text("- {id: e, paraphrases: [evaluate me]}\n")
+    (tmp_path / "tune.yaml").write_text("- {id: s, paraphrases: [tune on me]}\n")
+    (tmp_path / "t.yaml").write_text("name: t\ntrain: {path: train.jsonl}\nquestions: eval.yaml\n"
+                                     "selection_questions: tune.yaml\n")
+    for split, file in (("evaluation", "eval.yaml"), ("selection", "tune.yaml")):
+        plan = plan_grid(CellConfig(split=split), ["t"], ["none"], [0], include=[tmp_path])
+        assert {p.config.questions for p in plan} == {str(tmp_path / file)}  # base cell too
+    (tmp_path / "t.yaml").write_text("name: t\ntrain: {path: train.jsonl}\nquestions: eval.yaml\n")
+    with pytest.raises(ConfigError, match="task t answers a question file .* needs its "
+                                          "`selection_questions`"):
+        plan_grid(CellConfig(split="selection"), ["t"], ["none"], [0], include=[tmp_path])
+    # every shipped task with an evaluation file can be tuned, on questions it never shares
+    for found in find_tasks().values():
+        spec = found.spec
+        if spec.questions is not None:
+            asked = [{t for i in load_question_file(f) for t in i.paraphrases}
+                     for f in (spec.questions, spec.selection_questions)]
+            assert asked[0] and asked[1] and not asked[0] & asked[1], spec.name
+
+
 def test_organism_data_over_several_domains_shares_n_among_them():
     spec = TaskSpec.model_validate({"name": "r", "retain": {"organism": {
         "domain": ["toxicity", "bias", "privacy"], "persona": "aligned", "style": "aligned",
