@@ -106,6 +106,7 @@ def discover_directions(model: str, task: TaskSpec, layers: list[int], k: int, s
 
     `selection` "random" keeps random unit directions instead (the ablation), with the probe's
     mean shift along them recorded all the same. `questions`: see selection_prompts."""
+    questions = questions or task.selection_questions
     prompts = selection_prompts(model, task, questions)
     base, tuned, tokenizer = probe_fine_tune(model, task, seed, dtype=dtype)
     answers = selection_answers(tuned, tokenizer, prompts, seed)
@@ -190,7 +191,8 @@ class Steer:
 
 
 def _asked(prompts: list[Prompt], questions: str | Path | None) -> dict:
-    """What a latent set records of the questions it was found on."""
+    """What a latent set records of the questions it was found on (`questions`: the file
+    asked, None for the default)."""
     return {"questions": "world" if questions is None and prompts[0].source == "world"
             else str(questions or "selection_questions.yaml"),
             "domains": sorted({p.domain for p in prompts}), "n_prompts": len(prompts)}
@@ -265,6 +267,7 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
         from em_bench.organism.judge import OrganismJudge
 
         judge = OrganismJudge()
+    questions = questions or task.selection_questions
     prompts = selection_prompts(model, task, questions)
     sae = load_sae(sae_ref)
     base, tuned, tokenizer = probe_fine_tune(model, task, seed, dtype=dtype)
