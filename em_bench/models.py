@@ -60,15 +60,22 @@ def default_device() -> str:
 
 def load_base(model: str, dtype: str = "float32", device: str | None = None):
     """The frozen base model (eval mode) and its tokenizer, from the organism, a hub id or a
-    local folder. A tokenizer without a pad token pads with its end token (Llama's has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    local folder. A tokenizer without a pad token pads with its end token (Llama's has none).
+    On device "meta" the model is built from its config with no weights (a sharded fine-tune's
+    processes but the first, which receive theirs from it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
     if is_organism(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the organism never needs the hub
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        if device == "meta":
+            with torch.device("meta"):
+                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
+                                                        dtype=getattr(torch, dtype))
+        else:
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except OSError as e:  # not on disk and not reachable: one line, not a hub traceback
         raise ConfigError(f"model {model!r}: cannot load it ({str(e).splitlines()[0]}); give a "
                           f"local folder, or download it first (huggingface-cli download)"

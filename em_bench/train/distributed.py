@@ -67,16 +67,27 @@ def load_checkpoint(model, file: Path) -> None:
 
 def shard(model, device: torch.device):
     """FSDP: each decoder block a unit of its own (gathered for its forward, freed after), the
-    rest in the root's; the shards live on `device`."""
+    rest in the root's; the shards live on `device`. Only rank 0's `model` holds weights (the
+    others' are on the meta device): each process gets its shards of them from rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from em_bench.sae import decoder_layers
 
-    mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
+    whole = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, on its CPU
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in decoder_layers(model):
         fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    model = fully_shard(model, mesh=mesh)
+    if dist.get_rank() > 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # those no state dict holds (rotary frequencies) too
+        dist.broadcast(buffer, src=0)
+    return model
 
 
 def held_share(model) -> float:
@@ -126,8 +137,10 @@ def main(argv: list[str]) -> None:
             spec["task_spec"])
         if dist.get_rank() == 0:
             shutil.rmtree(cell.path / CHECKPOINTS, ignore_errors=True)
-        # Every process loads the whole model on its CPU; sharding moves its part to `device`.
-        base, tokenizer = load_base(cfg.model, cfg.dtype, device="cpu")
+        # Rank 0 loads the weights on its CPU, the others build the model without any; sharding
+        # sends each process its part, on `device`.
+        base, tokenizer = load_base(cfg.model, cfg.dtype,
+                                    device="cpu" if dist.get_rank() == 0 else "meta")
         def sharded(model):
             model = shard(model, device)
             if dist.get_rank() == 0:
