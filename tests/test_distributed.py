@@ -27,7 +27,9 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path):
     two = run_cell(_cell(2), open_store(tmp_path / "two"))
     assert one.id != two.id  # sharded sums round differently: a cell of its own
     assert (two.path / "train" / "torchrun.log").is_file()
-    assert two.read_json("train/summary.json")["processes"] == 2
+    summary = two.read_json("train/summary.json")
+    assert summary["processes"] == 2 and len(summary["peak_memory_mb"]) == 2  # one a process
+    assert all(m["cpu_resident"] > 0 for m in summary["peak_memory_mb"])
     sharding = two.read_json("train/sharding.json")  # each process holds half the weights
     assert sharding["processes"] == 2 and 0.45 < sharding["held_by_rank_0"] < 0.55
     a = load_file(one.trained_dir() / "adapter_model.safetensors")

@@ -43,11 +43,29 @@ def fine_tune(cfg: CellConfig, task: TaskSpec, cell: Cell, base, tokenizer,
                   log=(lambda r: cell.append("train/log", r)) if main else (lambda r: None),
                   every_step=every_step)
     save_weights(model, cell.trained_dir())
+    memory = peak_memory()
+    if cfg.train.processes > 1:
+        import torch.distributed as dist
+
+        everyone = [None] * cfg.train.processes
+        dist.all_gather_object(everyone, memory)
+        memory = everyone
     if main:
         cell.write_json("train/summary.json", {
             "final_terms": final, "n_examples": len(examples),
-            "processes": cfg.train.processes, "seconds": round(time.perf_counter() - t0, 2)})
+            "processes": cfg.train.processes, "seconds": round(time.perf_counter() - t0, 2),
+            "peak_memory_mb": memory})
     return model
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in MiB: resident (CPU) and, on a GPU, allocated."""
+    import resource
+
+    peak = {"cpu_resident": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peak["gpu_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
 
 
 def full_state(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
@@ -60,15 +78,15 @@ def full_state(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model, path: Path) -> None:
-    """Save a LoRA adapter or a full model as `save_pretrained` does; a sharded model is
-    gathered first and written by rank 0."""
-    rank, world = process_rank()
-    if world == 1:
-        model.save_pretrained(path)
-        return
+    """Save a LoRA adapter or a full model as `save_pretrained` does; a sharded model (one in
+    a process group, even of one process) is gathered first and written by rank 0."""
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        model.save_pretrained(path)
+        return
+
     state = full_state(model)
-    if rank == 0:
+    if dist.get_rank() == 0:
         model.save_pretrained(path, state_dict=state)
     dist.barrier()  # no process leaves before the weights are on disk
