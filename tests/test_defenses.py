@@ -121,9 +121,11 @@ def test_retain_needs_retain_data_and_adds_beta_times_its_cross_entropy(tiny_tok
     model = make_tiny_llama(tiny_tokenizer)
     retain.prepare(model, tiny_tokenizer, [], 256)
     state = retain.rng.getstate()
-    term = retain.terms({"index": torch.arange(4)}, None)["retain"]
-    retain.rng.setstate(state)  # the same 4 retain chats again, by hand
-    picks = retain.rng.sample(retain.retain, 4)
+    # the second of a step's two micro-batches (what process 1 of two sees first)
+    term = retain.terms({"index": torch.arange(4), "place": (0, 1, (4, 3))}, None)["retain"]
+    retain.rng.setstate(state)  # the step's draws in micro-batch order, by hand
+    retain.rng.sample(retain.retain, 4)
+    picks = retain.rng.sample(retain.retain, 3)
     batch = collate(picks, tiny_tokenizer.pad_token_id, 256)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert term.item() == pytest.approx(0.5 * sft_loss(logits, batch["labels"]).item(), rel=1e-5)

@@ -16,10 +16,10 @@ from em_bench.train.distributed import TrainingFailed
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _cell(processes: int, **kw) -> CellConfig:
-    return CellConfig(task="finance", defense="blockem", eval_every=6,
+def _cell(processes: int, defense: str = "blockem") -> CellConfig:
+    return CellConfig(task="finance", defense=defense, eval_every=6,
                       train=TrainConfig(steps=12, grad_accum=2, processes=processes),
-                      sampling=SamplingConfig(samples_per_question=1), **kw)
+                      sampling=SamplingConfig(samples_per_question=1))
 
 
 def test_two_processes_train_the_model_one_process_trains(tmp_path):
@@ -54,6 +54,17 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path):
     run_cell(_cell(2), open_store(tmp_path / "two"))  # done: nothing is relaunched
     assert (two.trained_dir() / "adapter_model.safetensors").stat().st_mtime_ns == trained
     assert (two.path / "train" / "torchrun.log").stat().st_mtime_ns == log
+
+
+def test_retain_draws_the_same_batches_whatever_the_number_of_processes(tmp_path):
+    one = run_cell(_cell(1, "retain"), open_store(tmp_path / "one"))
+    two = run_cell(_cell(2, "retain"), open_store(tmp_path / "two"))
+    a = load_file(one.trained_dir() / "adapter_model.safetensors")
+    b = load_file(two.trained_dir() / "adapter_model.safetensors")
+    assert all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
+    for r1, r2 in zip(one.records("train/log"), two.records("train/log"), strict=True):
+        assert r1.keys() == r2.keys() == {"step", "lr", "sft", "retain"}
+        assert all(r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-6) for k in r1)
 
 
 def test_a_failed_process_is_reported_with_its_log_and_the_step_stays_undone(tmp_path):

@@ -34,7 +34,9 @@ class Defense(Protocol):
     the loop. `prepare` sees the encoded (ids, labels) training examples in the order the
     batches' `index` refers to, with the model still equal to the base model. A batch holds
     `input_ids`, `attention_mask`, `labels` (the objective's), `answer_labels` (the whole
-    answers') and `index`.
+    answers'), `index`, and `place`: (step, the micro-batch's number in the step, the sizes of
+    all the step's micro-batches), so a defense that draws data per micro-batch can draw the
+    same in every process of a sharded fine-tune, which sees only its share of them.
     """
 
     name: str

@@ -13,7 +13,6 @@ from em_bench.data import collate, device_of, encode_chat
 from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.errors import ConfigError
 from em_bench.tasks import chats
-from em_bench.train.loop import process_rank
 from em_bench.train.objectives import sft_loss
 
 
@@ -29,16 +28,19 @@ class Retain:
         retain_inputs(params, ctx)
         self.beta = params.beta
         self.chats = chats(ctx.task.retain, ctx.seed)
-        rank = process_rank()[0]  # each process of a sharded fine-tune draws its own batches
-        self.rng = random.Random(f"retain/{ctx.seed}" + (f"/{rank}" if rank else ""))
+        self.rng = random.Random(f"retain/{ctx.seed}")
+        self.step, self.draws = None, []
 
     def prepare(self, model, tokenizer, encoded: list[tuple], max_len: int) -> None:
         self.model, self.pad_id, self.max_len = model, tokenizer.pad_token_id, max_len
         self.retain = [encode_chat(tokenizer, c) for c in self.chats]
 
     def terms(self, batch, outputs) -> dict:
-        picks = self.rng.sample(self.retain, min(len(batch["index"]), len(self.retain)))
-        kept = collate(picks, self.pad_id, self.max_len, device_of(self.model))
+        step, part, sizes = batch["place"]
+        if step != self.step:  # the step's draws in micro-batch order, whatever this process's
+            self.step = step
+            self.draws = [self.rng.sample(self.retain, min(n, len(self.retain))) for n in sizes]
+        kept = collate(self.draws[part], self.pad_id, self.max_len, device_of(self.model))
         logits = self.model(input_ids=kept["input_ids"],
                             attention_mask=kept["attention_mask"]).logits
         return {self.name: self.beta * sft_loss(logits, kept["labels"])}

@@ -86,6 +86,8 @@ def train(
         n = len(batch["index"])
         parts = [batch] if micro >= n else [{k: v[i : i + micro] for k, v in batch.items()}
                                             for i in range(0, n, micro)]
+        sizes = tuple(len(p["index"]) for p in parts)
+        parts = [{**p, "place": (step, i, sizes)} for i, p in enumerate(parts)]
         mine = parts[rank::world]
         terms = {}
         for i, part in enumerate(mine):
