@@ -151,11 +151,11 @@ class RayExecutor:
     command line make the paths they are given absolute). `num_gpus_per_cell`: None means the
     cell's (`CellConfig.gpus`: one a training process, or its vLLM engine's tensor-parallel
     size) when the cluster has GPUs, else none; a cell also asks for a CPU a training process.
-    `max_retries`: Ray's reruns of a task whose worker
-    died (a rerun resumes the cell); an exception inside a cell is not retried. A failed cell
-    does not stop the others; the run then raises CellsFailed naming each. `env_vars` adds to
-    the driver's variables the workers get (worker_env). Use as a context manager, or call
-    close(), to shut down a Ray this executor started.
+    `max_retries`: Ray's reruns of a task whose worker died (a rerun resumes the cell); an
+    exception inside a cell is not retried. A failed cell does not stop the others; the run
+    then raises CellsFailed naming each. `env_vars` adds to the driver's variables the workers
+    get (worker_env). Use as a context manager, or call close(), to shut down a Ray this
+    executor started.
     """
 
     def __init__(self, address: str | None = None, num_gpus_per_cell: float | None = None,
