@@ -323,6 +323,20 @@ def test_with_retries_a_killed_workers_cell_is_resumed_in_the_same_run(ray_runs,
     assert {k: after[k] for k in trained} == trained and "lock" not in after
 
 
+def test_a_ray_task_runs_a_cell_sharded_over_two_processes(ray_runs, tmp_path):
+    from em_bench.executors import RayExecutor
+
+    store = open_store(tmp_path / "store")
+    plan = plan_grid(BASE, ["medical"], ["none"], [0],
+                     {"steps": 4, "grad_accum": 2, "processes": 2})
+    with RayExecutor(max_retries=0) as executor:  # joins the module's Ray: the task asks for 2 CPUs
+        rows = run_grid(store, plan, executor)
+    tuned = store.cell(rows[1]["cell_id"])
+    assert rows[1]["task"] == "medical" and tuned.is_done("score", _score_hash(plan, tuned.id))
+    assert tuned.read_json("train/summary.json")["processes"] == 2
+    assert (tuned.path / "train" / "torchrun.log").is_file()
+
+
 def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
     from em_bench.errors import EmBenchError
     from em_bench.executors import RayExecutor
