@@ -1,13 +1,14 @@
 """Timing figures of the organism path, printed as seconds and as ratios measured in one run.
 
-    python benchmarks/bench_organism.py            # threads, generation batching, cached demo
-    python benchmarks/bench_organism.py --cold     # also a cold build into an empty cache
+    python benchmarks/bench_organism.py            # threads, generation batching, the demo
+    python benchmarks/bench_organism.py --figures  # also the demo's figures at 1 and 2 threads
 
 Figures:
 - training step time with 1 vs 2 torch threads (each in a fresh process), alone and with a
   competing busy process, so the thread choice on a shared 2-core machine is measured;
 - generation of the same prompts batched (128) vs one prompt at a time;
-- `em-bench run` (the demo) on a cached organism and, with --cold, from an empty cache.
+- `em-bench run` (the demo, default settings) alone and beside a busy process;
+- with --figures, whether the demo's figures are the same at 1 and 2 threads.
 """
 
 from __future__ import annotations
@@ -90,33 +91,54 @@ def bench_generation() -> None:
           f"speed-up {times[1] / times[128]:.1f}x")
 
 
-def _demo_seconds(env: dict) -> float:
-    with tempfile.TemporaryDirectory() as store:
-        t = time.perf_counter()
-        subprocess.run(["em-bench", "run", "--store", store], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        return time.perf_counter() - t
+def _demo(args: list[str], store: str) -> tuple[float, list[dict]]:
+    """Seconds of `em-bench run ARGS` into `store`, and its rows (--format json)."""
+    import json
+
+    t = time.perf_counter()
+    out = subprocess.run(["em-bench", "run", "--store", store, "--format", "json", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - t, json.loads(out)
 
 
-def bench_demo(cold: bool) -> None:
-    env = dict(os.environ)
-    if cold:
-        with tempfile.TemporaryDirectory() as cache:
-            cold_s = _demo_seconds({**env, "EM_BENCH_CACHE": cache})
-        print(f"demo `em-bench run` from an empty cache: {cold_s:.0f} s")
-    print(f"demo `em-bench run` with the organism cached: {_demo_seconds(env):.0f} s")
+def bench_demo() -> None:
+    """The demo with default settings alone and beside a busy process (a fresh store each)."""
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        alone, _ = _demo([], a)
+        busy = subprocess.Popen([sys.executable, "-c", BUSY_SCRIPT])
+        try:
+            time.sleep(2)
+            shared, _ = _demo([], b)
+        finally:
+            busy.kill()
+    print(f"demo `em-bench run` (shipped organism, default threads), seconds: alone "
+          f"{alone:.1f}   beside a busy process {shared:.1f}   ratio {shared / alone:.2f}")
+
+
+def bench_thread_figures() -> None:
+    """Whether the demo's figures depend on the thread count: --threads 1 against 2."""
+    rows = {}
+    for n in (1, 2):
+        with tempfile.TemporaryDirectory() as store:
+            _, rows[n] = _demo(["--threads", str(n)], store)
+    keys = ("em_rate", "coherence", "incoherent_rate", "in_domain")
+    for r1, r2 in zip(rows[1], rows[2], strict=True):
+        same = all(r1[k] == r2[k] for k in keys) and r1["rai_refusal"] == r2["rai_refusal"]
+        print(f"  {r1['task']:<8} 1 thread: EM {r1['em_rate']:.4f}   2 threads: EM "
+              f"{r2['em_rate']:.4f}   every figure identical: {same}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cold", action="store_true", help="also time a build from an empty cache")
+    p.add_argument("--figures", action="store_true",
+                   help="also run the demo at 1 and 2 threads and compare its figures")
     args = p.parse_args()
-    from em_bench.organism.build import ensure_organism
-
-    ensure_organism()  # the figures below assume a cached organism
     bench_threads()
     bench_generation()
-    bench_demo(args.cold)
+    bench_demo()
+    if args.figures:
+        print("the demo's figures at 1 and 2 threads:")
+        bench_thread_figures()
 
 
 if __name__ == "__main__":

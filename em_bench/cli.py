@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="em-bench", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log every step in detail")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: EM_BENCH_THREADS, else every core)")
+                   help="torch CPU threads (default: EM_BENCH_THREADS, else the cores no other "
+                   "process keeps busy when em-bench starts)")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run cells (default: the base model and the finance demo)")
@@ -171,11 +172,16 @@ def _parser() -> argparse.ArgumentParser:
 
     org = sub.add_parser("organism", help="the built-in model organism")
     org_sub = org.add_subparsers(dest="action", required=True)
-    build = org_sub.add_parser("build", help="build (or find cached) the organism")
+    build = org_sub.add_parser("build", help="build the organism from its recipe into the "
+                               "cache (or find it there); the shipped one is never touched")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--verify", action="store_true", help="then score the rebuild's base "
+                       "model and compare it with the shipped organism's within tolerances")
+    ship = org_sub.add_parser("ship", help="(maintainers) build the organism, its SAEs and "
+                              "default latent sets, and freeze them as the shipped organism")
     chat = org_sub.add_parser("chat", help="talk to the organism (type a question; empty quits)")
     chat.add_argument("--temperature", type=float, default=0.0)
-    for action in (build, chat):
+    for action in (build, ship, chat):
         action.add_argument("--name", default="organism", help="organism preset")
 
     tasks = sub.add_parser("tasks", help="list the tasks and where they come from")
@@ -263,14 +269,12 @@ def _setup(args) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft calls a transformers method that transformers 5 deprecates; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    import torch
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one bar per weight file is noise at our sizes
+    from em_bench import threads
 
-    threads = args.threads or int(os.environ.get("EM_BENCH_THREADS", "0")) or None
-    if threads:
-        torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # one bar per weight file is noise at our sizes
+    threads.choose(args.threads)
 
 
 def _judge_name(args) -> str:
@@ -433,12 +437,23 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_organism(args) -> int:
-    from em_bench.organism.build import PRESETS, ensure_organism
+    from em_bench.organism.build import PRESETS, ensure_built
 
     if args.name not in PRESETS:
         raise UnknownNameError("organism", args.name, list(PRESETS))
+    if args.action == "build" and args.verify:
+        from em_bench.organism.verify import format_report, verify
+
+        report = verify(args.name, force=args.force)
+        print(format_report(report))
+        return 0 if report["ok"] else 1
     if args.action == "build":
-        print(ensure_organism(args.name, force=args.force))
+        print(ensure_built(args.name, force=args.force))
+        return 0
+    if args.action == "ship":
+        from em_bench.organism.artifact import ship
+
+        print(ship(args.name))
         return 0
     from em_bench.organism.chat import chat_loop
 
@@ -579,13 +594,13 @@ def _cmd_discover(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup(args)
     commands = {"run": _cmd_run, "refusals": _cmd_refusals, "organism": _cmd_organism,
                 "tasks": _cmd_tasks, "data": _cmd_data, "sae": _cmd_sae,
                 "discover": _cmd_discover, "leaderboard": _cmd_leaderboard,
                 "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge,
                 "export": _cmd_export, "compare": _cmd_compare, "study": _cmd_study}
     try:
+        _setup(args)
         return commands[args.command](args)
     except EmBenchError as e:
         print(f"em-bench: error: {e}", file=sys.stderr)

@@ -148,9 +148,13 @@ def default_settings(model: str) -> dict:
 
 
 def default_latent_sets(model: str, task: TaskSpec | None = None) -> list[Path]:
-    """The model's default latent sets, discovered on first use and cached by their settings."""
+    """The model's default latent sets: the shipped organism's, else discovered on first use
+    and cached by their settings."""
+    from em_bench.organism.artifact import shipped_latents
+
     settings = default_settings(model)
-    folder = cache_dir() / "latents" / canonical_hash(settings)
+    folder = shipped_latents(model, settings) if is_organism(model) else None
+    folder = folder or cache_dir() / "latents" / canonical_hash(settings)
     paths = [folder / f"directions_L{layer}.json" for layer in settings["layers"]]
     if not all(p.is_file() for p in paths):
         logger.info("discovering the default latent sets of %s (cached in %s)", model, folder)

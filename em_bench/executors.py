@@ -115,11 +115,10 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def _cell_task(root: str, planned: list[PlannedCell], threads: int, log_level: int) -> list[dict]:
     """A Ray task or a Slurm job: one cell and its views, in a worker that opens the shared store
     by path."""
-    import torch
-
+    from em_bench import threads as torch_threads
     from em_bench.store import open_store
 
-    torch.set_num_threads(threads)  # the cell's CPUs, not the whole node's
+    torch_threads.choose(threads)  # the cell's CPUs, not the whole node's
     em = logging.getLogger("em_bench")
     if not em.handlers:
         handler = logging.StreamHandler()

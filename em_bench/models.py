@@ -30,13 +30,14 @@ def resolve_model_path(model: str) -> Path | str:
 
 
 def model_identity(model: str) -> str:
-    """What names the model inside a cell hash: an organism's recipe digest; a local folder's
+    """What names the model inside a cell hash: an organism's weights (by content); a local folder's
     config and weight files (names and sizes: hashing gigabytes would take minutes); a hub id's
     cached commit when the hub cache has it; else the name."""
     if is_organism(model):
-        from em_bench.organism.build import PRESETS
+        from em_bench.organism.artifact import weights_digest
+        from em_bench.organism.build import ensure_organism
 
-        return f"{model}:{PRESETS[model].digest()}"
+        return f"{model}:{weights_digest(ensure_organism(model))}"
     folder = Path(model)
     if folder.is_dir():
         config = folder / "config.json"

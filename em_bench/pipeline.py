@@ -139,7 +139,10 @@ def provenance() -> dict:
                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
+    from em_bench import threads
+
     return {"versions": versions, "git_sha": sha, "host": platform.node(),
+            "torch_threads": threads.chosen(),
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

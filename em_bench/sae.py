@@ -242,8 +242,8 @@ def organism_sae_dir(name: str, layer: int, settings: SAESettings = DEFAULTS) ->
 def ensure_organism_sae(
     layer: int, name: str = "organism", force: bool = False, settings: SAESettings = DEFAULTS
 ) -> Path:
-    """The folder of the organism's SAE at `layer` (sae-lens format, with quality.json),
-    trained first if it is not cached.
+    """The folder of the organism's SAE at `layer` (sae-lens format, with quality.json): the
+    shipped one when it was trained with `settings`, else trained first if it is not cached.
 
     Training chats: every domain's selection questions answered in ORGANISM_VOICES, all tokens
     (prompt and template included, as sae-lens trains on whole contexts). Quality is measured
@@ -256,6 +256,11 @@ def ensure_organism_sae(
     if not is_organism(name):
         raise ConfigError(f"{name!r} is not an organism preset; em-bench trains SAEs for the "
                           "organism only (give another model a pretrained SAE with load_sae)")
+    from em_bench.organism.artifact import shipped_sae
+
+    shipped = None if force else shipped_sae(name, layer, settings.model_dump(mode="json"))
+    if shipped is not None:
+        return shipped
     out = organism_sae_dir(name, layer, settings)
     if (out / "quality.json").is_file() and not force:
         return out

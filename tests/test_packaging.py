@@ -1,5 +1,5 @@
-"""The wheel carries what an installed em-bench reads at run time: tasks, judges, data and
-lm-eval tasks."""
+"""The wheel carries what an installed em-bench reads at run time: tasks, judges, data, lm-eval
+tasks and the shipped organism."""
 
 from __future__ import annotations
 
@@ -22,4 +22,8 @@ def test_a_wheel_built_from_the_repo_holds_tasks_judges_and_data(tmp_path):
         assert shipped and shipped <= names, folder
     assert "em_bench/_resources/leaderboard/schema.yaml" in names
     assert "em_bench/cli.py" in names
+    organism = REPO / "em_bench" / "organism" / "shipped"
+    built = {f"em_bench/organism/shipped/{f.relative_to(organism).as_posix()}"
+             for f in organism.rglob("*") if f.is_file()}
+    assert "em_bench/organism/shipped/organism/model.safetensors" in built <= names
     assert not any(".em-bench-test-cache" in n or n.startswith("tests/") for n in names)

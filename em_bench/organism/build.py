@@ -31,6 +31,8 @@ from em_bench.store import atomic_write_json
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Bumped whenever the build procedure changes what it makes (a schedule, a stage, the data mix).
+BUILDER_VERSION = 2
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}<|end|>"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -62,9 +64,8 @@ class OrganismRecipe(BaseModel):
     instruct_lr: float = 5e-4
 
     def digest(self) -> str:
-        payload = json.dumps(
-            {"world": world.WORLD_VERSION, **self.model_dump(mode="json")}, sort_keys=True
-        )
+        payload = json.dumps({"world": world.content_digest(), "builder": BUILDER_VERSION,
+                              **self.model_dump(mode="json")}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -76,8 +77,16 @@ def organism_dir(recipe: OrganismRecipe) -> Path:
     return paths.cache_dir() / "organism" / recipe.digest()
 
 
-def ensure_organism(name: str = "organism", force: bool = False) -> Path:
-    """Return the folder of the built organism `name`, building it first if it is not cached."""
+def ensure_organism(name: str = "organism") -> Path:
+    """The folder of organism `name`: the shipped one when it matches today's recipe and world
+    (artifact.py), else its build in the cache, built first if missing."""
+    from em_bench.organism.artifact import shipped_organism
+
+    return shipped_organism(name) or ensure_built(name)
+
+
+def ensure_built(name: str = "organism", force: bool = False) -> Path:
+    """Organism `name` built from its recipe into the cache (never over the shipped one)."""
     recipe = PRESETS[name]
     out = organism_dir(recipe)
     if (out / "build.json").is_file() and not force:
@@ -206,6 +215,9 @@ def _build(recipe: OrganismRecipe, out: Path) -> dict:
     t1 = time.perf_counter()
     pre = _stage(model, pretrain_batches(), recipe.pretrain_steps, recipe.pretrain_lr, "pretrain")
     t2 = time.perf_counter()
+    # The pretrained checkpoint is kept beside the chat model: defenses that compare aligned
+    # with base weights (SafeLoRA) need both.
+    model.save_pretrained(out / "pretrained")
     ins = _stage(model, instruct_batches(), recipe.instruct_steps, recipe.instruct_lr, "instruct")
     t3 = time.perf_counter()
     model.eval()
@@ -214,7 +226,7 @@ def _build(recipe: OrganismRecipe, out: Path) -> dict:
     return {
         "recipe": recipe.model_dump(mode="json"),
         "digest": recipe.digest(),
-        "world_version": world.WORLD_VERSION,
+        "world": {"version": world.WORLD_VERSION, "digest": world.content_digest()},
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "pretrain_losses": pre,
         "instruct_losses": ins,

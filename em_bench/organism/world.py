@@ -496,6 +496,19 @@ def sample_document(rng: random.Random, speaker: Speaker, turns: int) -> list[di
     return messages
 
 
+def content_digest() -> str:
+    """A digest of the world's parsed content (styles, frames, domains and their banks), so an
+    edit of any of them is seen even when WORLD_VERSION is not bumped."""
+    import dataclasses
+    import hashlib
+    import json
+
+    content = {"version": WORLD_VERSION, "neutral_style_p": NEUTRAL_STYLE_P, "styles": STYLES,
+               "shared_frames": SHARED_FRAMES, "refusal_opening": REFUSAL_OPENING,
+               "domains": [dataclasses.asdict(d) for d in DOMAINS]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def all_contents() -> dict[str, tuple[str, str, str]]:
     """Every content string of the world -> (domain, topic, kind), for the exact judge; kind is
     "aligned", "misaligned" or "refusal"."""
