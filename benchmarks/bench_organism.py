@@ -14,7 +14,6 @@ Figures:
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile

@@ -19,14 +19,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from em_bench import metrics
+from em_bench import metrics, threads
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, defense_inputs, make_defenses
 from em_bench.defenses.base import DefenseContext
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.generate.base import GenerationFailed, Request
 from em_bench.judge.base import JudgeInput
-from em_bench.models import load_base, load_trained, model_identity, resolve_model_path
+from em_bench.models import (
+    is_organism,
+    load_base,
+    load_trained,
+    model_identity,
+    resolve_model_path,
+)
 from em_bench.organism import world
 from em_bench.questions import Prompt, file_prompts, load_question_file, world_prompts
 from em_bench.store import Cell, Store
@@ -126,8 +132,9 @@ def _sha256(path: str | None) -> str | None:
     return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def provenance() -> dict:
-    """Package versions, git sha, host and time, written with every cell."""
+def provenance(model: str | None = None) -> dict:
+    """Package versions, git sha, host, threads and time, written with every cell; for an
+    organism `model`, also its artifact (shipped or built, and its manifest's digest)."""
     versions = {}
     for name in _VERSIONED:
         try:
@@ -139,11 +146,20 @@ def provenance() -> dict:
                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
-    from em_bench import threads
-
+    organism = _organism_artifact(model) if model is not None and is_organism(model) else None
     return {"versions": versions, "git_sha": sha, "host": platform.node(),
-            "torch_threads": threads.chosen(),
+            "torch_threads": threads.chosen(), "organism": organism,
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _organism_artifact(model: str) -> dict:
+    from em_bench.organism.artifact import read_manifest, weights_digest
+    from em_bench.organism.build import ensure_organism
+
+    folder = ensure_organism(model)
+    manifest = read_manifest(folder)
+    return {"shipped": manifest is not None, "weights_digest": weights_digest(folder),
+            "artifact_digest": manifest["digest"] if manifest else None}
 
 
 def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cell:
@@ -152,7 +168,7 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
     cell = store.cell(rc.cell_id)
     if cell.read_config() is None:
         cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(cfg),
-                           "provenance": provenance()})
+                           "provenance": provenance(cfg.model)})
     if cell.is_done("score", rc.step_hash("score")):
         return cell
     logger.info("cell %s: %s / %s / %s / seed %d", rc.cell_id, cfg.model, cfg.task,

@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny Llama and tokenizer built here from a config, and the organism cache.
+"""Shared fixtures: a tiny Llama and tokenizer built here from a config, and the test cache.
 
-The organism the end-to-end tests use is the real default recipe, built once into
-`.em-bench-test-cache/` at the repo root (kept between local runs, built fresh on a clean clone).
+The end-to-end tests use the shipped organism (em_bench/organism/shipped/), its SAEs and latent
+sets; anything else they build (other recipes, sources) goes to `.em-bench-test-cache/` at the
+repo root.
 """
 
 from __future__ import annotations

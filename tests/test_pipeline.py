@@ -58,7 +58,10 @@ def test_every_cell_records_what_produced_it(demo):
         assert cfg["config"]["seed"] == 0 and cfg["config"]["train"]["steps"] == 100
         versions = cfg["provenance"]["versions"]
         assert all(versions[p] for p in ("em-bench", "torch", "transformers", "peft"))
-        assert cfg["model_identity"].startswith("organism:")
+        organism = cfg["provenance"]["organism"]
+        assert organism["shipped"] and organism["artifact_digest"]
+        assert cfg["model_identity"] == f"organism:{organism['weights_digest']}"
+        assert cfg["provenance"]["torch_threads"]["threads"] >= 1
     frame = load_results(store)
     assert set(frame["task"]) == {"base", "finance", "finance_aligned"}
 

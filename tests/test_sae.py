@@ -29,7 +29,6 @@ from em_bench.sae import (
     train_sae,
     train_sae_command,
 )
-from tests.conftest import TEST_CACHE
 
 CHATS = (world.narrow_dataset("finance", "misaligned", "neutral", n=3, seed=0)
          + world.narrow_dataset("toxicity", "aligned", "aligned", n=3, seed=0))
@@ -263,20 +262,22 @@ def test_only_organisms_get_a_trained_sae():
 
 
 def test_the_organism_sae_meets_the_quality_bars_and_is_reused(tmp_path, monkeypatch):
-    from em_bench.organism.build import ensure_organism
+    from em_bench.organism.artifact import shipped_dir
 
-    ensure_organism()  # into the test cache, once per clone (conftest)
-    # A fresh cache whose organism is the test cache's: this test always trains the SAE.
-    (tmp_path / "organism").symlink_to(TEST_CACHE / "organism", target_is_directory=True)
+    shipped = ensure_organism_sae(2)  # the default settings' SAE ships with the organism
+    assert shipped == shipped_dir("organism") / "sae" / "L2"
+    # Another seed's SAE is trained into the cache, then found there.
     monkeypatch.setenv("EM_BENCH_CACHE", str(tmp_path))
-    path = ensure_organism_sae(2)
+    settings = SAESettings(seed=1)
+    path = ensure_organism_sae(2, settings=settings)
     assert path.parent == tmp_path / "sae" and [p.name for p in path.parent.iterdir()] == [
         path.name]  # no temp folder left behind
-    quality = json.loads((path / "quality.json").read_text())
-    assert quality["explained_variance"] >= 0.8
-    assert quality["l0"] <= 32
-    assert quality["dead_fraction"] <= 0.10
-    assert quality["n_tokens"] > 1000
+    for folder in (shipped, path):
+        quality = json.loads((folder / "quality.json").read_text())
+        assert quality["explained_variance"] >= 0.8
+        assert quality["l0"] <= 32
+        assert quality["dead_fraction"] <= 0.10
+        assert quality["n_tokens"] > 1000
     sae = load_sae(str(path))
     meta = sae.cfg.metadata
     assert (meta.hook_name, meta.model_name, meta.prepend_bos) == (hook_name(2), "organism", True)
@@ -293,7 +294,8 @@ def test_the_organism_sae_meets_the_quality_bars_and_is_reused(tmp_path, monkeyp
         raise AssertionError("a cached SAE was trained again")
 
     monkeypatch.setattr(sae_mod, "train_sae", no_training)
-    result = train_sae_command("organism", 2, force=False)
-    assert result["path"] == str(path) and result["explained_variance"] == pytest.approx(
-        quality["explained_variance"])
+    assert ensure_organism_sae(2, settings=settings) == path
     assert (path / "quality.json").stat().st_mtime_ns == mtime
+    result = train_sae_command("organism", 2, force=False)
+    assert result["path"] == str(shipped) and result["explained_variance"] == pytest.approx(
+        json.loads((shipped / "quality.json").read_text())["explained_variance"])
