@@ -20,7 +20,7 @@ from em_bench import metrics
 from em_bench.config import TrainConfig
 from em_bench.errors import ConfigError
 from em_bench.organism.world import RAI_DOMAINS
-from em_bench.report import RAI_SHORT, _align, _pct
+from em_bench.report import RAI_SHORT, _align, _canonical, _pct, param_text
 from em_bench.results import flatten
 from em_bench.store import Cell, Store
 
@@ -30,11 +30,6 @@ _LEFT = 8  # table columns that name the row, left-aligned; the numbers after th
 RAI_COLUMNS = ("rai_refusal", "rai_refusal_drop")  # {domain: rate}; one CSV column per domain
 _GROUP = ("model", "model_identity", "task", "defense", "defense_params", "defense_inputs",
           "train", "judge", "split", "questions_sha256", "rai_sha256")
-
-
-def _canonical(obj) -> str:
-    """One spelling per value, so equal params or budgets group together whatever their order."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _num(x) -> float | int | None:
@@ -63,14 +58,7 @@ def _label(d: dict, empty: str) -> str:
 
 def params_label(params: dict) -> str:
     """A defense's parameters for a table: unset ones (None, []) as `default`, files by name."""
-    def short(v):
-        if v is None or v == []:
-            return "default"
-        if isinstance(v, list) and all(isinstance(x, str) for x in v):
-            return "+".join(x.rsplit("/", 1)[-1] for x in v)
-        return v
-
-    return _label({k: short(v) for k, v in params.items()}, "-")
+    return _label({k: param_text(v) for k, v in params.items()}, "-")
 
 
 def budget_label(train: dict) -> str:

@@ -102,8 +102,11 @@ class ResolvedCell:
 
 def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     """Check a cell's names and pin what it depends on; `task` is the spec of `cfg.task` when
-    the caller found it (in an included folder, say), else it is looked up among the built-ins."""
-    params = check_defense(cfg.defense, cfg.defense_params)
+    the caller found it (in an included folder, say), else it is looked up among the built-ins.
+    The resolved config holds the defense's parameters with every default filled in, so a value
+    left at its default and the same value given are one cell id."""
+    params = check_defense(cfg.defense, cfg.defense_params, cfg.model)
+    cfg = cfg.model_copy(update={"defense_params": params})
     judge = make_judge(cfg.judge, definition=cfg.metrics.em_definition)
     jury = [make_judge(j, definition=cfg.metrics.em_definition).name for j in cfg.jury]
     task = task or get_task(cfg.task)
@@ -167,7 +170,7 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
     rc = resolve(cfg, task)
     cell = store.cell(rc.cell_id)
     if cell.read_config() is None:
-        cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(cfg),
+        cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(rc.config),
                            "provenance": provenance(cfg.model)})
     if cell.is_done("score", rc.step_hash("score")):
         return cell

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 import typing
 from collections import defaultdict
@@ -10,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from em_bench import metrics
-from em_bench.config import CellConfig, TrainConfig
-from em_bench.defenses import DEFENSES, check_defense
+from em_bench.config import CellConfig, TrainConfig, canonical_hash
+from em_bench.defenses import DEFAULT, DEFENSES, check_defense
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import judged_frame, resolve, score_frame
 from em_bench.store import Cell, Store
@@ -41,7 +43,8 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     (tasks.question_file). Tasks are found among the built-ins, the entry points and the
     `include` folders. A defense's cells are the product of the `defense_values` it takes
     (name -> values, the command line's `--set`). Every cell is resolved here, so a typo in a
-    name, a parameter or a file fails before any work starts.
+    name, a parameter or a file fails before any work starts, and its config holds the values it
+    runs with (a defense's defaults filled in: `lambda=default` is blockem's lambda).
     """
     for defense in defenses:  # an unknown name fails first, with the known ones
         if defense not in DEFENSES:
@@ -75,9 +78,7 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
                         "task": task, "defense": defense, "defense_params": params,
                         "seed": seed, "train": train, **suite})
                     plan.append(PlannedCell(cfg, view, view))
-    for p in plan:
-        resolve(p.config, p.task)
-    return plan
+    return [dataclasses.replace(p, config=resolve(p.config, p.task).config) for p in plan]
 
 
 def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
@@ -89,7 +90,8 @@ def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
     mine = {k: v for k, v in values.items() if k in fields}
     for k, f in fields.items():  # a list parameter's items are joined by "+" on the command line
         if k in mine and typing.get_origin(f.annotation) in (list, tuple):
-            mine[k] = [v.split("+") if isinstance(v, str) else v for v in mine[k]]
+            mine[k] = [v.split("+") if isinstance(v, str) and v != DEFAULT else v
+                       for v in mine[k]]
     return [check_defense(defense, dict(zip(mine, combo, strict=True)))
             for combo in itertools.product(*mine.values())]
 
@@ -131,7 +133,7 @@ def view_row(cell: Cell, planned: PlannedCell) -> dict:
     result = score_frame(judged_frame(cell), planned.view, cfg)
     em = result["em_rate"]
     return {
-        "cell_id": cell.id, "model": cfg.model, "task": cfg.task,
+        "cell_id": cell.id, "setting": setting_id(cfg), "model": cfg.model, "task": cfg.task,
         "view": planned.view.name, "defense": cfg.defense, "defense_params": cfg.defense_params,
         "seed": cfg.seed, "em_rate": em["value"], "em_ci_low": em["ci_low"],
         "em_ci_high": em["ci_high"], "coherence": result["coherence"]["value"],
@@ -143,6 +145,41 @@ def view_row(cell: Cell, planned: PlannedCell) -> dict:
         "rai_incoherent": result["rai_incoherent"],
         "over_refusal": result["over_refusal"]["value"],
     }
+
+
+def setting_id(cfg: CellConfig) -> str:
+    """The hash of a cell's whole config but its seed: the cells a summary across seeds joins."""
+    return canonical_hash({"setting": cfg.model_dump(mode="json", exclude={"seed"})})
+
+
+def param_text(value) -> str:
+    """A defense parameter's value for a table: unset (None, []) as `default`, files by name."""
+    if value is None or value == []:
+        return "default"
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return "+".join(x.rsplit("/", 1)[-1] for x in value)
+    return value if isinstance(value, str) else _canonical(value)
+
+
+def _canonical(obj) -> str:
+    """One spelling per value, so equal params or budgets group together whatever their order."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def defense_labels(rows: list[dict]) -> list[str]:
+    """Each row's defense with the parameters that vary among the rows of that defense
+    (`blockem lambda=0.001`): what tells the rows of a sweep apart, and no more."""
+    values: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        for k, v in r["defense_params"].items():
+            values[(r["defense"], k)].add(_canonical(v))
+
+    def label(r: dict) -> str:
+        varying = (f"{k}={param_text(v)}" for k, v in r["defense_params"].items()
+                   if len(values[(r["defense"], k)]) > 1)
+        return " ".join([r["defense"], *varying])
+
+    return [label(r) for r in rows]
 
 
 def _pct(x: float | None) -> str:
@@ -158,17 +195,19 @@ def _align(table: list[list[str]], left: int) -> list[str]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per cell, then the mean and spread across seeds per (task, view, defense).
+    """One line per cell, then the mean and spread across seeds per view and setting (the whole
+    config but the seed, `setting_id`).
 
     `scored for` is the task whose view the row uses: the base model is scored once per task,
-    on that task's out-of-domain questions and with its in-domain target.
+    on that task's out-of-domain questions and with its in-domain target. `defense` shows the
+    defense's parameters that vary among the rows.
     """
     table = [["task", "scored for", "defense", "seed", "EM", "95% CI", "coherence", "incoherent",
               "in-domain", "n", "excluded"]]
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["task"], r["view"], r["defense"])].append(r)
-        table.append([r["task"], r["view"], r["defense"], str(r["seed"]), _pct(r["em_rate"]),
+    for r, defense in zip(rows, defense_labels(rows), strict=True):
+        groups[(r["task"], r["view"], defense, r["setting"])].append(r)
+        table.append([r["task"], r["view"], defense, str(r["seed"]), _pct(r["em_rate"]),
                       f"[{_pct(r['em_ci_low'])}, {_pct(r['em_ci_high'])}]",
                       f"{r['coherence']:.1f}", _pct(r["incoherent_rate"]),
                       _pct(r["in_domain"]), str(r["n_answers"]), str(r["n_excluded"])])
@@ -178,7 +217,7 @@ def format_table(rows: list[dict]) -> str:
     if multi:
         summary = [["task", "scored for", "defense", "seeds", "EM mean", "sd", "min", "max",
                     "in-domain mean"]]
-        for (task, view, defense), g in multi:
+        for (task, view, defense, _), g in multi:
             em = metrics.seed_summary([r["em_rate"] for r in g])
             ind = metrics.seed_summary([r["in_domain"] for r in g])
             summary.append([task, view, defense, str(em["n"]), _pct(em["mean"]), _pct(em["sd"]),
@@ -197,10 +236,10 @@ def format_rai(rows: list[dict]) -> list[str]:
     change against the base model in points; then over-refusal of benign requests."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     seen = set()
-    for r in rows:  # a cell appears once per view; its refusal does not depend on the view
-        if r["cell_id"] not in seen:
+    for r, defense in zip(rows, defense_labels(rows), strict=True):
+        if r["cell_id"] not in seen:  # a row per view of a cell, whose refusal is the same
             seen.add(r["cell_id"])
-            cells[(r["task"], r["defense"])].append(r)
+            cells[(r["task"], defense, r["setting"])].append(r)
     domains = list(next(iter(cells.values()))[0]["rai_refusal"]) if cells else []
     table = [["task", "defense", "seeds", *(RAI_SHORT.get(d, d) for d in domains),
               "over-refusal", "incoherent"]]
@@ -208,7 +247,7 @@ def format_rai(rows: list[dict]) -> list[str]:
     def mean(values):
         return metrics.seed_summary([v for v in values if v is not None])["mean"]
 
-    for (task, defense), g in cells.items():
+    for (task, defense, _), g in cells.items():
         row = [task, defense, str(len(g))]
         for d in domains:
             rate = _pct(mean(r["rai_refusal"][d] for r in g))

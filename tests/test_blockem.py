@@ -182,6 +182,6 @@ def test_blockem_params_and_inputs(tmp_path):
     with pytest.raises(ConfigError, match="no latent-set file"):
         defense_inputs("blockem", {"lambda": 1.0, "latents": [str(tmp_path / "x.json")]}, CTX)
     with pytest.raises(ConfigError, match="lambda has no default for tiny"):
-        defense_inputs("blockem", {"lambda": None, "latents": [str(path)]}, CTX)
+        check_defense("blockem", {"latents": [str(path)]}, "tiny")
     with pytest.raises(ConfigError, match="latents has no default for tiny"):
         defense_inputs("blockem", {"lambda": 1.0, "latents": []}, CTX)

@@ -144,18 +144,25 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
     from em_bench.discover import default_settings
     from em_bench.errors import ConfigError
 
-    lam = {"blockem_version": BLOCKEM_VERSION,
-           **({} if params["lambda"] else {"default_lambda": default_lambda(ctx.model)})}
+    version = {"blockem_version": BLOCKEM_VERSION}  # lambda is a param (blockem_defaults)
     if not params["latents"]:
         _needs_organism(ctx.model, "latents", LATENTS_HINT)
-        return {"default_latents": canonical_hash(default_settings(ctx.model)), **lam}
+        return {"default_latents": canonical_hash(default_settings(ctx.model)), **version}
     digests = {}
     for f in params["latents"]:
         if not Path(f).is_file():
             raise ConfigError(f"defense blockem: latents: no latent-set file {f}")
         load_latent_set(Path(f))  # a malformed file fails before any work
         digests[f] = hashlib.sha256(Path(f).read_bytes()).hexdigest()
-    return {"latents_sha256": digests, **lam}
+    return {"latents_sha256": digests, **version}
+
+
+def blockem_defaults(params: dict, model: str) -> dict:
+    """`params` with the model's default lambda in place of none, so a cell left at the default
+    and one given the same value explicitly are one cell."""
+    if params["lambda"] is not None:
+        return params
+    return {**params, "lambda": default_lambda(model)}
 
 
 def default_lambda(model: str) -> float:
