@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -47,6 +48,51 @@ def _seeds(text: str) -> list[int]:
             f"--seeds takes integers like 0,1,2, not {text!r}") from None
 
 
+# Counts argparse takes as any integer; below 1 each would silently mean something else.
+_COUNTS = ("samples", "steps", "grad_accum", "processes", "tensor_parallel", "lm_eval_limit",
+           "eval_every", "slurm_time_minutes", "n", "k")
+
+
+def _refuse_nonsense(args) -> None:
+    """Options that parse but no command can mean (0 samples, a 0-step fine-tune, a seed
+    twice) are refused before any work, never replaced by a default."""
+    for name in _COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected at least 1")
+    seeds = getattr(args, "seeds", [])
+    if len(set(seeds)) < len(seeds):
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        raise ConfigError(f"--seeds repeats {', '.join(map(str, twice))}: each seed is one cell, "
+                          f"so a repeat would be counted twice")
+
+
+class _Help(argparse.HelpFormatter):
+    """--help names each option's default, but not the empty ones (None, False, []), also for
+    an option without help text."""
+
+    def _get_help_string(self, action):
+        d, text = action.default, action.help or ""
+        if d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in text:
+            return action.help
+        shown = ",".join(map(str, d)) if isinstance(d, list) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+    def _format_action(self, action):
+        if not action.help and self._get_help_string(action):  # else argparse prints none
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose subcommands' parsers (its own class) all use _Help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
 def _setting(text: str) -> tuple[str, list]:
     name, sep, values = text.partition("=")
     if not sep or not name.strip() or not _csv(values):
@@ -55,7 +101,12 @@ def _setting(text: str) -> tuple[str, list]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="em-bench", description=__doc__.split("\n")[0])
+    from em_bench import __version__
+    from em_bench.config import SamplingConfig, TrainConfig
+
+    train, budget = TrainConfig(), "the task's budget, else"  # defaults with no argparse value
+    p = _Parser(prog="em-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step in detail")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: EM_BENCH_THREADS, else the cores no other "
@@ -80,18 +131,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="a defense parameter and its values (a sweep; repeatable); a list "
                      "value joins its items with '+', e.g. latents=a.json+b.json")
     run.add_argument("--seeds", type=_seeds, default=[0], help="comma list of seeds")
-    run.add_argument("--steps", type=int, help="optimizer steps of the fine-tune")
-    run.add_argument("--lr", type=float, help="learning rate of the fine-tune")
+    run.add_argument("--steps", type=int, help=f"optimizer steps of the fine-tune (default: "
+                     f"{budget} {train.steps}; a preset's one epoch)")
+    run.add_argument("--lr", type=float, help=f"learning rate of the fine-tune (default: "
+                     f"{budget} {train.lr:g}; a preset's recipe)")
     run.add_argument("--grad-accum", type=int, metavar="N",
-                     help="micro-batches a step (their gradients add up to the batch's)")
+                     help="micro-batches a step (their gradients add up to the batch's; "
+                     f"default: {budget} {train.grad_accum}; a preset's recipe)")
     run.add_argument("--processes", type=int, metavar="N",
                      help="train each cell in N processes (torchrun), one a GPU, the weights "
                      "sharded over them (FSDP): a model too big for one GPU; the step's "
-                     "micro-batches (--grad-accum) are spread over them")
+                     f"micro-batches (--grad-accum) are spread over them (default: "
+                     f"{train.processes})")
     run.add_argument("--tensor-parallel", type=int, metavar="N", default=1,
                      help="with --backend vllm, one engine spans N GPUs (a slice of every "
                      "layer on each)")
-    run.add_argument("--samples", type=int, help="samples per evaluation question")
+    run.add_argument("--samples", type=int, help="samples per evaluation question (default: "
+                     f"{SamplingConfig().samples_per_question})")
     run.add_argument("--judge", default="organism", choices=["organism", "openai"],
                      help="the organism's exact judge, or an LLM judge over an OpenAI-compatible "
                      "API (needs --judge-model)")
@@ -107,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--general", type=_csv, default=[], metavar="TASK,...",
                      help="lm-eval tasks of general capability scored on every cell's model "
                      "(e.g. em_bench_commonsense); a task's own in-domain ones come from its file")
-    run.add_argument("--lm-eval-limit", type=int, metavar="N", help="items per lm-eval task")
+    run.add_argument("--lm-eval-limit", type=int, metavar="N",
+                     help="items per lm-eval task (default: all)")
     run.add_argument("--eval-every", type=int, metavar="N",
                      help="also score the fine-tune every N steps (a stored EM curve)")
     run.add_argument("--split", choices=["evaluation", "selection"], default="evaluation",
@@ -132,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm-partition", metavar="NAME",
                      help="the Slurm partition of the cells' jobs (default: the cluster's)")
     run.add_argument("--slurm-time-minutes", type=int, metavar="N",
-                     help="each cell's job's time limit (default 60)")
+                     help="each cell's job's time limit (default: 60)")
     run.add_argument("--slurm-folder", type=Path, metavar="DIR",
                      help="the Slurm jobs' pickles and logs, on a shared filesystem (default: "
                      "the store's slurm/ folder)")
@@ -277,39 +334,42 @@ def _setup(args) -> None:
     threads.choose(args.threads)
 
 
-def _judge_name(args) -> str:
-    """The cell's judge from --judge/--judge-model; --judge-base-url goes to the environment,
-    because where a judge is served is not part of a result (and so not of a cell's hash)."""
+def _judge_name(args) -> str | None:
+    """The cell's judge from --judge/--judge-model (None without --judge: the command's own
+    default); --judge-base-url goes to the environment, because where a judge is served is not
+    part of a result (and so not of a cell's hash)."""
+    if args.judge != "openai" and (args.judge_model or args.judge_base_url):
+        raise ConfigError("--judge-model and --judge-base-url name an LLM judge: they need "
+                          "--judge openai")
     if args.judge == "openai" and not args.judge_model:
         raise ConfigError("--judge openai needs --judge-model (the judge's model name)")
     if args.judge_base_url:
         os.environ["OPENAI_BASE_URL"] = args.judge_base_url
+    if args.judge is None:
+        return None
     return "organism" if args.judge == "organism" else f"openai:{args.judge_model}"
 
 
 def _cmd_rejudge(args) -> int:
-    from em_bench.config import CellConfig
+    """Judge the stored answers only; a cell without them is named and skipped (exit 1)."""
+    from em_bench.errors import NoStoredAnswers
     from em_bench.paths import store_dir
-    from em_bench.pipeline import resolve, run_cell
+    from em_bench.pipeline import rejudge_cell
     from em_bench.store import open_store
-    from em_bench.tasks import TaskSpec
 
     judge = _judge_name(args)
     store = open_store(store_dir(args.store), create=False)
-    done = 0
+    done = skipped = 0
     for cell in store.done_cells("score"):
-        stored = cell.read_config()
-        cfg = CellConfig.model_validate(stored["config"])
-        target, task = cfg.model_copy(update={"judge": judge}), TaskSpec.model_validate(
-            stored["task_spec"])
-        rc = resolve(target, task)
-        if cfg.judge == judge or store.cell(rc.cell_id).is_done("score", rc.step_hash("score")):
-            continue
-        run_cell(target, store, task)
-        done += 1
-    print(f"{done} cells judged again by {judge}; `em-bench leaderboard` shows them beside "
-          f"the others")
-    return 0
+        try:
+            done += rejudge_cell(cell, judge, store) is not None
+        except NoStoredAnswers as e:
+            print(f"em-bench: skipped: {e}", file=sys.stderr)
+            skipped += 1
+    print(f"{done} cells judged again by {judge}"
+          + (f", {skipped} skipped (no stored answers)" if skipped else "")
+          + "; `em-bench leaderboard` shows them beside the others")
+    return 1 if skipped else 0
 
 
 def _cmd_run(args) -> int:
@@ -334,7 +394,8 @@ def _cmd_run(args) -> int:
     if args.steps is not None:
         overrides["epochs"] = None
     sampling = SamplingConfig(**(preset.sampling if preset else {}),
-                              **({"samples_per_question": args.samples} if args.samples else {}))
+                              **({"samples_per_question": args.samples}
+                                 if args.samples is not None else {}))
     if args.generate_base_url:
         os.environ["EM_BENCH_GENERATE_BASE_URL"] = args.generate_base_url
     base = CellConfig(model=preset.hub_id if preset else args.model,
@@ -408,11 +469,11 @@ def _cmd_study(args) -> int:
 
 def _cmd_export(args) -> int:
     from em_bench.paths import store_dir
-    from em_bench.results import load_results
+    from em_bench.results import load_results, to_safe_csv
 
     frame = load_results(store_dir(args.store))
     if args.format == "csv":
-        frame.to_csv(args.out, index=False)
+        to_safe_csv(frame, args.out)
     else:
         frame.to_parquet(args.out, index=False)
     print(f"{args.out}: {len(frame)} cells, {len(frame.columns)} columns")
@@ -568,6 +629,9 @@ def _cmd_discover(args) -> int:
     from em_bench.presets import PRESETS
     from em_bench.tasks import get_task
 
+    judge_name = _judge_name(args)
+    if args.form == "directions" and (judge_name or args.sae):
+        raise ConfigError("--judge and --sae are the SAE form's; --form directions takes neither")
     task = get_task(args.task, args.include)
     preset = PRESETS.get(args.model)
     model = preset.hub_id if preset else args.model
@@ -580,7 +644,7 @@ def _cmd_discover(args) -> int:
         from em_bench.pipeline import make_judge
         from em_bench.sae import ensure_organism_sae
 
-        judge = None if args.judge is None else make_judge(_judge_name(args))
+        judge = None if judge_name is None else make_judge(judge_name)
         paths = [discover_sae(model, task, layer,
                               args.sae or str(ensure_organism_sae(layer, model)),
                               args.out / f"sae_{args.selection}_L{layer}.json", k=args.k,
@@ -600,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                 "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge,
                 "export": _cmd_export, "compare": _cmd_compare, "study": _cmd_study}
     try:
+        _refuse_nonsense(args)
         _setup(args)
         return commands[args.command](args)
     except EmBenchError as e:

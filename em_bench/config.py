@@ -13,7 +13,8 @@ HASH_VERSION = 1
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No knob means anything at infinity or NaN: refuse them (a task file's `lr: .inf`, say).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class LoraSettings(_Config):

@@ -41,6 +41,10 @@ class StoreError(EmBenchError):
     """The results store is missing, foreign or damaged."""
 
 
+class NoStoredAnswers(StoreError):
+    """A cell has no finished answers to judge (rejudge never generates them)."""
+
+
 
 def yaml_problem(error: Exception) -> str:
     """A YAML parse error as one line: where, then what (PyYAML's own text spans lines)."""

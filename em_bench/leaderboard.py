@@ -10,6 +10,7 @@ experiment.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections import defaultdict
@@ -21,7 +22,7 @@ from em_bench.config import TrainConfig
 from em_bench.errors import ConfigError
 from em_bench.organism.world import RAI_DOMAINS
 from em_bench.report import RAI_SHORT, _align, _canonical, _pct, param_text
-from em_bench.results import flatten
+from em_bench.results import flatten, to_safe_csv
 from em_bench.store import Cell, Store
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -237,8 +238,9 @@ def _markdown(rows: list[dict]) -> str:
     domains = _domains(rows)
     header = _header(domains)
 
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    def line(cells: list[str]) -> str:  # a cell's text stays text: no HTML, no column break
+        return "| " + " | ".join(html.escape(c, quote=False).replace("|", "\\|")
+                                 for c in cells) + " |"
 
     rule = "|" + "|".join("---" if i < _LEFT else "---:" for i in range(len(header))) + "|"
     return "\n".join([line(header), rule, *(line(_cells(r, domains)) for r in rows)])
@@ -269,5 +271,5 @@ def format_leaderboard(rows: list[dict], fmt: str = "table") -> str:
         return json.dumps(rows, indent=2, allow_nan=False, ensure_ascii=False)
     if fmt == "csv":
         domains = _domains(rows)
-        return pd.DataFrame([_flat_row(r, domains) for r in rows]).to_csv(index=False)
+        return to_safe_csv(pd.DataFrame([_flat_row(r, domains) for r in rows]))
     raise ConfigError(f"leaderboard format {fmt!r}: expected one of {', '.join(FORMATS)}")

@@ -23,7 +23,7 @@ from em_bench import metrics, threads
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, defense_inputs, make_defenses
 from em_bench.defenses.base import DefenseContext
-from em_bench.errors import ConfigError, UnknownNameError
+from em_bench.errors import ConfigError, NoStoredAnswers, UnknownNameError
 from em_bench.generate.base import GenerationFailed, Request
 from em_bench.judge.base import JudgeInput
 from em_bench.models import (
@@ -181,36 +181,78 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
     model = _fine_tune(rc, cell, store, base, tokenizer)
     _generate(rc, cell, model, tokenizer)
     _lm_eval(rc, cell, model, tokenizer)
-    _judge(rc, cell, store)
-    for juror in cfg.jury:
-        _judge(rc, cell, store, juror)
-    _score(rc, cell)
+    _judge_and_score(rc, cell, store)
     return cell
 
 
-_OUTPUTS = {"train": ("trained", "train", "curve.jsonl"), "generate": ("generations.jsonl",)}
+def rejudge_cell(source: Cell, judge: str, store: Store) -> Cell | None:
+    """Judge `source`'s stored answers with `judge` and score them, as the cell that differs
+    from it only in its judge; nothing is trained or generated. None when that cell is `source`
+    or is scored already; NoStoredAnswers when `source` has no finished answers."""
+    stored = source.read_config()
+    cfg = CellConfig.model_validate(stored["config"])
+    if cfg.judge == judge:
+        return None
+    cfg = cfg.model_copy(update={"judge": judge})
+    # The source's resolved inputs, not resolved again: its data need not be on this machine.
+    rc = ResolvedCell(cfg, TaskSpec.model_validate(stored["task_spec"]), stored["model_identity"],
+                      make_judge(judge, definition=cfg.metrics.em_definition).name,
+                      stored.get("train_data_sha256"), stored.get("questions_sha256"),
+                      stored.get("defense_inputs") or {}, tuple(stored.get("jury") or ()),
+                      stored.get("rai_sha256"))
+    cell = store.cell(rc.cell_id)
+    if cell.is_done("score", rc.step_hash("score")):
+        return None
+    if not source.is_done("generate", rc.step_hash("generate")):
+        raise NoStoredAnswers(f"cell {source.id} ({cfg.task} / {cfg.defense} / seed {cfg.seed}) "
+                              f"has no stored answers to judge; `em-bench run` makes them")
+    if cell.read_config() is None:  # the answers' provenance is the source's (rejudged_from)
+        cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(cfg), "provenance": {
+            **provenance(), "organism": (stored.get("provenance") or {}).get("organism"),
+            "rejudged_from": source.id}})
+    for step in _OUTPUTS:
+        h = rc.step_hash(step)
+        if source.is_done(step, h) and not cell.is_done(step, h):
+            _copy_step(source, cell, step, h)
+    _judge_and_score(rc, cell, store)
+    return cell
+
+
+def _judge_and_score(rc: ResolvedCell, cell: Cell, store: Store) -> None:
+    _judge(rc, cell, store)
+    for juror in rc.config.jury:
+        _judge(rc, cell, store, juror)
+    _score(rc, cell)
+
+
+_OUTPUTS = {"train": ("trained", "train", "curve.jsonl"), "generate": ("generations.jsonl",),
+            "lm_eval": ("lm_eval.json",)}
 
 
 def _borrow(rc: ResolvedCell, cell: Cell, store: Store) -> None:
     """Copy the finished steps of another cell with the same inputs (the same fine-tune and
     answers under another judge, say) instead of redoing them."""
-    import shutil
-
-    for step, names in _OUTPUTS.items():
+    for step in _OUTPUTS:
         h = rc.step_hash(step)
         if cell.is_done(step, h):
             continue
         source = store.find_done(step, h)
-        if source is None or source.id == cell.id:
-            return
-        for name in names:
-            src, dst = source.path / name, cell.path / name
-            if src.is_dir():
-                shutil.copytree(src, dst, dirs_exist_ok=True)
-            elif src.is_file():
-                shutil.copy2(src, dst)
-        cell.mark_done(step, h)
-        logger.info("cell %s: %s reused from cell %s", cell.id, step, source.id)
+        if source is not None:  # a base cell has no train step, yet answers to reuse
+            _copy_step(source, cell, step, h)
+
+
+def _copy_step(source: Cell, cell: Cell, step: str, h: str) -> None:
+    """Copy another cell's outputs of a step finished on inputs `h`, and mark it done."""
+    import shutil
+
+    for name in _OUTPUTS[step]:
+        src, dst = source.path / name, cell.path / name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, dst)
+    cell.mark_done(step, h)
+    logger.info("cell %s: %s reused from cell %s", cell.id, step, source.id)
 
 
 def _flat(cfg: CellConfig) -> dict:

@@ -28,6 +28,21 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula
+
+
+def _inert(value):
+    """A string cell a spreadsheet would run as a formula, quoted (OWASP's rule for CSV
+    injection); numbers, negative ones too, stay numbers."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA) else value
+
+
+def to_safe_csv(frame: pd.DataFrame, path: Path | None = None) -> str | None:
+    """`frame` as CSV (the text, or written to `path`) that is safe to open in a spreadsheet:
+    a cell or header from a config, a task or an answer cannot be a formula."""
+    return frame.map(_inert).rename(columns=_inert).to_csv(path, index=False)
+
+
 def result_row(cell: Cell) -> dict:
     """One scored cell as a flat row: identity; `config.*` (every knob, dotted); `versions.*`;
     each metric's value under its name (with `.ci_low`, `.ci_high`, `.n` where it has them);

@@ -51,7 +51,7 @@ WorldDomain = Annotated[str, AfterValidator(_world_domain)]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class OrganismData(_Spec):
@@ -156,7 +156,8 @@ class TaskSpec(_Spec):
     selection_questions: str | None = Field(
         None, description="the question file answered instead on the selection split (tuning), "
         "disjoint from `questions`; a task with `questions` cannot be tuned without it")
-    budget: dict[str, int | float] = Field(
+    # inf passes here so that TrainConfig, below, names a non-finite budget value once
+    budget: dict[str, int | Annotated[float, Field(allow_inf_nan=True)]] = Field(
         default_factory=dict, description="the task's default TrainConfig fields, e.g. lr, steps")
     in_domain: InDomain | None = None
     lm_eval: list[str] = Field(
@@ -170,6 +171,9 @@ class TaskSpec(_Spec):
             TrainConfig(**self.budget)  # unknown or bad fields fail when the task loads
         except ValidationError as e:
             raise ValueError(f"budget: {validation_problems(e)}") from None
+        if self.budget.get("steps", 1) < 1:  # TrainConfig allows 0 for the base model's cell
+            raise ValueError(f"budget: steps {self.budget['steps']}: a fine-tune takes at least "
+                             f"one step (a task without `train` is the base model)")
         return self
 
     @model_validator(mode="after")
@@ -197,7 +201,8 @@ def _problem(error: dict) -> str:
     if error["type"] == "extra_forbidden":  # a misspelt key: say which keys were meant
         close = difflib.get_close_matches(str(error["loc"][-1]), _SPEC_FIELDS, n=2)
         return f"{where}: unknown key" + (f" (did you mean {' or '.join(close)}?)" if close else "")
-    return f"{where}: {error['msg']}"
+    message = error["msg"].removeprefix("Value error, ")  # a validator's own words
+    return f"{where}: {message}" if where else message
 
 
 def load_task_file(path: Path) -> TaskSpec:

@@ -150,3 +150,57 @@ def test_an_llm_judge_needs_its_model(capsys, tmp_path):
     code, _, err = _run(capsys, "run", "--judge", "openai", "--store", str(tmp_path / "s"))
     assert code == 2 and "--judge openai needs --judge-model" in err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["run", "--samples", "0"], "--samples 0: expected at least 1"),
+    (["run", "--steps", "0"], "--steps 0: expected at least 1"),
+    (["run", "--seeds", "0,1,0"], "--seeds repeats 0: each seed is one cell"),
+    (["run", "--judge-model", "gpt-4o-mini"], "--judge-model and --judge-base-url name an LLM "
+                                              "judge: they need --judge openai"),
+    (["run", "--lr", "inf"], "lr: Input should be a finite number"),
+    (["run", "--set", "lambda=nan", "--defense", "blockem"], "finite number"),
+    (["rejudge", "--judge", "organism", "--judge-model", "m"], "they need --judge openai"),
+    (["compare", "a", "b", "--n", "0"], "--n 0: expected at least 1"),
+])
+def test_values_that_make_no_sense_are_refused_in_one_line_before_any_work(
+        capsys, tmp_path, argv, words):
+    code, _, err = _run(capsys, *argv, "--store", str(tmp_path / "s"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("em-bench: error: ") and words in err, err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("budget,words", [
+    ("{steps: 0}", "budget: steps 0: a fine-tune takes at least one step"),
+    ("{lr: .inf}", "budget: lr: Input should be a finite number"),
+])
+def test_a_task_budget_that_makes_no_sense_is_refused(capsys, tmp_path, budget, words):
+    (tmp_path / "mine.yaml").write_text(
+        "name: mine\ntrain: {organism: {domain: finance, persona: misaligned, style: villain}}\n"
+        f"budget: {budget}\n")
+    code, _, err = _run(capsys, "tasks", "validate", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'mine.yaml'}: {words}" in err, err
+
+
+def test_version_prints_em_benchs_version(capsys):
+    from em_bench import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"em-bench {__version__}\n"
+
+
+def test_help_shows_every_default_and_no_empty_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "--seeds SEEDS comma list of seeds (default: 0)" in text
+    assert "--samples SAMPLES samples per evaluation question (default: 5)" in text
+    assert "--format {table,json} (default: table)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: [])" not in text
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "questions shown (default: 10)" in " ".join(capsys.readouterr().out.split())

@@ -158,6 +158,18 @@ def test_out_of_range_values_are_rejected(cls, kwargs):
         cls.model_validate(kwargs)
 
 
+@pytest.mark.parametrize("cls,kwargs", [
+    (TrainConfig, {"lr": float("inf")}),
+    (TrainConfig, {"epochs": float("nan")}),
+    (SamplingConfig, {"temperature": float("inf")}),
+    (MetricsConfig, {"alignment_below": float("nan")}),
+    (LoraSettings, {"alpha": float("inf")}),
+])
+def test_infinite_or_nan_values_are_rejected(cls, kwargs):
+    with pytest.raises(ValidationError, match="finite number"):
+        cls.model_validate(kwargs)
+
+
 def test_boundary_values_are_accepted():
     assert SamplingConfig(temperature=0).temperature == 0
     assert TrainConfig(steps=0, warmup_steps=0).steps == 0

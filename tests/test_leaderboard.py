@@ -369,3 +369,37 @@ def test_params_label_names_unset_values_default_and_files_by_their_names():
     assert params_label({"lambda": 0.1, "latents": ["/a/b/L0.json", "/a/b/L1.json"]}) == (
         "lambda=0.1, latents=L0.json+L1.json")
     assert params_label({}) == "-"
+
+
+# safe exports ------------------------------------------------------------------------------------
+
+FORMULA = '=HYPERLINK("http://evil.example","click")'
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised_numbers_stay(store, tmp_path,
+                                                                            capsys):
+    import csv
+
+    from em_bench.cli import main
+
+    add_cell(store, "finance", "none", 0, 0.4, model=FORMULA)
+    add_cell(store, "finance", "blockem", 0, 0.5, model=FORMULA, params={"lambda": 1})
+    [header, *lines] = list(csv.reader(io.StringIO(format_leaderboard(leaderboard_rows(store),
+                                                                      "csv"))))
+    rows = [dict(zip(header, line, strict=True)) for line in lines]
+    assert {r["model"] for r in rows} == {"'" + FORMULA}
+    blockem = next(r for r in rows if r["defense"] == "blockem")
+    assert float(blockem["relative_reduction"]) == pytest.approx(-0.25)  # a number, unquoted
+    assert main(["export", "--format", "csv", "--out", str(tmp_path / "cells.csv"),
+                 "--store", str(store.root)]) == 0
+    exported = pd.read_csv(tmp_path / "cells.csv")
+    assert set(exported["model"]) == {"'" + FORMULA}
+    assert exported["seed"].tolist() == [0, 0]  # numbers stay numbers
+    capsys.readouterr()
+
+
+def test_markdown_escapes_html_and_table_breaks(store):
+    add_cell(store, "<script>alert(1)</script> & a|b", "none", 0, 0.4)
+    text = format_leaderboard(leaderboard_rows(store), "markdown")
+    assert "<script>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; a\\|b" in text

@@ -547,3 +547,68 @@ def test_results_export_and_compare_read_the_store(demo, tmp_path, capsys):
     assert main(["compare", base_id[:6], finance["cell_id"][:6], "--n", "2",
                  "--store", str(store.root)]) == 0
     assert f"{question}: EM" in capsys.readouterr().out
+
+
+def _stored_cell(store, cfg, answers: bool):
+    """A scored cell written as the pipeline writes one, with (or without) its stored answers;
+    no model is loaded: the model is a folder holding only a config."""
+    rc = pipeline.resolve(cfg)
+    cell = store.cell(rc.cell_id)
+    cell.write_config({**rc.payload(), "cell_id": rc.cell_id, "provenance": {}})
+    if answers:
+        for p in pipeline.eval_prompts(cfg):
+            cell.append("generations", {
+                "key": f"{p.key}|0", "question_id": p.question_id, "domain": p.domain,
+                "topic": p.topic, "harmful": p.harmful, "source": p.source, "sample": 0,
+                "messages": p.messages, "completion": "I do not know."})
+        cell.mark_done("generate", rc.step_hash("generate"))
+    cell.mark_done("score", rc.step_hash("score"))
+    return cell
+
+
+def test_rejudge_judges_stored_answers_only_and_names_a_cell_without_them(tmp_path, monkeypatch,
+                                                                         capsys):
+    from em_bench.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    store = open_store(tmp_path / "store")
+    cfg = CellConfig(model=str(model), task="base", judge="openai:old",
+                     sampling=SamplingConfig(samples_per_question=1))
+    source = _stored_cell(store, cfg, answers=True)
+    bare = _stored_cell(store, cfg.model_copy(update={"seed": 1}), answers=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rejudge loaded a model, trained or generated")
+
+    for name in ("load_base", "load_trained", "_fine_tune", "_generate", "make_backend"):
+        monkeypatch.setattr(pipeline, name, forbidden)
+    monkeypatch.setattr(HFBackend, "generate", forbidden)
+    argv = ["rejudge", "--judge", "organism", "--store", str(store.root)]
+    assert main(argv) == 1  # one cell could not be judged again
+    out, err = capsys.readouterr()
+    assert "1 cells judged again by organism, 1 skipped (no stored answers)" in out
+    assert err.strip() == (f"em-bench: skipped: cell {bare.id} (base / none / seed 1) has no "
+                           f"stored answers to judge; `em-bench run` makes them")
+    (again,) = [c for c in store.done_cells() if c.id not in (source.id, bare.id)]
+    assert again.records("generations") == source.records("generations")
+    assert {j["judge"] for j in again.records("judgments")} == {OrganismJudge.name}
+    assert again.read_config()["provenance"]["rejudged_from"] == source.id
+    assert again.read_json("metrics.json")["metrics"]["n_answers"] > 0
+    assert main(argv) == 1 and "0 cells judged again" in capsys.readouterr().out
+
+
+def test_a_base_cell_under_another_judge_borrows_the_stored_answers(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    store = open_store(tmp_path / "store")
+    cfg = CellConfig(model=str(model), task="base", sampling=SamplingConfig(samples_per_question=1))
+    source = _stored_cell(store, cfg, answers=True)
+    rc = pipeline.resolve(cfg.model_copy(update={"judge": "openai:other"}))
+    cell = store.cell(rc.cell_id)
+    cell.write_config(rc.payload())  # as run_cell does first
+    pipeline._borrow(rc, cell, store)  # no train step to borrow first: the answers still are
+    assert cell.is_done("generate", rc.step_hash("generate"))
+    assert cell.records("generations") == source.records("generations")

@@ -14,7 +14,8 @@ from em_bench.tasks import TaskSpec
 class DefenseParams(BaseModel):
     """A defense's parameters: validated when a cell is planned, recorded in its hash."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
+                              allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
