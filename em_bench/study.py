@@ -71,8 +71,10 @@ def plan_study(study: Study, model: str = "organism") -> list[PlannedCell]:
 
 
 def run_study(study: Study, store: Store, out: Path, model: str = "organism") -> Path:
-    """Run every cell of the study, then write the store's HTML leaderboard to `out`."""
-    from em_bench.html_leaderboard import write_html
+    """Run every cell of the study, then write the store's HTML leaderboard to `out` (a folder
+    it may not write to fails first, before any cell runs)."""
+    from em_bench.html_leaderboard import check_out, write_html
 
+    check_out(out)
     run_grid(store, plan_study(study, model))
     return write_html(store, out)

@@ -9,16 +9,26 @@ page cannot pass unseen.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from em_bench.cli import main
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.errors import ConfigError
-from em_bench.html_leaderboard import fmt, load_schema, schema_path, write_html, xy_plot
+from em_bench.html_leaderboard import (
+    MANIFEST,
+    check_out,
+    fmt,
+    load_schema,
+    schema_path,
+    write_html,
+    xy_plot,
+)
 from em_bench.leaderboard import leaderboard_rows
 from em_bench.organism.world import RAI_DOMAINS
 from em_bench.pipeline import judged_frame, score_frame
@@ -329,16 +339,64 @@ def test_a_store_of_base_cells_only_has_empty_comparison_plots(tmp_path):
     assert 'id="plot-refusal" class="plot" data-points="7"' in html
 
 
-def test_rewriting_a_site_removes_the_pages_of_cells_it_no_longer_holds(tmp_path):
+def test_rewriting_a_site_replaces_and_removes_only_the_files_it_wrote(tmp_path):
+    earlier = open_store(tmp_path / "earlier")
+    add_cell(earlier, "base", "none", 0, 0.0, 1.0)
+    add_cell(earlier, "finance", "none", 0, 0.5, 0.5)
+    site = tmp_path / "site"
+    (site / "cells").mkdir(parents=True)  # a folder of the user's own, without a manifest
+    for name in ("schema.yaml", "screenshot.png", "cells/mynotes.html", "cells/notes.txt"):
+        (site / name).write_text(f"the user's {name}")
+    write_html(earlier, site)
     store = open_store(tmp_path / "store")
     add_cell(store, "base", "none", 0, 0.0, 1.0)
-    site = tmp_path / "site"
-    (site / "cells").mkdir(parents=True)
-    (site / "cells" / "gone.html").write_text("an earlier study's cell")
-    (site / "cells" / "notes.txt").write_text("not a page")
+    (base,) = store.cell_ids()
+    (site / f"cells/{base}.html").write_text("an older page of the same cell")
     write_html(store, site)
-    assert sorted(p.name for p in (site / "cells").iterdir()) == [
-        *(f"{c}.html" for c in store.cell_ids()), "notes.txt"]
+    assert "older page" not in (site / f"cells/{base}.html").read_text()  # listed: replaced
+    assert sorted(p.name for p in (site / "cells").iterdir()) == [  # the finance page is gone
+        f"{base}.html", "mynotes.html", "notes.txt"]
+    for name in ("schema.yaml", "screenshot.png", "cells/mynotes.html", "cells/notes.txt"):
+        assert (site / name).read_text() == f"the user's {name}"
+    assert json.loads((site / MANIFEST).read_text())["files"] == [f"cells/{base}.html",
+                                                                   "index.html"]
+
+
+def test_a_file_it_did_not_write_is_refused_and_left_alone(tmp_path):
+    store = open_store(tmp_path / "store")
+    add_cell(store, "base", "none", 0, 0.0, 1.0)
+    (cell_id,) = store.cell_ids()
+    for name in ("index.html", f"cells/{cell_id}.html"):
+        site = tmp_path / name.replace("/", "_")
+        (site / "cells").mkdir(parents=True)
+        (site / name).write_text("my own page")
+        with pytest.raises(ConfigError, match=f"{name} exists and em-bench did not write it"):
+            write_html(store, site)
+        assert [p.name for p in site.rglob("*") if p.is_file()] == [name.split("/")[-1]]
+        assert (site / name).read_text() == "my own page"
+    (tmp_path / "bad" / MANIFEST).parent.mkdir()
+    (tmp_path / "bad" / MANIFEST).write_text('{"files": ["../../escape.html"]}')
+    with pytest.raises(ConfigError, match="not an em-bench manifest"):
+        write_html(store, tmp_path / "bad")
+
+
+def test_the_published_leaderboard_is_em_benchs_to_rewrite():
+    published = Path(__file__).resolve().parents[1] / "leaderboard"
+    files = ["index.html", *(f"cells/{p.name}" for p in (published / "cells").glob("*.html"))]
+    assert len(files) > 1 and check_out(published, files) == set(files)
+    assert "schema.yaml" not in files and "screenshot.png" not in files
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/site"])
+def test_a_bad_out_is_one_line_and_exit_2_with_nothing_written(site, tmp_path, capsys, where):
+    store, _, _ = site
+    (tmp_path / "a_file").write_text("not a folder")
+    assert main(["leaderboard", "--store", str(store.root), "--format", "html",
+                 "--out", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("em-bench: error: ") and "folder" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
 def test_the_schema_file_validates_and_each_line_is_a_column(tmp_path):
