@@ -256,10 +256,33 @@ def _parser() -> argparse.ArgumentParser:
     rejudge.add_argument("--store",
                          help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
 
-    srv = sub.add_parser("serve", help="an OpenAI-compatible server over a local model")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible server over a local model",
+                         description="An OpenAI-compatible server over a local model. With "
+                         "EM_BENCH_SERVE_KEY set, every request must send that key as its API "
+                         "key (Authorization: Bearer KEY); without it, only loopback is served.")
     srv.add_argument("--model", default="organism", help="'organism', a HF id or a local dir")
-    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="the address to bind; one that is not loopback needs EM_BENCH_SERVE_KEY")
     srv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    srv.add_argument("--store", action="append", default=[], type=Path, metavar="DIR",
+                     help="a folder LoRA adapters may be loaded from (repeatable), e.g. the "
+                     "results store for `run --backend openai`; without one, none load")
+    faults = srv.add_argument_group(
+        "fault injection", "answer chat requests as a failing provider would, to test a client "
+        "(one seeded draw per request picks its fault)")
+    faults.add_argument("--fault", action="append", default=[], metavar="KIND=RATE",
+                        help="answer a RATE share (0-1) of requests with KIND: rate_limit (429 "
+                        "with Retry-After), server_error (500), slow (the answer after "
+                        "--fault-delay), malformed (a 200 that is not JSON); repeatable, the "
+                        "rates summing to at most 1")
+    faults.add_argument("--fault-seed", type=int, default=0, metavar="N",
+                        help="the draws' seed (default 0)")
+    faults.add_argument("--fault-delay", type=float, default=1.0, metavar="S",
+                        help="seconds a slow reply waits (default 1)")
+    faults.add_argument("--fault-latency", type=float, default=0.0, metavar="S",
+                        help="seconds every chat request waits first (default 0)")
+    faults.add_argument("--fault-retry-after", type=int, default=1, metavar="S",
+                        help="a rate limit's Retry-After in seconds (default 1)")
 
     board = sub.add_parser("leaderboard", help="compare defenses: a view of the store")
     board.add_argument("--store",
@@ -567,7 +590,9 @@ def _cmd_data(args) -> int:
 def _cmd_serve(args) -> int:
     from em_bench.serve import main_serve
 
-    main_serve(args.model, args.host, args.port)
+    main_serve(args.model, args.host, args.port, stores=args.store, faults=args.fault,
+               fault_seed=args.fault_seed, fault_delay=args.fault_delay,
+               fault_latency=args.fault_latency, fault_retry_after=args.fault_retry_after)
     return 0
 
 

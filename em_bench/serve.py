@@ -6,13 +6,21 @@ It puts a local model behind the API that real judge and generation providers sp
 clients run end to end offline. The test suite uses the same server as its stand-in provider: a
 ScriptedPolicy plays a judge with a known logprob distribution, and a FaultInjector produces rate
 limits, server errors, slow and broken replies, and counts how many requests a client had in
-flight at once.
+flight at once (`em-bench serve --fault KIND=RATE` turns them on in front of a model).
 
 A ModelPolicy also serves LoRA adapters the way vLLM does with runtime LoRA updating: POST
 /v1/load_lora_adapter {"lora_name", "lora_path"} loads a peft adapter folder (a path on the
 server's filesystem) under that name, a request whose `model` is the name runs with it, one naming
 the base model runs with adapters disabled, and /v1/unload_lora_adapter {"lora_name"} drops it.
 /v1/models lists the base model and the loaded adapters; an unknown model gets OpenAI's 404.
+An adapter path must resolve (symlinks followed) inside one of the folders the policy was given
+(`serve --store DIR`), and with none adapter loading is refused; a path outside them gets one
+403 whether or not it exists, so the routes cannot probe the server's files. A prompt that
+leaves no room in the model's context for an answer gets a 400 before it waits for the model.
+
+With a key (`serve(..., api_key=)`; `em-bench serve` reads it from EM_BENCH_SERVE_KEY), every
+route wants `Authorization: Bearer KEY` (what an OpenAI client sends as its API key) and answers
+401 without it. Without a key the server binds only loopback addresses.
 
 The server is the stdlib's threading HTTP server, one thread per connection, speaking HTTP/1.1
 with persistent connections (every reply has a Content-Length; the request body is always read
@@ -26,8 +34,11 @@ cannot leak.
 from __future__ import annotations
 
 import contextlib
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -35,7 +46,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +55,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from em_bench.config import SamplingConfig
+from em_bench.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +63,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's own limit; a client asking for more gets the s
 NOT_IN_TOP = -9999.0  # OpenAI's logprob for a chosen token outside the reported alternatives
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "malformed")
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle (clients drop theirs sooner)
+KEY_ENV = "EM_BENCH_SERVE_KEY"  # where `em-bench serve` reads the key clients must send
 
 ChatRequest = dict[str, Any]  # a validated chat-completions request body
 
@@ -128,9 +141,9 @@ class AdapterError(Exception):
 class BadRequest(Exception):
     """A request the server refuses with a 400; `param` names the offending field."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 def error_body(message: str, kind: str, param: str | None = None,
@@ -253,6 +266,27 @@ def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def context_length(model, tokenizer) -> int | None:
+    """The most tokens the model reads: the smaller of its position limit and the tokenizer's
+    model_max_length, of those that are set (transformers' 1e30 means unset); None: no limit."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    limits = (getattr(model.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None))
+    return min((n for n in limits if isinstance(n, int) and 0 < n < VERY_LARGE_INTEGER),
+               default=None)
+
+
+def resolve_stores(stores: Iterable[str | Path]) -> tuple[Path, ...]:
+    """The folders adapters may be loaded from, resolved; ConfigError for one that is none."""
+    resolved = tuple(Path(store).expanduser().resolve() for store in stores)
+    for store in resolved:
+        if not store.is_dir():
+            raise ConfigError(f"--store {store} is not a folder: give the folders adapters may "
+                              f"be loaded from (e.g. the results store)")
+    return resolved
+
+
 class ModelPolicy:
     """Real generation with a Hugging Face causal LM, one request at a time.
 
@@ -272,11 +306,18 @@ class ModelPolicy:
     wraps the model in a PeftModel, which injects LoRA layers into the model passed in: peft
     works in place; unloading the last adapter removes them again). A request's `model` picks
     the adapter (`set_adapter`), or the base (`name`, or no model given) with adapters disabled;
-    any other name is UnknownModel. One lock orders requests, loads and unloads.
+    any other name is UnknownModel. One lock orders requests, loads and unloads. Adapters load
+    only from inside `stores` (none: no adapter loads).
+
+    A prompt of `context` tokens or more (context_length) is a BadRequest: the model would read
+    positions it was never trained on and answer garbage.
     """
 
-    def __init__(self, model, tokenizer, name: str = "organism"):
+    def __init__(self, model, tokenizer, name: str = "organism",
+                 stores: Iterable[str | Path] = ()):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.stores = resolve_stores(stores)
+        self.context = context_length(model, tokenizer)
         # loaded adapter name -> its folder, in load order; replaced, never changed in place, so
         # models() reads it without waiting on a generation holding the lock
         self.adapters: dict[str, str] = {}
@@ -295,7 +336,8 @@ class ModelPolicy:
         if "." in name or not name.strip():  # a peft adapter name keys a torch ModuleDict
             raise AdapterError(400, f"'{name}' cannot name an adapter (no dots, not empty)",
                                "InvalidUserInput")
-        if not (Path(path) / "adapter_config.json").is_file():
+        folder = self._in_store(path)
+        if not (folder / "adapter_config.json").is_file():
             raise AdapterError(404, f"No adapter found at '{path}' (no adapter_config.json)",
                                "NotFoundError")
         with self._lock:
@@ -304,15 +346,31 @@ class ModelPolicy:
                                    "InvalidUserInput")
             try:
                 if self.adapters:
-                    self.model.load_adapter(path, adapter_name=name)
+                    self.model.load_adapter(str(folder), adapter_name=name)
                 else:
-                    self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                    self.model = PeftModel.from_pretrained(self.model, str(folder),
+                                                             adapter_name=name)
             except Exception as e:  # incompatible with the base model, unreadable weights
                 raise AdapterError(400, f"Loading the lora adapter '{name}' failed: "
                                    f"{type(e).__name__}: {e}", "BadRequestError") from e
             self.model.eval()
-            self.adapters = {**self.adapters, name: str(path)}
-        logger.info("loaded LoRA adapter %s from %s", name, path)
+            self.adapters = {**self.adapters, name: str(folder)}
+        logger.info("loaded LoRA adapter %s from %s", name, folder)
+
+    def _in_store(self, path: str) -> Path:
+        """`path` resolved, symlinks followed, when inside a store; else the same 403 whether
+        or not it exists (it is checked before anything is opened)."""
+        if not self.stores:
+            raise AdapterError(403, "this server loads no adapters: start it with --store DIR, "
+                               "a folder adapters may be loaded from", "PermissionDeniedError")
+        try:
+            folder = Path(path).resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+            folder = None
+        if folder is None or not any(folder.is_relative_to(s) for s in self.stores):
+            raise AdapterError(403, f"'{path}' is not inside a folder this server loads adapters "
+                               f"from (its --store)", "PermissionDeniedError")
+        return folder
 
     def unload_adapter(self, name: str) -> None:
         """Drop adapter `name`; the last one out leaves the plain base model again."""
@@ -345,6 +403,12 @@ class ModelPolicy:
         tok = self.tokenizer
         prompt = render(tok, request["messages"], add_generation_prompt=True)
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        n_prompt = int(enc["input_ids"].shape[1])
+        if self.context is not None and n_prompt >= self.context:
+            raise BadRequest(f"This model's maximum context length is {self.context} tokens, "
+                             f"and the messages are {n_prompt} tokens: no room is left for an "
+                             f"answer. Shorten the messages.", "messages",
+                             code="context_length_exceeded")
         temperature = _or(request.get("temperature"), 1.0)  # OpenAI's defaults
         greedy = temperature == 0
         model = request.get("model")
@@ -375,7 +439,7 @@ class ModelPolicy:
         return Reply(
             text=tok.decode(new, skip_special_tokens=True).strip(),
             finish_reason="stop" if ended else "length",
-            prompt_tokens=int(enc["input_ids"].shape[1]),
+            prompt_tokens=n_prompt,
             completion_tokens=len(new),
             logprobs=logprobs,
             model=model if model in self.adapters else self.name,
@@ -442,6 +506,33 @@ def _model_card(model_id: str, root: str, parent: str | None = None) -> dict[str
             "root": root, "parent": parent}
 
 
+def check_faults(rates: Mapping[str, float], delay: float = 1.0, latency: float = 0.0,
+                 retry_after: int = 1) -> None:
+    """ValueError unless these are FaultInjector settings it can run with."""
+    unknown = set(rates) - set(FAULT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS}")
+    if any(r < 0 for r in rates.values()) or sum(rates.values()) > 1:
+        raise ValueError(f"fault rates must be >= 0 and sum to at most 1; got {dict(rates)}")
+    if min(delay, latency, retry_after) < 0:
+        raise ValueError("the fault delay, latency and Retry-After must be >= 0")
+
+
+def parse_faults(specs: Iterable[str]) -> dict[str, float]:
+    """`serve --fault KIND=RATE` flags as FaultInjector rates; ConfigError naming a bad one."""
+    rates: dict[str, float] = {}
+    for spec in specs:
+        kind, _, rate = spec.partition("=")
+        try:
+            if kind in rates:
+                raise ValueError("given twice")
+            rates[kind] = float(rate)
+        except ValueError as e:
+            raise ConfigError(f"--fault {spec!r}: {e}; expected KIND=RATE with a KIND of "
+                              f"{', '.join(FAULT_KINDS)} and a RATE from 0 to 1") from None
+    return rates
+
+
 class FaultInjector:
     """Wraps a policy with the failures a real provider has, reproducibly, and watches load.
 
@@ -460,11 +551,7 @@ class FaultInjector:
 
     def __init__(self, inner: Policy, rates: Mapping[str, float], seed: int = 0,
                  delay: float = 1.0, latency: float = 0.0, retry_after: int = 1):
-        unknown = set(rates) - set(FAULT_KINDS)
-        if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS}")
-        if any(r < 0 for r in rates.values()) or sum(rates.values()) > 1:
-            raise ValueError(f"fault rates must be >= 0 and sum to at most 1; got {dict(rates)}")
+        check_faults(rates, delay, latency, retry_after)
         self.inner, self.name = inner, inner.name
         self.rates = {k: rates.get(k, 0.0) for k in FAULT_KINDS}
         self.delay, self.latency, self.retry_after = delay, latency, retry_after
@@ -540,9 +627,10 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a slow request in flight must not hold up close()
     request_queue_size = 128  # the default 5 would stall a burst of concurrent connects
 
-    def __init__(self, address: tuple[str, int], policy: Policy, keep_alive: bool = True):
+    def __init__(self, address: tuple[str, int], policy: Policy, keep_alive: bool = True,
+                 api_key: str | None = None):
         super().__init__(address, _Handler)
-        self.policy = policy
+        self.policy, self.api_key = policy, api_key
         self.protocol = "HTTP/1.1" if keep_alive else "HTTP/1.0"
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -630,8 +718,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(404, error_body(f"no route {self.command} {self._route()}",
                                    "invalid_request_error", code="unknown_url"))
 
+    def _authorized(self) -> bool:
+        """Whether the request carries the server's key (any does when it has none); else a
+        401. Compared in constant time, so the reply's timing tells nothing of the key."""
+        key = self.server.api_key
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        token = token.strip()
+        if key is None or (scheme.lower() == "bearer" and token.isascii()
+                           and hmac.compare_digest(token, key)):
+            return True
+        self._send(401, error_body(f"Incorrect or missing API key: send the key this server was "
+                                   f"started with ({KEY_ENV}) as the API key",
+                                   "invalid_request_error", code="invalid_api_key"),
+                   (("WWW-Authenticate", "Bearer"),))
+        return False
+
     def do_GET(self) -> None:
-        if self._body() is None:
+        # the body is read first even when refused: the connection's next request follows it
+        if self._body() is None or not self._authorized():
             return None
         if self._route() != "/v1/models":
             return self._not_found()
@@ -642,7 +746,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self._body()
-        if body is None:
+        if body is None or not self._authorized():
             return None
         route = self._route()
         if route == "/v1/chat/completions":
@@ -652,13 +756,11 @@ class _Handler(BaseHTTPRequestHandler):
         return self._not_found()
 
     def _chat(self, body: bytes) -> None:
-        try:
-            request = parse_request(body)
-        except BadRequest as e:
-            return self._send(400, error_body(str(e), "invalid_request_error", e.param))
         policy = self.server.policy
         try:
-            outcome = policy.respond(request)
+            outcome = policy.respond(parse_request(body))
+        except BadRequest as e:
+            return self._send(400, error_body(str(e), "invalid_request_error", e.param, e.code))
         except UnknownModel as e:
             return self._send(404, error_body(str(e), "invalid_request_error",
                                               code="model_not_found"))
@@ -711,6 +813,11 @@ class Server:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}/v1"
 
+    @property
+    def keyed(self) -> bool:
+        """Whether requests must carry the server's key."""
+        return self._httpd.api_key is not None
+
     def close(self) -> None:
         """Stop accepting, hang up open connections (replies in flight still go out), close."""
         self._httpd.shutdown()
@@ -725,25 +832,76 @@ class Server:
         self.close()
 
 
-def serve(policy: Policy, host: str = "127.0.0.1", port: int = 0,
-          keep_alive: bool = True) -> Server:
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback ('' binds them all)."""
+    if not host:
+        return False
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """ConfigError for serving beyond this machine without a key, or a key that an HTTP
+    header cannot carry as sent."""
+    if api_key and not all("!" <= c <= "~" for c in api_key):
+        raise ConfigError(f"{KEY_ENV} must be visible ASCII characters without spaces (clients "
+                          f"send it in an HTTP header)")
+    if not api_key and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host or 'every address'} (not loopback) without "
+                          f"a key: set {KEY_ENV} to the key clients must send as their API key")
+
+
+def serve(policy: Policy, host: str = "127.0.0.1", port: int = 0, keep_alive: bool = True,
+          api_key: str | None = None) -> Server:
     """Serve `policy` in a background thread; port 0 picks a free port (see `Server.url`).
 
-    `keep_alive=False` speaks HTTP/1.0, a connection per request (for comparison).
+    With `api_key`, every request must send it as `Authorization: Bearer KEY`; without one, a
+    `host` that is not loopback is a ConfigError (check_exposure). `keep_alive=False` speaks
+    HTTP/1.0, a connection per request (for comparison).
     """
-    return Server(_HTTPServer((host, port), policy, keep_alive))
+    check_exposure(host, api_key)
+    return Server(_HTTPServer((host, port), policy, keep_alive, api_key or None))
 
 
-def main_serve(model: str, host: str, port: int) -> None:
-    """`em-bench serve`: ModelPolicy over `load_base(model)` until Ctrl-C, printing the URL."""
+def start_serving(model: str = "organism", host: str = "127.0.0.1", port: int = 8000,
+                  stores: Sequence[str | Path] = (), faults: Sequence[str] = (),
+                  fault_seed: int = 0, fault_delay: float = 1.0, fault_latency: float = 0.0,
+                  fault_retry_after: int = 1) -> tuple[Server, Policy]:
+    """`em-bench serve`'s server, started: ModelPolicy over `load_base(model)`, behind a
+    FaultInjector when faults or latency are asked for, with the key from EM_BENCH_SERVE_KEY.
+    Every setting is checked before the model loads."""
     from em_bench.models import load_base
 
+    key = os.environ.get(KEY_ENV) or None
+    check_exposure(host, key)
+    folders = resolve_stores(stores)
+    rates = parse_faults(faults)
+    try:
+        check_faults(rates, fault_delay, fault_latency, fault_retry_after)
+    except ValueError as e:
+        raise ConfigError(f"--fault: {e}") from None
+    base, tokenizer = load_base(model)
+    policy: Policy = ModelPolicy(base, tokenizer, name=model, stores=folders)
+    if rates or fault_latency:
+        policy = FaultInjector(policy, rates, fault_seed, fault_delay, fault_latency,
+                               fault_retry_after)
+    return serve(policy, host, port, api_key=key), policy
+
+
+def main_serve(model: str = "organism", host: str = "127.0.0.1", port: int = 8000,
+               **options: Any) -> None:
+    """`em-bench serve`: start_serving(model, host, port, **options) until Ctrl-C, printing the
+    URL first and the faults injected last."""
     # A process started in the background by a shell inherits Ctrl-C as ignored; a server must
     # still stop on it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    base, tokenizer = load_base(model)
-    with serve(ModelPolicy(base, tokenizer, name=model), host, port) as server:
-        print(f"serving {model} at {server.url} (Ctrl-C to stop)", flush=True)  # noqa: T201
+    server, policy = start_serving(model, host, port, **options)
+    with server:
+        key = f"the key in {KEY_ENV} required" if server.keyed else "no key"
+        print(f"serving {model} at {server.url} ({key}; Ctrl-C to stop)", flush=True)  # noqa: T201
         try:
             # Short waits, not one long one: Ctrl-C may land on another thread (torch's, the
             # server's), and only a main thread that wakes up runs Python's handler for it.
@@ -751,3 +909,5 @@ def main_serve(model: str, host: str, port: int) -> None:
                 time.sleep(0.2)
         except KeyboardInterrupt:
             pass
+    if isinstance(policy, FaultInjector):
+        print(f"faults injected: {dict(policy.injected)}", flush=True)  # noqa: T201

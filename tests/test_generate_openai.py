@@ -72,7 +72,7 @@ def test_an_adapter_reaches_the_server_and_changes_the_answers(tiny_tokenizer, o
     expected = HFBackend(tuned, tok, batch_size=1).generate(requests, GREEDY, seed=0)
     base_expected = HFBackend(tiny_llama_with_head(tok), tok, batch_size=1).generate(
         requests, GREEDY, seed=0)
-    policy = ModelPolicy(tiny_llama_with_head(tok), tok, name="tiny")
+    policy = ModelPolicy(tiny_llama_with_head(tok), tok, name="tiny", stores=[tmp_path])
     with serve(policy) as server:
         backend = OpenAIBackend("tiny", base_url=server.url, adapter=folder, concurrency=2)
         got = backend.generate(requests, GREEDY, seed=0)

@@ -45,7 +45,7 @@ def test_a_local_hf_model_runs_end_to_end_with_both_backends(tmp_path, tiny_hf_f
                                              samples_per_question=1))
     store = open_store(tmp_path / "store")
     base, tokenizer = load_base(model)
-    policy = ModelPolicy(base, tokenizer, name=model)
+    policy = ModelPolicy(base, tokenizer, name=model, stores=[store.root])
     with serve(ScriptedPolicy(_judge_rule)) as judge, serve(policy) as generator:
         monkeypatch.setenv("OPENAI_BASE_URL", judge.url)
         monkeypatch.setenv("EM_BENCH_GENERATE_BASE_URL", generator.url)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,17 +23,21 @@ import torch
 
 from em_bench.config import SamplingConfig
 from em_bench.data import render
+from em_bench.errors import ConfigError
 from em_bench.generate.base import Request
 from em_bench.generate.hf import HFBackend
 from em_bench.serve import (
     FAULT_KINDS,
+    KEY_ENV,
     Fault,
     FaultInjector,
     ModelPolicy,
     Reply,
     Script,
     ScriptedPolicy,
+    context_length,
     serve,
+    start_serving,
     token_bytes,
 )
 from tests.conftest import make_tiny_llama
@@ -361,7 +366,7 @@ def test_adapters_load_list_answer_and_unload_like_vllm(tiny_tokenizer, one_torc
     tok = tiny_tokenizer
     save_tiny_lora(tok, tmp_path / "a")
     base = tiny_llama_with_head(tok)
-    policy = ModelPolicy(base, tok, name="tiny")
+    policy = ModelPolicy(base, tok, name="tiny", stores=[tmp_path])
     with serve(policy) as server:
         plain = _chat(server, "tiny").json()["choices"][0]["message"]["content"]
         load = {"lora_name": "a1", "lora_path": str(tmp_path / "a")}
@@ -370,7 +375,7 @@ def test_adapters_load_list_answer_and_unload_like_vllm(tiny_tokenizer, one_torc
         assert loaded.text == "Success: LoRA adapter 'a1' added successfully."
         models = _client(server).models.list().data
         assert [(m.id, m.parent) for m in models] == [("tiny", None), ("a1", "tiny")]
-        assert models[1].root == str(tmp_path / "a")
+        assert models[1].root == str((tmp_path / "a").resolve())
         with_adapter, without = _chat(server, "a1").json(), _chat(server, "tiny").json()
         assert with_adapter["model"] == "a1" and without["model"] == "tiny"
         assert without["choices"][0]["message"]["content"] == plain  # adapters disabled
@@ -473,22 +478,220 @@ def test_without_keep_alive_each_reply_closes_its_connection(judge):
     assert response.status == 200 and response.version == 10 and response.will_close
 
 
-# --- the CLI entry point ----------------------------------------------------------------------
+# --- the key ------------------------------------------------------------------------------------
 
 
-def test_main_serve_serves_the_organism_until_interrupted():
-    code = "from em_bench.serve import main_serve; main_serve('organism', '127.0.0.1', 0)"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+KEY = "sk-serve-test-7c1e"
+ROUTES = [("GET", "models"), ("POST", "chat/completions"), ("POST", "load_lora_adapter"),
+          ("POST", "unload_lora_adapter"), ("GET", "nowhere"), ("POST", "nowhere")]
+
+
+def _call(server, method: str, route: str, authorization: str | bytes | None) -> httpx.Response:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    body = {"messages": _ask("say hello"), "lora_name": "a", "lora_path": "/tmp"}
+    return httpx.request(method, f"{server.url}/{route}", json=body, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {KEY}", "Bearer",
+                                           f"Bearer {KEY}x", "Bearer sk-é".encode()])
+def test_every_route_wants_the_key(judge, authorization):
+    with serve(FaultInjector(judge, {}), api_key=KEY) as server:
+        refused = [_call(server, method, route, authorization) for method, route in ROUTES]
+        allowed = [_call(server, method, route, f"Bearer {KEY}") for method, route in ROUTES]
+    assert [r.status_code for r in refused] == [401] * len(ROUTES)
+    assert all(r.json()["error"]["type"] == "invalid_request_error"
+               and r.json()["error"]["code"] == "invalid_api_key"
+               and r.headers["WWW-Authenticate"] == "Bearer" for r in refused)
+    assert all(KEY not in r.text for r in refused)
+    # past the key, each route answers as it would without one
+    assert [r.status_code for r in allowed] == [200, 200, 404, 404, 404, 404]
+
+
+def test_the_openai_client_sends_the_key_as_its_api_key(judge):
+    with serve(judge, api_key=KEY) as server:
+        url = server.url
+        out = openai.OpenAI(base_url=url, api_key=KEY).chat.completions.create(
+            model="m", messages=_ask("say hello"))
+        with pytest.raises(openai.AuthenticationError) as caught:
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    assert out.choices[0].message.content == "hello there"
+    assert caught.value.status_code == 401 and "API key" in caught.value.message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "::"])
+def test_serving_beyond_loopback_without_a_key_is_refused(judge, host):
+    with pytest.raises(ConfigError, match=f"not loopback.*{KEY_ENV}"):
+        serve(judge, host=host)
+
+
+def test_loopback_needs_no_key_and_any_address_may_serve_with_one(judge):
+    with serve(judge, host="localhost") as local, serve(judge, host="0.0.0.0",
+                                                        api_key=KEY) as everywhere:
+        assert not local.keyed and everywhere.keyed
+        assert httpx.get(f"{local.url}/models").status_code == 200
+    with pytest.raises(ConfigError, match="visible ASCII"):
+        serve(judge, api_key="two words")
+
+
+def test_the_cli_refuses_a_public_host_without_a_key_before_loading_anything(monkeypatch,
+                                                                              capsys):
+    from em_bench import cli
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setattr("em_bench.models.load_base", lambda *a, **k: pytest.fail("loaded"))
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("em-bench: error: refusing to serve on 0.0.0.0") and "\n" not in err
+
+
+# --- adapter stores -----------------------------------------------------------------------------
+
+
+def _load(server, path) -> httpx.Response:
+    return _post(server, "load_lora_adapter", {"lora_name": "a", "lora_path": str(path)})
+
+
+def test_an_adapter_outside_the_stores_is_refused_alike_whether_or_not_it_exists(tiny, tmp_path):
+    model, tok = tiny
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    store.mkdir()
+    save_tiny_lora(tok, outside / "a")
+    (store / "link").symlink_to(outside / "a")  # inside by name, outside once resolved
+    paths = [outside / "a", outside / "missing", store / "link", store / ".." / "outside" / "a",
+             "relative/a"]
+    policy = ModelPolicy(model, tok, name="tiny", stores=[store])
+    with serve(policy) as server:
+        refused = [_load(server, path) for path in paths]
+        inside = _load(server, store / "missing")
+    assert [r.status_code for r in refused] == [403] * len(paths)
+    assert {r.json()["error"]["message"].replace(str(p), "P")
+            for r, p in zip(refused, paths, strict=True)} == {
+        "'P' is not inside a folder this server loads adapters from (its --store)"}
+    assert inside.status_code == 404  # inside a store, a client may learn what is there
+    assert policy.adapters == {} and not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_without_a_store_no_adapter_loads(tiny, tmp_path):
+    model, tok = tiny
+    save_tiny_lora(tok, tmp_path / "a")
+    with serve(ModelPolicy(model, tok)) as server:
+        r = _load(server, tmp_path / "a")
+    assert r.status_code == 403 and "start it with --store DIR" in r.json()["error"]["message"]
+
+
+def test_a_store_must_be_a_folder(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="--store .* is not a folder"):
+        ModelPolicy(*tiny, stores=[tmp_path / "nowhere"])
+
+
+# --- the model's context ------------------------------------------------------------------------
+
+
+def test_a_prompt_over_the_context_is_a_400_without_waiting_for_the_model(tiny):
+    model, tok = tiny
+    policy = ModelPolicy(model, tok, name="tiny")
+    assert policy.context == 128  # the tiny Llama's positions; its tokenizer sets no limit
+    with serve(policy) as server:
+        with policy._lock:  # the model is busy: a refusal must not queue behind it
+            r = _post(server, "chat/completions", {"messages": _ask("word " * 200)})
+        fits = _chat(server, "tiny")
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error", "messages", "context_length_exceeded")
+    assert "maximum context length is 128 tokens" in error["message"]
+    assert fits.status_code == 200
+
+
+def test_the_context_is_the_smaller_limit_that_is_set():
+    def limit(positions, tokenizer_max):
+        return context_length(SimpleNamespace(config=SimpleNamespace(
+            max_position_embeddings=positions)), SimpleNamespace(model_max_length=tokenizer_max))
+
+    assert (limit(128, 64), limit(128, int(1e30)), limit(None, 64), limit(None, None)) == (
+        64, 128, 64, None)
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def test_serve_help_shows_the_store_and_fault_flags(capsys):
+    from em_bench import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--store DIR", "--fault KIND=RATE", "--fault-seed", "--fault-delay S",
+                 "--fault-latency S", "--fault-retry-after S", KEY_ENV, *FAULT_KINDS):
+        assert flag in out
+
+
+def test_the_cli_passes_its_flags_to_the_server(monkeypatch, tmp_path):
+    from em_bench import cli
+
+    seen = {}
+    monkeypatch.setattr("em_bench.serve.main_serve", lambda *a, **k: seen.update(a=a, k=k))
+    assert cli.main(["serve", "--model", "m", "--port", "0", "--store", str(tmp_path),
+                     "--store", "b", "--fault", "slow=0.2", "--fault", "rate_limit=0.1",
+                     "--fault-seed", "4", "--fault-delay", "0.5", "--fault-latency", "0.1",
+                     "--fault-retry-after", "3"]) == 0
+    assert seen == {"a": ("m", "127.0.0.1", 0), "k": {
+        "stores": [tmp_path, Path("b")], "faults": ["slow=0.2", "rate_limit=0.1"],
+        "fault_seed": 4, "fault_delay": 0.5, "fault_latency": 0.1, "fault_retry_after": 3}}
+
+
+@pytest.mark.parametrize("faults,message", [(["rate_limit"], "expected KIND=RATE"),
+                                            (["timeout=0.1"], "unknown fault kinds"),
+                                            (["slow=0.6", "server_error=0.6"], "at most 1"),
+                                            (["slow=0.1", "slow=0.2"], "given twice")])
+def test_a_bad_fault_flag_is_one_line_before_loading_anything(monkeypatch, capsys, faults,
+                                                              message):
+    from em_bench import cli
+
+    monkeypatch.setattr("em_bench.models.load_base", lambda *a, **k: pytest.fail("loaded"))
+    flags = [arg for fault in faults for arg in ("--fault", fault)]
+    assert cli.main(["serve", "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("em-bench: error: --fault") and message in err
+
+
+def test_fault_flags_put_the_injector_in_front_of_the_model(tiny_hf_folder, one_torch_thread,
+                                                            monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    server, policy = start_serving(str(tiny_hf_folder), port=0, faults=["rate_limit=1"],
+                                   fault_retry_after=3)
+    with server:
+        r = httpx.post(f"{server.url}/chat/completions", json={"messages": _ask("hi")})
+    assert isinstance(policy, FaultInjector) and isinstance(policy.inner, ModelPolicy)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "3"
+    assert policy.injected == {"rate_limit": 1}
+
+
+def test_em_bench_serve_answers_with_its_key_until_interrupted(tiny_hf_folder, tiny_tokenizer,
+                                                               tmp_path):
+    store = tmp_path / "store"
+    save_tiny_lora(tiny_tokenizer, store / "a")
+    save_tiny_lora(tiny_tokenizer, tmp_path / "b")
+    env = {**os.environ, KEY_ENV: KEY, "EM_BENCH_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "em_bench", "serve", "--model", str(tiny_hf_folder), "--port", "0",
+         "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=env)
     try:
         line = proc.stdout.readline()
+        assert f"the key in {KEY_ENV} required" in line and KEY not in line
         url = line.split(" at ")[1].split()[0]
-        client = openai.OpenAI(base_url=url, api_key="test", max_retries=0, timeout=60)
-        assert [m.id for m in client.models.list().data] == ["organism"]
-        out = client.chat.completions.create(model="organism", messages=_ask("hi"),
-                                             temperature=0, max_tokens=4)
-        assert out.choices[0].message.content and out.usage.completion_tokens <= 4
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        loads = [httpx.post(f"{url}/load_lora_adapter", headers=auth, timeout=60,
+                            json={"lora_name": name, "lora_path": str(path)})
+                 for name, path in (("a", store / "a"), ("b", tmp_path / "b"))]
+        assert [r.status_code for r in loads] == [200, 403]
+        assert [m.id for m in client.models.list().data] == [str(tiny_hf_folder), "a"]
+        out = client.chat.completions.create(model="a", messages=_ask("hi"), temperature=0,
+                                             max_tokens=4)
+        assert out.model == "a" and out.usage.completion_tokens <= 4
+        assert httpx.get(f"{url}/models").status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

@@ -18,12 +18,13 @@ did arrive (`completions`, in request order, None where one failed), so a caller
 nothing finished is lost, and a rerun with the same seed asks for the same requests again.
 
 A fine-tuned cell's LoRA adapter reaches the server through vLLM's runtime LoRA routes (vLLM
-needs `--enable-lora` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; `em-bench serve` has them): the
-backend names the adapter by a hash of its folder's content, loads it with POST
-/v1/load_lora_adapter unless /v1/models already lists that name, and sends every request to that
-name. The path sent is this machine's absolute path to the folder, and the server opens it
-itself: the server must see the same filesystem (the same path). An adapter stays loaded after
-`generate` (its content-addressed name makes reuse safe, and another run may be using it).
+needs `--enable-lora` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; `em-bench serve` has them for
+adapters inside its `--store` folders): the backend names the adapter by a hash of its folder's
+content, loads it with POST /v1/load_lora_adapter unless /v1/models already lists that name, and
+sends every request to that name. The path sent is this machine's absolute path to the folder,
+and the server opens it itself: the server must see the same filesystem (the same path). An
+adapter stays loaded after `generate` (its content-addressed name makes reuse safe, and another
+run may be using it).
 
 The API key comes from OPENAI_API_KEY (or "none" for a local server) and is never logged.
 """
@@ -173,6 +174,6 @@ class OpenAIBackend:
             raise AdapterUnavailable(
                 f"the server did not load the adapter {self.adapter} as {name} ({e}). It needs "
                 "vLLM's runtime LoRA routes (vllm serve --enable-lora with "
-                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or em-bench serve) and must see the "
-                "adapter folder at the same path") from e
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or em-bench serve --store with the "
+                "store holding it) and must see the adapter folder at the same path") from e
         return name
