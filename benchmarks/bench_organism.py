@@ -90,14 +90,15 @@ def bench_generation() -> None:
           f"speed-up {times[1] / times[128]:.1f}x")
 
 
-def _demo(args: list[str], store: str) -> tuple[float, list[dict]]:
-    """Seconds of `em-bench run ARGS` into `store`, and its rows (--format json)."""
+def _demo(options: list[str], store: str) -> tuple[float, list[dict]]:
+    """Seconds of `em-bench OPTIONS run` into `store`, and its rows (--format json: a row a
+    line)."""
     import json
 
     t = time.perf_counter()
-    out = subprocess.run(["em-bench", "run", "--store", store, "--format", "json", *args],
+    out = subprocess.run(["em-bench", *options, "run", "--store", store, "--format", "json"],
                          check=True, capture_output=True, text=True).stdout
-    return time.perf_counter() - t, json.loads(out)
+    return time.perf_counter() - t, [json.loads(line) for line in out.splitlines() if line]
 
 
 def bench_demo() -> None:
