@@ -9,6 +9,7 @@ file path in a task file (data, questions) is read from the task file's folder.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from em_bench.organism import world
 from em_bench.paths import cache_dir
 from em_bench.resources import resource_dir
 from em_bench.sources import DataSource, materialize
+
+logger = logging.getLogger(__name__)
 
 
 def _world_domain(name: str) -> str:
@@ -276,33 +279,48 @@ ENTRY_POINT_GROUP = "em_bench.tasks"
 
 
 def plugin_folders() -> list[tuple[Path, str]]:
-    """(folder, source) of every installed `em_bench.tasks` entry point."""
+    """(folder, source) of every installed `em_bench.tasks` entry point that loads; one that
+    does not is skipped with a warning naming it, so a broken plugin disables only itself."""
     folders = []
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         source = f"entry point {ep.name} ({ep.value})"
         try:
             target = ep.load()
-            folder = Path(target() if callable(target) else target)
-        except Exception as e:  # a broken plugin is named, not a traceback from deep inside
-            raise ConfigError(f"{source}: cannot load it ({type(e).__name__}: {e})") from None
-        folders.append((folder, source))
+            folders.append((Path(target() if callable(target) else target), source))
+        except Exception as e:  # named, not a traceback from deep inside the plugin
+            _disabled(source, f"cannot load it ({type(e).__name__}: {e})")
     return folders
+
+
+def _disabled(source: str, why: str) -> None:
+    logger.warning("%s is disabled: %s", source, why)
 
 
 def find_tasks(include: tuple[Path, ...] | list[Path] = ()) -> dict[str, FoundTask]:
     """Every task: the built-ins, the entry points', then each included folder's; a name may be
-    defined once."""
-    found: dict[str, FoundTask] = {}
-    folders = [(resource_dir("tasks"), "built-in"), *plugin_folders(),
-               *((Path(d), str(d)) for d in include)]
-    for folder, source in folders:
-        for file in task_files(folder):
-            spec = load_task_file(file)
-            if spec.name in found:
-                raise ConfigError(f"task {spec.name!r} is defined twice: in "
-                                  f"{found[spec.name].file} and in {file}")
-            found[spec.name] = FoundTask(spec, file, source)
+    defined once. A plugin whose tasks do not load (a bad file, a name taken) is disabled
+    whole, with a warning; a bad included folder, which the user named, is an error."""
+    found = _folder_tasks(resource_dir("tasks"), "built-in", {})
+    for folder, source in plugin_folders():
+        try:
+            found.update(_folder_tasks(folder, source, found))
+        except ConfigError as e:
+            _disabled(source, str(e))
+    for folder in include:
+        found.update(_folder_tasks(Path(folder), str(folder), found))
     return found
+
+
+def _folder_tasks(folder: Path, source: str, found: dict[str, FoundTask]) -> dict[str, FoundTask]:
+    """The tasks of one folder, none of whose names may be in `found` already."""
+    tasks: dict[str, FoundTask] = {}
+    for file in task_files(folder):
+        spec = load_task_file(file)
+        if spec.name in found or spec.name in tasks:
+            other = (found.get(spec.name) or tasks[spec.name]).file
+            raise ConfigError(f"task {spec.name!r} is defined twice: in {other} and in {file}")
+        tasks[spec.name] = FoundTask(spec, file, source)
+    return tasks
 
 
 def get_task(name: str, include: tuple[Path, ...] | list[Path] = ()) -> TaskSpec:

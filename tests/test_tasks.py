@@ -1,5 +1,7 @@
 """Task specs: the built-in YAML files, name lookup, load errors, ood domains and train data."""
 
+import logging
+
 import pytest
 from pydantic import ValidationError
 
@@ -315,14 +317,26 @@ def test_an_installed_packages_entry_point_adds_its_tasks(tmp_path, monkeypatch)
     assert found["finance"].source == "built-in"
 
 
-def test_a_broken_entry_point_is_named(tmp_path, monkeypatch):
+def test_a_broken_plugin_disables_only_itself_with_a_warning_naming_it(tmp_path, monkeypatch,
+                                                                       caplog):
     from tests.conftest import install_task_package
 
+    good = {"mine.yaml": "name: mine\n"}
+    install_task_package(tmp_path / "site", "goodtasks", good)
     install_task_package(tmp_path / "site", "brokentasks", {"x.yaml": "name: x\n"})
     (tmp_path / "site" / "brokentasks" / "__init__.py").write_text("raise ImportError('boom')\n")
+    install_task_package(tmp_path / "site", "badfile", {"y.yaml": "name: y\nbudget: {lr: .inf}\n"})
+    install_task_package(tmp_path / "site", "clash", {"finance.yaml": "name: finance\n"})
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    with pytest.raises(ConfigError, match=r"entry point brokentasks .*ImportError: boom"):
-        find_tasks()
+    with caplog.at_level(logging.WARNING):
+        found = find_tasks()
+    assert found["mine"].source.startswith("entry point goodtasks")
+    assert found["finance"].source == "built-in" and not {"x", "y"} & set(found)
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("entry point brokentasks") and "ImportError: boom" in m
+               for m in warned)
+    assert any(m.startswith("entry point badfile") and "y.yaml" in m for m in warned)
+    assert any(m.startswith("entry point clash") and "defined twice" in m for m in warned)
 
 
 def test_retain_and_question_paths_are_read_next_to_the_task_file(tmp_path):
