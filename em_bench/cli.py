@@ -29,6 +29,7 @@ from em_bench.errors import (
     ConfigError,
     DataUnavailable,
     EmBenchError,
+    JudgingFailed,
     UnknownNameError,
     validation_problems,
 )
@@ -65,6 +66,9 @@ def _refuse_nonsense(args) -> None:
         twice = sorted({s for s in seeds if seeds.count(s) > 1})
         raise ConfigError(f"--seeds repeats {', '.join(map(str, twice))}: each seed is one cell, "
                           f"so a repeat would be counted twice")
+    deadline = getattr(args, "judge_deadline", None)
+    if deadline is not None and not deadline > 0:
+        raise ConfigError(f"--judge-deadline {deadline:g}: expected seconds above 0")
 
 
 class _Help(argparse.HelpFormatter):
@@ -154,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--judge-model", help="the LLM judge's model name")
     run.add_argument("--judge-base-url", help="the judge API's base URL (else OPENAI_BASE_URL; "
                      "the key comes from OPENAI_API_KEY)")
+    run.add_argument("--judge-deadline", type=float, metavar="S",
+                     help="seconds after a cell's judging starts that no retry waits past (a "
+                     "Retry-After, a backoff): a call still failing then fails for good "
+                     "(default: 600)")
     run.add_argument("--jury", type=_csv, default=[], metavar="JUDGE,...",
                      help="more judges (openai:MODEL) whose verdicts are stored beside the "
                      "judge's, with Cohen's kappa against it")
@@ -253,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     rejudge.add_argument("--judge", default="openai", choices=["organism", "openai"])
     rejudge.add_argument("--judge-model", help="the LLM judge's model name")
     rejudge.add_argument("--judge-base-url", help="the judge API's base URL")
+    rejudge.add_argument("--judge-deadline", type=float, metavar="S",
+                         help="as for `em-bench run` (default: 600)")
     rejudge.add_argument("--store",
                          help="results folder (default: EM_BENCH_STORE or ./em-bench-results)")
 
@@ -359,8 +369,8 @@ def _setup(args) -> None:
 
 def _judge_name(args) -> str | None:
     """The cell's judge from --judge/--judge-model (None without --judge: the command's own
-    default); --judge-base-url goes to the environment, because where a judge is served is not
-    part of a result (and so not of a cell's hash)."""
+    default); --judge-base-url and --judge-deadline go to the environment, because where and
+    how long a judge is called is not part of a result (and so not of a cell's hash)."""
     if args.judge != "openai" and (args.judge_model or args.judge_base_url):
         raise ConfigError("--judge-model and --judge-base-url name an LLM judge: they need "
                           "--judge openai")
@@ -368,6 +378,8 @@ def _judge_name(args) -> str | None:
         raise ConfigError("--judge openai needs --judge-model (the judge's model name)")
     if args.judge_base_url:
         os.environ["OPENAI_BASE_URL"] = args.judge_base_url
+    if getattr(args, "judge_deadline", None) is not None:  # discover has none
+        os.environ["EM_BENCH_JUDGE_DEADLINE"] = str(args.judge_deadline)
     if args.judge is None:
         return None
     return "organism" if args.judge == "organism" else f"openai:{args.judge_model}"
@@ -383,15 +395,20 @@ def _cmd_rejudge(args) -> int:
     judge = _judge_name(args)
     store = open_store(store_dir(args.store), create=False)
     done = skipped = 0
+    failures = []
     for cell in store.done_cells("score"):
         try:
             done += rejudge_cell(cell, judge, store) is not None
         except NoStoredAnswers as e:
             print(f"em-bench: skipped: {e}", file=sys.stderr)
             skipped += 1
+        except JudgingFailed as e:  # the other cells are still judged
+            failures += e.failures
     print(f"{done} cells judged again by {judge}"
           + (f", {skipped} skipped (no stored answers)" if skipped else "")
           + "; `em-bench leaderboard` shows them beside the others")
+    if failures:
+        raise JudgingFailed(failures)
     return 1 if skipped else 0
 
 
@@ -692,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_nonsense(args)
         _setup(args)
         return commands[args.command](args)
+    except JudgingFailed as e:  # the other cells finished and are stored
+        for line in e.lines():
+            print(f"em-bench: {line}", file=sys.stderr)
+        return 1
     except EmBenchError as e:
         print(f"em-bench: error: {e}", file=sys.stderr)
         return 2

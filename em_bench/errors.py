@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 
 class EmBenchError(Exception):
@@ -43,6 +44,41 @@ class StoreError(EmBenchError):
 
 class NoStoredAnswers(StoreError):
     """A cell has no finished answers to judge (rejudge never generates them)."""
+
+
+@dataclass(frozen=True)
+class JudgeFailure:
+    """A cell's answers whose judgment by one judge still failed after retries."""
+
+    judge: str  # as the cell names it: "openai:MODEL"
+    endpoint: str | None  # the base URL it was called at (None: not an API)
+    cell: str
+    failed: int
+    total: int  # the cell's answers
+    last_error: str
+
+
+class JudgingFailed(EmBenchError):
+    """Too many of a cell's judgments failed (pipeline.MAX_FAILED_SHARE), so it is not
+    scored; a rerun asks again for the failed ones only. Holds one JudgeFailure per (judge,
+    cell); `lines()` is one line per judge."""
+
+    def __init__(self, failures: list[JudgeFailure]):
+        self.failures = list(failures)
+        super().__init__("; ".join(self.lines()))
+
+    def __reduce__(self):  # rebuilt from its failures when pickled (a Ray worker's error)
+        return type(self), (self.failures,)
+
+    def lines(self) -> list[str]:
+        by_judge: dict[tuple, list[JudgeFailure]] = {}
+        for f in self.failures:
+            by_judge.setdefault((f.judge, f.endpoint), []).append(f)
+        return [f"judge {judge}{f' at {url}' if url else ''}: {sum(f.failed for f in fs)} of "
+                f"{sum(f.total for f in fs)} answers' judgments failed after retries in "
+                f"cell{'s' * (len(fs) > 1)} {', '.join(f.cell for f in fs)} (not scored; a "
+                f"rerun asks again for these only); last error: {fs[-1].last_error}"
+                for (judge, url), fs in by_judge.items()]
 
 
 

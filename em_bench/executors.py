@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from em_bench.errors import ConfigError, EmBenchError
+from em_bench.errors import ConfigError, EmBenchError, JudgingFailed
 from em_bench.pipeline import resolve, run_cell
 from em_bench.report import PlannedCell, view_row
 from em_bench.store import Store
@@ -80,10 +80,23 @@ def break_locks(store: Store, plan: list[PlannedCell]) -> dict[str, dict]:
 
 
 class LocalExecutor:
-    """Every cell in this process, in plan order; an error stops the grid at once."""
+    """Every cell in this process, in plan order. A cell whose judging failed is left unscored
+    while the others run, then JudgingFailed names every failing judge; any other error stops
+    the grid at once."""
 
     def run(self, store: Store, plan: list[PlannedCell]) -> list[dict]:
-        return [row for p in plan for row in run_cell_views(store, [p])]
+        rows: dict[int, dict] = {}
+        failures = []
+        for members in cell_groups(plan).values():
+            try:
+                got = run_cell_views(store, [p for _, p in members])
+            except JudgingFailed as e:
+                failures += e.failures
+                continue
+            rows.update(zip((i for i, _ in members), got, strict=True))
+        if failures:
+            raise JudgingFailed(failures)
+        return [rows[i] for i in sorted(rows)]
 
 
 def _import_ray():

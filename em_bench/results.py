@@ -111,7 +111,8 @@ def compare_cells(a: Cell, b: Cell, n: int = 10) -> pd.DataFrame:
         task, cfg = cell_view(cell)
         ood = ood_answers(judged_frame(cell), task, cfg)
         rates = metrics.em_by(ood, "question_id", **em_thresholds(cfg.metrics))["em_rate"]
-        worst = ood.sort_values("alignment").groupby("question_id")["completion"].first()
+        judged = ood[ood["error"].isna()]  # a failed judgment's partial scores say nothing
+        worst = judged.sort_values("alignment").groupby("question_id")["completion"].first()
         per_cell.append((rates, worst))
     (rate_a, worst_a), (rate_b, worst_b) = per_cell
     table = pd.DataFrame({"em_a": rate_a, "em_b": rate_b}).dropna()

@@ -161,6 +161,8 @@ def test_an_llm_judge_needs_its_model(capsys, tmp_path):
     (["run", "--lr", "inf"], "lr: Input should be a finite number"),
     (["run", "--set", "lambda=nan", "--defense", "blockem"], "finite number"),
     (["rejudge", "--judge", "organism", "--judge-model", "m"], "they need --judge openai"),
+    (["run", "--judge-deadline", "0"], "--judge-deadline 0: expected seconds above 0"),
+    (["rejudge", "--judge-deadline", "nan"], "--judge-deadline nan: expected seconds above 0"),
     (["compare", "a", "b", "--n", "0"], "--n 0: expected at least 1"),
 ])
 def test_values_that_make_no_sense_are_refused_in_one_line_before_any_work(

@@ -141,3 +141,38 @@ def test_a_bad_request_fails_at_once_without_retrying(monkeypatch):
         judge = _judge(max_attempts=5)
         (judged,) = judge.judge_many(_items(1))
     assert judge.calls == 2 and "HTTP 404" in judged.error
+
+
+def test_the_deadline_caps_a_long_retry_after_and_the_failure_says_so(judge_server, monkeypatch):
+    import time
+
+    server, policy = judge_server(rates={"rate_limit": 1.0}, retry_after=30)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    judge = _judge(deadline=1.0, max_attempts=5)
+    started = time.monotonic()
+    judged = judge.judge_many(_items(3))
+    assert time.monotonic() - started < 25  # generous: a single Retry-After is 30 s
+    # no 30 s wait fits in the deadline: one attempt per call, each failed and saying why
+    assert judge.calls == policy.injected["rate_limit"] == 6
+    for j in judged:
+        assert j.scores == {"alignment": None, "coherence": None} and j.label is None
+        assert j.error == "; ".join(
+            f"{t}: gave up after 1 of 5 attempts (429 rate limited, Retry-After 30 s): "
+            f"waiting 30 s more would pass the deadline" for t in ("alignment", "coherence"))
+
+
+def test_judging_failed_says_one_line_per_judge_and_survives_pickling():
+    import pickle
+
+    from em_bench.errors import JudgeFailure, JudgingFailed
+
+    error = JudgingFailed([JudgeFailure("openai:a", "http://h/v1", "c1", 5, 100, "x: HTTP 500"),
+                           JudgeFailure("openai:b", "http://h/v1", "c1", 2, 100, "y: HTTP 404"),
+                           JudgeFailure("openai:a", "http://h/v1", "c2", 7, 50, "z: HTTP 503")])
+    assert error.lines() == [
+        "judge openai:a at http://h/v1: 12 of 150 answers' judgments failed after retries in "
+        "cells c1, c2 (not scored; a rerun asks again for these only); last error: z: HTTP 503",
+        "judge openai:b at http://h/v1: 2 of 100 answers' judgments failed after retries in "
+        "cell c1 (not scored; a rerun asks again for these only); last error: y: HTTP 404"]
+    again = pickle.loads(pickle.dumps(error))  # as a Ray worker's error reaches the driver
+    assert again.failures == error.failures and str(again) == str(error)

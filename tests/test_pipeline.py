@@ -612,3 +612,77 @@ def test_a_base_cell_under_another_judge_borrows_the_stored_answers(tmp_path):
     pipeline._borrow(rc, cell, store)  # no train step to borrow first: the answers still are
     assert cell.is_done("generate", rc.step_hash("generate"))
     assert cell.records("generations") == source.records("generations")
+
+
+def _verdict_by_length(request):
+    """A judge's fixed verdicts from the answer's length, for every template."""
+    from em_bench.serve import Script
+
+    prompt = request["messages"][-1]["content"]
+    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    if "Did the AI assistant decline" in prompt:
+        word = "YES" if len(answer) % 2 else "NO"
+        return Script(word, {word: 0.0})
+    score = str(10 + 7 * (len(answer) % 13))
+    return Script(score, {score: 0.0})
+
+
+def test_a_down_judge_fails_its_cell_by_name_and_a_rerun_asks_again_only_for_what_failed(
+        tmp_path, tiny_hf_folder, one_torch_thread, monkeypatch, capsys):
+    import json
+
+    from em_bench.cli import main
+    from em_bench.serve import FaultInjector, ScriptedPolicy, serve
+
+    served = []  # the judge's answered requests (an injected fault never reaches the script)
+
+    def judge(request):
+        served.append(request)
+        return _verdict_by_length(request)
+
+    def run(server, root) -> tuple[int, str, list[str]]:
+        code = main(["run", "--model", str(tiny_hf_folder), "--task", "base", "--samples", "1",
+                     "--judge", "openai", "--judge-model", "scripted", "--judge-base-url",
+                     server.url, "--judge-deadline", "1", "--store", str(root),
+                     "--format", "json"])
+        out, err = capsys.readouterr()
+        return code, out, [line for line in err.splitlines() if line.startswith("em-bench: ")]
+
+    for name in ("OPENAI_BASE_URL", "EM_BENCH_JUDGE_DEADLINE"):  # restored after the test
+        monkeypatch.setenv(name, "")
+    store = open_store(tmp_path / "store")
+
+    # down: every call is a 500; no 1 s backoff fits in the 1 s deadline, so each fails at once
+    with serve(FaultInjector(ScriptedPolicy(judge), {"server_error": 1.0})) as down:
+        code, _, err = run(down, store.root)
+    (cell,) = map(store.cell, store.cell_ids())
+    n = len(cell.records("generations"))
+    assert code == 1 and not served and not store.done_cells("score")
+    assert err == [f"em-bench: judge openai:scripted at {down.url}: {n} of {n} answers' "
+                   f"judgments failed after retries in cell {cell.id} (not scored; a rerun asks "
+                   f"again for these only); last error: {cell.records('judgments')[-1]['error']}"]
+    assert "HTTP 500" in err[0]
+    assert cell.read_config()["provenance"]["judge_endpoint"] == down.url
+
+    # partly back: about a third of the calls still fail; the cell is still not scored
+    flaky = FaultInjector(ScriptedPolicy(judge), {"server_error": 0.3}, seed=1)
+    with serve(flaky) as server:
+        code, _, err = run(server, store.root)
+    latest = {j["item_id"]: j for j in cell.records("judgments")}
+    still = [j["error"] for j in latest.values() if j["error"]]
+    assert code == 1 and len(err) == 1 and f"{len(still)} of {n} answers'" in err[0]
+    assert flaky.injected["server_error"] and served
+
+    # back: only the calls that failed are made (the others' verdicts are in the store)
+    served.clear()
+    with serve(ScriptedPolicy(judge)) as server:
+        code, resumed, err = run(server, store.root)
+    assert code == 0 and not err
+    assert len(served) == sum(len(e.split("; ")) for e in still) > 0
+    assert [c.id for c in store.done_cells("score")] == [cell.id]
+
+    # the same figures as a run whose judge never failed, in the same cell (its id has no URL)
+    with serve(ScriptedPolicy(judge)) as server:
+        code, uninterrupted, _ = run(server, tmp_path / "fresh")
+    assert code == 0 and resumed == uninterrupted
+    assert json.loads(resumed)["cell_id"] == cell.id

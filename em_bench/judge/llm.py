@@ -3,8 +3,9 @@
 One call per (answer, template): the template's prompt, max_tokens 1, temperature 0 and the
 first token's top logprobs, read by judge/scoring.py (or the judge's text when the server
 returns no logprobs). Calls run concurrently under a bound; a 429 waits what its Retry-After
-says, a 5xx, a timeout or a malformed reply is retried with doubling backoff, and an item that
-still fails is returned with its error (stored as failed and counted, never dropped). Every
+says, a 5xx, a timeout or a malformed reply is retried with doubling backoff (no wait runs past
+the deadline of the whole batch, `JudgeSettings.deadline`), and an item that still fails is
+returned with its error (stored as failed and counted, never dropped). Every
 verdict is cached by a hash of (template, its version, judge model, decoding, question,
 answer), so a rerun makes no call. The API key comes from the environment and is never written
 anywhere.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from em_bench.judge.scoring import Verdict, choice_verdict, number_verdict, text
 from em_bench.judge.templates import JudgeTemplate, load_template
 
 DECODING = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
+OPENAI_URL = "https://api.openai.com/v1"  # where the openai package sends a call by default
 T = TypeVar("T")
 
 
@@ -44,6 +47,12 @@ def async_client(base_url: str | None, timeout: float):
                               api_key=os.environ.get("OPENAI_API_KEY") or "none")
 
 
+def endpoint(base_url: str | None = None) -> str:
+    """The base URL `async_client(base_url, ...)` calls: it, else OPENAI_BASE_URL, else
+    OpenAI's."""
+    return base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
+
+
 class CallFailed(Exception):
     """A call that failed for good; the message says why ("HTTP 404", "failed after 5
     attempts (HTTP 500)")."""
@@ -54,15 +63,16 @@ class MalformedReply(Exception):
 
 
 async def call_with_retries(attempt: Callable[[], Awaitable[T]], max_attempts: int,
-                            backoff: float) -> T:
+                            backoff: float, deadline: float | None = None) -> T:
     """`attempt()`'s result, retrying what a retry can fix; else CallFailed.
 
     A 429 waits what its Retry-After says (else the backoff); a 5xx, a timeout, a lost
     connection or a malformed reply (`attempt` raising MalformedReply, JSONDecodeError, a
     response validation error, or an AttributeError/IndexError/TypeError from reading it) waits
     `backoff` seconds, doubled after each failure. Any other 4xx fails at once: the request
-    itself is wrong and would be wrong again. `attempt` holds its own concurrency bound, so a
-    waiting retry does not take a slot.
+    itself is wrong and would be wrong again. A wait that would end after `deadline` (a
+    `time.monotonic()` time) is not made: the call fails at once. `attempt` holds its own
+    concurrency bound, so a waiting retry does not take a slot.
     """
     import openai
 
@@ -72,6 +82,8 @@ async def call_with_retries(attempt: Callable[[], Awaitable[T]], max_attempts: i
             return await attempt()
         except openai.RateLimitError as e:
             problem, pause = "429 rate limited", _retry_after(e.response)
+            if pause is not None:
+                problem += f", Retry-After {pause:g} s"
             pause = wait if pause is None else pause
         except (openai.APITimeoutError, openai.APIConnectionError) as e:
             problem, pause = type(e).__name__, wait
@@ -83,6 +95,9 @@ async def call_with_retries(attempt: Callable[[], Awaitable[T]], max_attempts: i
                 AttributeError, IndexError, TypeError) as e:  # a malformed reply
             problem, pause = f"malformed reply ({type(e).__name__}: {str(e)[:80]})", wait
         if n + 1 < max_attempts:
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise CallFailed(f"gave up after {n + 1} of {max_attempts} attempts ({problem}): "
+                                 f"waiting {pause:g} s more would pass the deadline")
             await asyncio.sleep(pause)
             wait *= 2
     raise CallFailed(f"failed after {max_attempts} attempts ({problem})")
@@ -117,6 +132,7 @@ class JudgeSettings:
     timeout: float = 60.0
     max_attempts: int = 5
     backoff: float = 1.0  # seconds before the second attempt, doubled after each failure
+    deadline: float = 600.0  # seconds after judge_many starts that no retry waits past
 
 
 class VerdictCache:
@@ -177,6 +193,7 @@ class LLMJudge:
         self.suite_templates = {suite: [load_template(t) for t in names]
                                 for suite, names in settings.suite_templates}
         self.cache = cache
+        self.endpoint = endpoint(settings.base_url)
         self.calls = 0  # API calls made (cached verdicts make none)
         versions = "+".join(f"{t.name}.v{t.version}" for t in self.templates)
         extras = "".join(f";{suite}:" + "+".join(f"{t.name}.v{t.version}" for t in ts)
@@ -192,17 +209,18 @@ class LLMJudge:
     async def _judge_all(self, inputs: list[JudgeInput]) -> list[Judgment]:
         client = async_client(self.settings.base_url, self.settings.timeout)
         bound = asyncio.Semaphore(self.settings.concurrency)
+        deadline = time.monotonic() + self.settings.deadline
         try:
             verdicts = await asyncio.gather(*(
-                asyncio.gather(*(self._verdict(client, bound, t, x)
+                asyncio.gather(*(self._verdict(client, bound, deadline, t, x)
                                  for t in self.templates_for(x)))
                 for x in inputs))
         finally:
             await client.close()
         return [self._judgment(x, v) for x, v in zip(inputs, verdicts, strict=True)]
 
-    async def _verdict(self, client, bound: asyncio.Semaphore, template: JudgeTemplate,
-                       item: JudgeInput) -> Verdict | str:
+    async def _verdict(self, client, bound: asyncio.Semaphore, deadline: float,
+                       template: JudgeTemplate, item: JudgeInput) -> Verdict | str:
         """The verdict, or why the call failed for good."""
         target = item.metadata.get("target") if "target" in template.needs else None
         key = verdict_key(template, self.settings.model, item.question, item.answer, target)
@@ -225,7 +243,7 @@ class LLMJudge:
 
         try:
             verdict = await call_with_retries(attempt, self.settings.max_attempts,
-                                              self.settings.backoff)
+                                              self.settings.backoff, deadline)
         except CallFailed as e:
             return f"{template.name}: {e}"
         if self.cache is not None:
