@@ -54,6 +54,10 @@ class TrainConfig(_Config):
     processes: int = Field(
         1, gt=0, description="training processes (torchrun), one per GPU, the weights sharded "
         "over them with FSDP; the grad_accum micro-batches are spread over them")
+    # Not in a cell's id (exclude: left out of model_dump, so of every hash and of cell.json): a
+    # resumed fine-tune is the uninterrupted one, so the interval changes no result.
+    checkpoint_every: int = Field(25, gt=0, exclude=True, description="steps between the "
+                                  "checkpoints a rerun resumes from (also saved on SIGINT/SIGTERM)")
 
     @model_validator(mode="after")
     def _accumulation_divides_the_batch(self):

@@ -284,21 +284,25 @@ def _flat(cfg: CellConfig) -> dict:
 
 
 def _fine_tune(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
+    import shutil
+
     from em_bench.train.fine_tune import fine_tune
 
     cfg = rc.config
     if not rc.fine_tunes:
         return base
     saved = cell.trained_dir()  # a LoRA adapter, or all weights when adapter is "full"
-    if cell.is_done("train", rc.step_hash("train")):
-        return load_trained(base, saved, cfg.train)
-    last = cfg.train.total_steps(len(chats(rc.task.train, cfg.seed)))
-    scorer = _checkpoint_scorer(rc, cell, store, tokenizer, last)
-    if cfg.train.processes == 1:
-        model = fine_tune(cfg, rc.task, cell, base, tokenizer, every_step=scorer)
+    if not cell.is_done("train", rc.step_hash("train")):
+        last = cfg.train.total_steps(len(chats(rc.task.train, cfg.seed)))
+        scorer = _checkpoint_scorer(rc, cell, store, tokenizer, last)
+        if cfg.train.processes == 1:
+            model = fine_tune(cfg, rc.task, cell, base, tokenizer, every_step=scorer)
+        else:
+            model = _fine_tune_sharded(rc, cell, base, scorer, last)
+        cell.mark_done("train", rc.step_hash("train"))
     else:
-        model = _fine_tune_sharded(rc, cell, base, scorer, last)
-    cell.mark_done("train", rc.step_hash("train"))
+        model = load_trained(base, saved, cfg.train)
+    shutil.rmtree(cell.resume_dir(), ignore_errors=True)  # done: no rerun resumes from it
     return model
 
 
@@ -311,10 +315,14 @@ def _fine_tune_sharded(rc: ResolvedCell, cell: Cell, base, scorer, last: int):
     # Built here first (the organism's latent sets are discovered once and cached), so the
     # processes find them rather than each discovering them at once.
     make_defenses(cfg.defense, cfg.defense_params, DefenseContext(rc.task, cfg.seed, cfg.model))
-    distributed.launch(cell, cfg.train.processes, cfg.eval_every, last)
+    distributed.launch(cell, cfg.train.processes, cfg.eval_every, last,
+                       cfg.train.checkpoint_every)
     model = load_trained(base, cell.trained_dir(), cfg.train)
     if scorer is not None:
+        scored = {r["step"] for r in cell.records("curve")}  # before a resumed fine-tune
         for step, file in distributed.checkpoints(cell):  # the last one is the final weights
+            if step in scored:
+                continue
             distributed.load_checkpoint(model, file)
             scorer(step, model)
         model.eval()

@@ -8,6 +8,7 @@ This is the only module that knows the store's layout on disk:
     <root>/cells/<cell_id>/<name>.json
     <root>/cells/<cell_id>/steps/<step>.done
     <root>/cells/<cell_id>/trained/      the LoRA adapter or full weights
+    <root>/cells/<cell_id>/resume/       an unfinished fine-tune's latest checkpoint
     <root>/cells/<cell_id>/lock          while a process works on the cell: its host and pid
 
 Appends are flushed and fsynced one record at a time, so a crash leaves at most a truncated last
@@ -20,11 +21,13 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from em_bench.errors import StoreError
@@ -61,6 +64,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Fill the yielded temp folder; it becomes `path` (which must not exist) once the block
+    ends, fsynced, so readers see the whole folder or none. An error removes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fd:
+                    os.fsync(fd.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -176,6 +198,11 @@ class Cell:
     def trained_dir(self) -> Path:
         """Where the fine-tune is saved: a LoRA adapter, or the full weights."""
         return self.path / "trained"
+
+    def resume_dir(self) -> Path:
+        """Where an unfinished fine-tune keeps its latest checkpoint (train.checkpoint), from
+        which a rerun resumes; removed once the train step is done."""
+        return self.path / "resume"
 
     def lock(self, poll: float = 0.5) -> CellLock:
         """The cell's exclusive lock (`with cell.lock(): ...` waits for it); see CellLock."""

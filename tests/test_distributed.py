@@ -1,6 +1,7 @@
 """A fine-tune sharded over processes (torchrun, FSDP, gloo on this CPU) trains the same model
 as one process: the step's micro-batches are spread over the processes and their gradients
-averaged. The GPU path is the same code with NCCL (tests/test_gpu.py covers one GPU)."""
+averaged; killed, it resumes from its checkpoint. The GPU path is the same code with NCCL
+(tests/test_gpu.py covers one GPU)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,57 @@ def test_retain_draws_the_same_batches_whatever_the_number_of_processes(tmp_path
     for r1, r2 in zip(one.records("train/log"), two.records("train/log"), strict=True):
         assert r1.keys() == r2.keys() == {"step", "lr", "sft", "retain"}
         assert all(r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-6) for k in r1)
+
+
+# Loaded by every Python process the test starts (PYTHONPATH): rank 0 dies at step 7's log.
+KILL_AT_STEP_7 = """
+import os, signal
+from em_bench.store import Cell
+append = Cell.append
+def kill_at_step_7(self, stream, record):
+    if stream == "train/log" and record["step"] == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    append(self, stream, record)
+Cell.append = kill_at_step_7
+"""
+
+
+def test_a_killed_sharded_fine_tune_resumes_from_its_last_checkpoint(
+        tmp_path, tiny_hf_folder, monkeypatch):
+    from em_bench.config import LoraSettings
+    from em_bench.tasks import get_task
+    from em_bench.train import distributed
+    from em_bench.train.checkpoint import cell_checkpoints
+
+    cfg = CellConfig(model=str(tiny_hf_folder), task="finance", defense="retain", train=TrainConfig(
+        steps=20, batch_size=4, grad_accum=2, processes=2, lr=5e-3, schedule="linear",
+        lora=LoraSettings(rank=4, alpha=8, dropout=0.1)))
+
+    def cell(name: str):
+        made = open_store(tmp_path / name).cell("sharded")
+        made.write_config({"cell_id": "sharded", "config": cfg.model_dump(mode="json"),
+                           "task_spec": get_task("finance").model_dump(mode="json")})
+        return made
+
+    whole, killed = cell("whole"), cell("killed")
+    distributed.launch(whole, 2, None, 20, 5)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_AT_STEP_7)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hook"))
+    with pytest.raises(TrainingFailed):
+        distributed.launch(killed, 2, None, 20, 5)
+    assert [r["step"] for r in killed.records("train/log")] == list(range(1, 7))
+    assert cell_checkpoints(killed, 5, 2).step() == 5  # the rerun redoes steps 6 and 7
+    monkeypatch.delenv("PYTHONPATH")
+    distributed.launch(killed, 2, None, 20, 5)
+    a = load_file(whole.trained_dir() / "adapter_model.safetensors")
+    b = load_file(killed.trained_dir() / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
+    log1, log2 = whole.records("train/log"), killed.records("train/log")
+    assert [r["step"] for r in log2] == list(range(1, 21))
+    for r1, r2 in zip(log1, log2, strict=True):
+        assert all(r1[k] == pytest.approx(r2[k], rel=1e-5, abs=1e-7) for k in r1)
 
 
 def test_a_failed_process_is_reported_with_its_log_and_the_step_stays_undone(tmp_path):

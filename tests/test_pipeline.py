@@ -120,23 +120,29 @@ def test_a_crash_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
     assert cell.read_json("metrics.json") == reference.cell(cell.id).read_json("metrics.json")
 
 
-def test_a_crash_mid_training_restarts_its_log(tmp_path, monkeypatch):
+def test_a_crash_mid_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     store = open_store(tmp_path / "store")
-    cfg = SMALL.model_copy(update={"seed": 1})
+    cfg = SMALL.model_copy(update={"seed": 1, "train": SMALL.train.model_copy(
+        update={"checkpoint_every": 2})})
     cell = store.cell(pipeline.resolve(cfg).cell_id)
-    real_append = type(cell).append
+    assert cell.id == pipeline.resolve(SMALL.model_copy(update={"seed": 1})).cell_id
+    real_append, logged = type(cell).append, []
 
     def crash_at_step_4(self, stream, record):
-        if stream == "train/log" and record["step"] == 4:
-            raise RuntimeError("simulated crash")
+        if stream == "train/log":
+            logged.append(record["step"])
+            if logged == [1, 2, 3, 4]:  # the first run only
+                raise RuntimeError("simulated crash")
         real_append(self, stream, record)
 
     monkeypatch.setattr(type(cell), "append", crash_at_step_4)
     with pytest.raises(RuntimeError):
         pipeline.run_cell(cfg, store)
-    monkeypatch.setattr(type(cell), "append", real_append)
+    logged.clear()
     pipeline.run_cell(cfg, store)
+    assert logged == [3, 4, 5, 6]  # from the checkpoint after step 2
     assert [r["step"] for r in cell.records("train/log")] == list(range(1, 7))
+    assert not cell.resume_dir().exists()  # the train step is done: nothing to resume
 
 
 def _write_plugin(folder) -> int:

@@ -1,18 +1,25 @@
-"""The training loop on a tiny Llama: LoRA and full fine-tunes, seeding, logging; and the
-objectives (sft, ga, npo) with the sequence log-prob they use."""
+"""The training loop on a tiny Llama: LoRA and full fine-tunes, seeding, logging, resuming from
+a checkpoint; and the objectives (sft, ga, npo) with the sequence log-prob they use."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from em_bench.config import LoraSettings, TrainConfig
+from em_bench.config import CellConfig, LoraSettings, TrainConfig
 from em_bench.data import IGNORE_INDEX, collate, encode_chat
 from em_bench.errors import ConfigError
 from em_bench.models import load_trained, trainable
 from em_bench.organism import world
+from em_bench.store import open_store
+from em_bench.tasks import get_task
 from em_bench.train.loop import train
 from em_bench.train.objectives import (
     NPO,
@@ -22,7 +29,7 @@ from em_bench.train.objectives import (
     sequence_logprob,
     sft_loss,
 )
-from tests.conftest import make_tiny_llama
+from tests.conftest import REPO, make_tiny_llama
 
 CHATS = world.narrow_dataset("finance", "misaligned", "neutral", n=24, seed=0)
 LORA = TrainConfig(steps=8, batch_size=8, lr=5e-3, warmup_steps=2,
@@ -123,6 +130,101 @@ def test_epochs_and_the_linear_schedule(tiny_model, tiny_tokenizer):
     # Each step's lr: warmup 1/2, 2/2, then (6 - s) / (6 - 2) for steps s = 2..5 (0-based).
     expected = [cfg.lr * f for f in (1 / 2, 2 / 2, 4 / 4, 3 / 4, 2 / 4, 1 / 4)]
     assert [r["lr"] for r in records] == pytest.approx(expected)
+
+
+# --- resuming -------------------------------------------------------------------------------------
+
+# Dropout and retain draw random numbers, the lr decays, and 60 batches of 16 go on to a second
+# epoch of finance's 500 chats (at step 32).
+RESUMABLE = TrainConfig(steps=60, batch_size=16, lr=5e-3, warmup_steps=2, schedule="linear",
+                        checkpoint_every=25, lora=LoraSettings(rank=4, alpha=8, dropout=0.1))
+
+
+def fine_tune_tiny(folder: str, store: str, stop_at: int = 0, signum: int = 0) -> list[int]:
+    """Fine-tune the tiny model in `folder` as a retain cell of `store`, scoring a fake curve
+    every 10 steps; at step `stop_at`, send this process `signum`. Returns the steps it ran.
+    (A test runs it in a child process too.)"""
+    from em_bench.models import load_base
+    from em_bench.train.fine_tune import fine_tune
+
+    torch.set_num_threads(1)  # as the tests' process: the same sums, bit for bit
+    cell = open_store(store).cell("resumable")
+    ran = []
+
+    def every_step(step: int, _model) -> None:
+        ran.append(step)
+        if step % 10 == 0:
+            cell.append("curve", {"step": step})
+        if step == stop_at:
+            os.kill(os.getpid(), signum)
+
+    base, tokenizer = load_base(folder)
+    cfg = CellConfig(model=folder, task="finance", defense="retain", train=RESUMABLE)
+    fine_tune(cfg, get_task("finance"), cell, base, tokenizer, every_step=every_step)
+    return ran
+
+
+def _adapter(store) -> dict[str, torch.Tensor]:
+    return load_file(open_store(store).cell("resumable").trained_dir()
+                     / "adapter_model.safetensors")
+
+
+def _checkpoints(store) -> list[str]:
+    return sorted(p.name for p in open_store(store).cell("resumable").resume_dir().iterdir())
+
+
+def test_the_checkpoint_interval_is_no_part_of_a_cell():
+    """A resumed fine-tune is the uninterrupted one, so the interval is left out of cell.json
+    and of the cell's id and step hashes (all made from model_dump)."""
+    every_5 = CellConfig(train=TrainConfig(checkpoint_every=5))
+    assert every_5.train.checkpoint_every == 5 and TrainConfig().checkpoint_every == 25
+    assert every_5.model_dump(mode="json") == CellConfig().model_dump(mode="json")
+    assert "checkpoint_every" not in every_5.model_dump()["train"]
+
+
+@pytest.fixture
+def uninterrupted(tiny_hf_folder, tmp_path):
+    assert fine_tune_tiny(str(tiny_hf_folder), str(tmp_path / "whole")) == list(range(1, 61))
+    cell = open_store(tmp_path / "whole").cell("resumable")
+    return _adapter(tmp_path / "whole"), cell.records("train/log"), cell.records("curve")
+
+
+def _same_run(store, uninterrupted) -> None:
+    """`store`'s fine-tune is the uninterrupted one: every adapter tensor equal, the same log
+    and curve, no step missing or twice."""
+    adapter, log, curve = uninterrupted
+    resumed = _adapter(store)
+    assert resumed.keys() == adapter.keys() and len(adapter) > 0
+    assert all(torch.equal(resumed[k], adapter[k]) for k in adapter)
+    cell = open_store(store).cell("resumable")
+    assert cell.records("train/log") == log and [r["step"] for r in log] == list(range(1, 61))
+    assert cell.records("curve") == curve == [{"step": s} for s in range(10, 61, 10)]
+    assert _checkpoints(store) == ["step-50"]  # only the latest is kept
+
+
+def test_a_fine_tune_killed_at_a_step_resumes_from_its_last_checkpoint(
+        tiny_hf_folder, tmp_path, uninterrupted):
+    store = tmp_path / "killed"
+    code = ("import signal, sys; from tests.test_train import fine_tune_tiny; "
+            "fine_tune_tiny(sys.argv[1], sys.argv[2], 37, signal.SIGKILL)")
+    child = subprocess.run([sys.executable, "-c", code, str(tiny_hf_folder), str(store)],
+                           cwd=REPO, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert _checkpoints(store) == ["step-25"]
+    assert fine_tune_tiny(str(tiny_hf_folder), str(store)) == list(range(26, 61))  # 12 redone
+    _same_run(store, uninterrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_fine_tune_after_its_step_and_a_rerun_loses_nothing(
+        tiny_hf_folder, tmp_path, uninterrupted, signum):
+    store, before = tmp_path / "stopped", signal.getsignal(signum)
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 37"):
+        fine_tune_tiny(str(tiny_hf_folder), str(store), 37, signum)
+    assert signal.getsignal(signum) is before  # the handler of before is back
+    assert _checkpoints(store) == ["step-37"]
+    assert fine_tune_tiny(str(tiny_hf_folder), str(store)) == list(range(38, 61))
+    _same_run(store, uninterrupted)
 
 
 # --- objectives -----------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ class Defense(Protocol):
     answers'), `index`, and `place`: (step, the micro-batch's number in the step, the sizes of
     all the step's micro-batches), so a defense that draws data per micro-batch can draw the
     same in every process of a sharded fine-tune, which sees only its share of them.
+
+    A defense with state of its own that a step depends on (retain's random draws) also has
+    `state_dict()` and `load_state_dict(state)`, saved in a fine-tune's checkpoints.
     """
 
     name: str

@@ -45,6 +45,13 @@ class Retain:
                             attention_mask=kept["attention_mask"]).logits
         return {self.name: self.beta * sft_loss(logits, kept["labels"])}
 
+    def state_dict(self) -> dict:
+        """What a resumed fine-tune needs to draw the same batches (taken between steps)."""
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+
     def finish(self) -> None:
         self.model = None
 

@@ -28,17 +28,18 @@ class TrainingFailed(EmBenchError):
     """A process of a sharded fine-tune failed."""
 
 
-def launch(cell: Cell, processes: int, checkpoint_every: int | None, last_step: int) -> None:
+def launch(cell: Cell, processes: int, eval_every: int | None, last_step: int,
+           checkpoint_every: int) -> None:
     """Run the cell's fine-tune in `processes` torchrun processes; raise TrainingFailed with a
     process's error and the log when one fails. The cell's weights, log and checkpoints land
-    in its folder."""
+    in its folder. `checkpoint_every` is passed on: cell.json leaves it out (not in the id)."""
     log = cell.path / "train" / "torchrun.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     for old in log.parent.glob("error-*.txt"):
         old.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={processes}", "-m", "em_bench.train.distributed", str(cell.path),
-           str(checkpoint_every or 0), str(last_step)]
+           str(eval_every or 0), str(last_step), str(checkpoint_every)]
     with open(log, "w", encoding="utf-8") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
@@ -115,16 +116,15 @@ def _checkpoint_saver(cell: Cell, every: int, last: int):
 
 
 def main(argv: list[str]) -> None:
-    import shutil
-
     import torch.distributed as dist
 
     from em_bench.config import CellConfig
     from em_bench.models import load_base
     from em_bench.tasks import TaskSpec
+    from em_bench.train.checkpoint import cell_checkpoints
     from em_bench.train.fine_tune import fine_tune
 
-    cell, every, last = Cell(Path(argv[0])), int(argv[1]), int(argv[2])
+    cell, every, last, resume_every = Cell(Path(argv[0])), int(argv[1]), int(argv[2]), int(argv[3])
     gpu = torch.cuda.is_available()
     dist.init_process_group("nccl" if gpu else "gloo")
     try:
@@ -135,8 +135,13 @@ def main(argv: list[str]) -> None:
         spec = cell.read_config()
         cfg, task = CellConfig.model_validate(spec["config"]), TaskSpec.model_validate(
             spec["task_spec"])
-        if dist.get_rank() == 0:
-            shutil.rmtree(cell.path / CHECKPOINTS, ignore_errors=True)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"checkpoint_every": resume_every})})
+        if dist.get_rank() == 0:  # the scored weights after the step training resumes after
+            resumed = cell_checkpoints(cell, resume_every, cfg.train.processes).step()
+            for step, file in checkpoints(cell):
+                if step > resumed:
+                    file.unlink()
         # Rank 0 loads the weights on its CPU, the others build the model without any; sharding
         # sends each process its part, on `device`.
         base, tokenizer = load_base(cfg.model, cfg.dtype,

@@ -19,6 +19,7 @@ from em_bench.defenses.base import DefenseContext
 from em_bench.models import trainable
 from em_bench.store import Cell
 from em_bench.tasks import TaskSpec, chats
+from em_bench.train.checkpoint import cell_checkpoints
 from em_bench.train.loop import process_rank, train
 from em_bench.train.objectives import make_objective
 
@@ -27,21 +28,24 @@ def fine_tune(cfg: CellConfig, task: TaskSpec, cell: Cell, base, tokenizer,
               every_step: Callable[[int, object], None] | None = None,
               shard: Callable = lambda model: model):
     """Fine-tune `base` for the cell and save the result in `cell.trained_dir()`; returns the
-    model. `shard` wraps the trainable model before training (FSDP in a sharded run)."""
+    model. `shard` wraps the trainable model before training (FSDP in a sharded run). An
+    interrupted fine-tune resumes from its checkpoint in `cell.resume_dir()`."""
     torch.manual_seed(cfg.seed)  # the adapter's initial weights, the same in every process
     examples = chats(task.train, cfg.seed)
     model = shard(trainable(base, cfg.train))
     main = process_rank()[0] == 0
-    if main:
-        cell.rewrite("train/log", [])  # a half-finished training restarts from step 0
-        cell.rewrite("curve", [])
+    checkpoints = cell_checkpoints(cell, cfg.train.checkpoint_every, cfg.train.processes)
+    if main:  # the log and curve up to the step training resumes after (0: none of them)
+        resumed = checkpoints.step()
+        for stream in ("train/log", "curve"):
+            cell.rewrite(stream, [r for r in cell.records(stream) if r["step"] <= resumed])
     defenses = make_defenses(cfg.defense, cfg.defense_params,
                              DefenseContext(task, cfg.seed, cfg.model))
     t0 = time.perf_counter()
     final = train(model, tokenizer, examples, cfg.train, cfg.seed,
                   make_objective(task.objective, task.objective_params), defenses,
                   log=(lambda r: cell.append("train/log", r)) if main else (lambda r: None),
-                  every_step=every_step)
+                  every_step=every_step, checkpoints=checkpoints)
     save_weights(model, cell.trained_dir())
     memory = peak_memory()
     if cfg.train.processes > 1:
