@@ -609,8 +609,9 @@ def index_html(store: Store, rows: list[dict], columns: list[Column]) -> str:
              refusal_plot(rows), question_plot(rows, store)]
     n_cells = sum(len(r["cell_ids"]) for r in rows)
     body = (f"<h1>em-bench leaderboard</h1>"
+            # the store's name, not its path: a published page says nothing of the machine
             f'<p class="meta">{len(rows)} rows from {n_cells} scored cells of the store '
-            f"<code>{_e(store.root)}</code>. Each defense is compared with the <em>none</em> "
+            f"<code>{_e(store.root.name)}</code>. Each defense is compared with the <em>none</em> "
             f"row of the same model, task, budget, judge and questions.</p>"
             f'<p class="hint">Click a header to sort (again to reverse); ↑/↓ says which way is '
             f"better. A link like <code>#sort=em_mean&amp;dir=asc</code> opens sorted. "

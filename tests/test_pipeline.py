@@ -1,9 +1,11 @@
 """End to end on the real organism: EM appears, the control does not, and nothing is redone.
 
-The organism (default recipe) is built once per cache; see conftest.py.
+They run on the shipped organism (em_bench/organism/shipped/); see conftest.py.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -64,6 +66,15 @@ def test_every_cell_records_what_produced_it(demo):
         assert cfg["provenance"]["torch_threads"]["threads"] >= 1
     frame = load_results(store)
     assert set(frame["task"]) == {"base", "finance", "finance_aligned"}
+
+
+def test_readme_shows_the_demo_as_the_shipped_organism_gives_it(demo):
+    from em_bench.report import format_table, with_refusal_drops
+
+    _, rows = demo
+    shown = with_refusal_drops([rows[("base", "finance")], rows[("finance", "finance")]])
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"```\n{format_table(shown)}\n```" in readme
 
 
 def test_a_finished_cell_is_not_redone(demo, monkeypatch):

@@ -69,9 +69,9 @@ def format_report(report: dict) -> str:
     out = [f"rebuilt: {report['rebuilt']}",
            f"weights identical to the shipped organism's: "
            f"{'yes' if report['identical_weights'] else 'no'}",
-           f"{'figure':<28}{'shipped':>9}{'rebuilt':>9}{'diff':>8}{'tol':>6}  ok"]
+           f"{'figure':<31}{'shipped':>9}{'rebuilt':>9}{'diff':>8}{'tol':>6}  ok"]
     for line in report["lines"]:
-        out.append(f"{line['figure']:<28}{line['shipped']:>9.1f}{line['rebuilt']:>9.1f}"
+        out.append(f"{line['figure']:<31}{line['shipped']:>9.1f}{line['rebuilt']:>9.1f}"
                    f"{line['difference']:>+8.1f}{line['tolerance']:>6.1f}  "
                    f"{'yes' if line['ok'] else 'NO'}")
     out.append("verified: every figure within its tolerance" if report["ok"] else
