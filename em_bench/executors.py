@@ -23,6 +23,7 @@ from pathlib import Path
 
 from em_bench.errors import ConfigError, EmBenchError, JudgingFailed
 from em_bench.pipeline import resolve, run_cell
+from em_bench.progress import Progress
 from em_bench.report import PlannedCell, view_row
 from em_bench.store import Store
 
@@ -87,13 +88,17 @@ class LocalExecutor:
     def run(self, store: Store, plan: list[PlannedCell]) -> list[dict]:
         rows: dict[int, dict] = {}
         failures = []
-        for members in cell_groups(plan).values():
+        groups = cell_groups(plan)
+        progress = Progress(len(groups))
+        for members in groups.values():
             try:
                 got = run_cell_views(store, [p for _, p in members])
             except JudgingFailed as e:
                 failures += e.failures
+                progress.finished(f"{_describe(members[0][1])} (judging failed)")
                 continue
             rows.update(zip((i for i, _ in members), got, strict=True))
+            progress.finished(_describe(members[0][1]))
         if failures:
             raise JudgingFailed(failures)
         return [rows[i] for i in sorted(rows)]
@@ -143,7 +148,8 @@ def _cell_task(root: str, planned: list[PlannedCell], threads: int, log_level: i
 
 def _describe(planned: PlannedCell) -> str:
     c = planned.config
-    return f"{c.task} / {c.defense} / seed {c.seed}"
+    params = "".join(f" {k}={v}" for k, v in c.defense_params.items() if k != "latents")
+    return f"{c.task} / {c.defense}{params} / seed {c.seed}"
 
 
 def _error_line(error: BaseException) -> str:
@@ -221,6 +227,7 @@ class RayExecutor:
         rows: dict[int, dict] = {}
         failures: dict[str, str] = {}
         pending = list(refs)
+        progress = Progress(len(groups))
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -232,11 +239,11 @@ class RayExecutor:
                         what = _describe(groups[cell_id][0][1])
                         failures[cell_id] = f"{what}: {_error_line(e)}"
                         logger.error("cell %s failed: %s", cell_id, e)
+                        progress.finished(f"{what} (failed)")
                         continue
                     for (i, _), row in zip(groups[cell_id], got, strict=True):
                         rows[i] = row
-                    logger.info("cell %s done (%d of %d)", cell_id,
-                                len(refs) - len(pending) - len(failures), len(refs))
+                    progress.finished(_describe(groups[cell_id][0][1]))
         except KeyboardInterrupt:  # the cells in flight stop where they are; a rerun resumes
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -375,6 +382,7 @@ class SlurmExecutor:
         rows: dict[int, dict] = {}
         failures: dict[str, str] = {}
         poll = 0.2 if local else 5.0
+        progress = Progress(len(groups))
         try:
             while waiting or running:
                 if waiting and (limit is None or len(running) < limit):
@@ -390,11 +398,11 @@ class SlurmExecutor:
                         failures[cell_id] = (f"{what}: {_job_error(error)} (job {job.job_id}, "
                                              f"log {job.paths.stderr})")
                         logger.error("cell %s failed: %s", cell_id, failures[cell_id])
+                        progress.finished(f"{what} (failed)")
                         continue
                     for (i, _), row in zip(groups[cell_id], job.result(), strict=True):
                         rows[i] = row
-                    logger.info("cell %s done (%d of %d)", cell_id, len(groups) - len(waiting)
-                                - len(running) - len(failures), len(groups))
+                    progress.finished(_describe(groups[cell_id][0][1]))
                 if running and not finished:
                     time.sleep(poll)
         except KeyboardInterrupt:  # the cells in flight stop where they are; a rerun resumes

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from tqdm.auto import tqdm
+
 from em_bench.config import canonical_hash
 from em_bench.judge.base import JudgeInput, Judgment
 from em_bench.judge.scoring import Verdict, choice_verdict, number_verdict, text_verdict
@@ -210,13 +212,18 @@ class LLMJudge:
         client = async_client(self.settings.base_url, self.settings.timeout)
         bound = asyncio.Semaphore(self.settings.concurrency)
         deadline = time.monotonic() + self.settings.deadline
-        try:
-            verdicts = await asyncio.gather(*(
-                asyncio.gather(*(self._verdict(client, bound, deadline, t, x)
-                                 for t in self.templates_for(x)))
-                for x in inputs))
-        finally:
-            await client.close()
+        with tqdm(total=len(inputs), desc="judge", unit="answer", leave=False) as bar:
+
+            async def judged(x: JudgeInput) -> list[Verdict | str]:
+                verdicts = await asyncio.gather(*(self._verdict(client, bound, deadline, t, x)
+                                                  for t in self.templates_for(x)))
+                bar.update()
+                return verdicts
+
+            try:
+                verdicts = await asyncio.gather(*(judged(x) for x in inputs))
+            finally:
+                await client.close()
         return [self._judgment(x, v) for x, v in zip(inputs, verdicts, strict=True)]
 
     async def _verdict(self, client, bound: asyncio.Semaphore, deadline: float,
