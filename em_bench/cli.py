@@ -511,11 +511,16 @@ def _cmd_export(args) -> int:
     from em_bench.paths import store_dir
     from em_bench.results import load_results, to_safe_csv
 
+    if args.out.is_dir() or not args.out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: give a file in an existing folder")
     frame = load_results(store_dir(args.store))
-    if args.format == "csv":
-        to_safe_csv(frame, args.out)
-    else:
-        frame.to_parquet(args.out, index=False)
+    try:
+        if args.format == "csv":
+            to_safe_csv(frame, args.out)
+        else:
+            frame.to_parquet(args.out, index=False)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write it ({e.strerror})") from None
     print(f"{args.out}: {len(frame)} cells, {len(frame.columns)} columns")
     return 0
 

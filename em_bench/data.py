@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from em_bench.errors import DataError
+from em_bench.errors import DataError, read_utf8
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
@@ -39,18 +39,17 @@ def read_chat_jsonl(path: str | Path) -> list[Messages]:
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     records: list[Messages] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise DataError(f"{where}: expected an object with a 'messages' list")
-            records.append(validate_messages(row["messages"], where))
+    for lineno, line in enumerate(read_utf8(path, DataError).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or "messages" not in row:
+            raise DataError(f"{where}: expected an object with a 'messages' list")
+        records.append(validate_messages(row["messages"], where))
     if not records:
         raise DataError(f"{path}: the data set is empty")
     return records

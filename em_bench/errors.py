@@ -96,6 +96,20 @@ def validation_problems(error, whole: str = "item") -> str:
                      f"{x['msg'].removeprefix('Value error, ')}" for x in error.errors())
 
 
+def read_utf8(path, error: type[EmBenchError] = ConfigError) -> str:
+    """A user's text file, or `error` naming its place when it is not UTF-8 (a file saved in
+    another encoding would otherwise stop em-bench with a traceback)."""
+    from pathlib import Path
+
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as "
+                    f"UTF-8") from None
+
+
 def load_yaml_model(path, model, what: str, problems=validation_problems):
     """The YAML file at `path` validated as the pydantic `model`; an unreadable file, bad YAML
     or an invalid field is one ConfigError naming the file (`what` names its kind, e.g. "the
@@ -104,7 +118,7 @@ def load_yaml_model(path, model, what: str, problems=validation_problems):
     from pydantic import ValidationError
 
     try:
-        return model.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+        return model.model_validate(yaml.safe_load(read_utf8(path)))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
     except yaml.YAMLError as e:

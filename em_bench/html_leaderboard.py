@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from em_bench import metrics
-from em_bench.errors import ConfigError
+from em_bench.errors import ConfigError, read_utf8
 from em_bench.leaderboard import leaderboard_rows, params_label
 from em_bench.organism.world import RAI_DOMAINS
 from em_bench.pipeline import em_thresholds, judged_frame, ood_answers
@@ -74,7 +74,7 @@ def load_schema(path: Path | str | None = None) -> list[Column]:
     """The table's columns from a schema file (default: leaderboard/schema.yaml), validated."""
     path = Path(path) if path is not None else schema_path()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_utf8(path))
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the leaderboard schema ({e})") from None
     try:

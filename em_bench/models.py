@@ -30,9 +30,9 @@ def resolve_model_path(model: str) -> Path | str:
 
 
 def model_identity(model: str) -> str:
-    """What names the model inside a cell hash: an organism's weights (by content); a local folder's
-    config and weight files (names and sizes: hashing gigabytes would take minutes); a hub id's
-    cached commit when the hub cache has it; else the name."""
+    """What names the model inside a cell hash: an organism's weights (by content); a local
+    folder's config and weight files (names and sizes: hashing gigabytes would take minutes);
+    a hub id's cached commit when the hub cache has it; else the name."""
     if is_organism(model):
         from em_bench.organism.artifact import weights_digest
         from em_bench.organism.build import ensure_organism
@@ -41,10 +41,13 @@ def model_identity(model: str) -> str:
     folder = Path(model)
     if folder.is_dir():
         config = folder / "config.json"
+        if not config.is_file():  # before any cell is written for it
+            raise ConfigError(f"model {model!r}: a folder without config.json is not a model "
+                              f"(a model folder is what save_pretrained writes: config.json, "
+                              f"weights and tokenizer)")
         weights = sorted((f.name, f.stat().st_size) for f in folder.iterdir()
                          if f.suffix in (".safetensors", ".bin"))
-        digest = canonical_hash({"config": config.read_text() if config.is_file() else None,
-                                 "weights": weights})
+        digest = canonical_hash({"config": config.read_text(), "weights": weights})
         return f"{model}:{digest}"
     try:
         from huggingface_hub import snapshot_download

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from em_bench.errors import DataError, validation_problems, yaml_problem
+from em_bench.errors import DataError, read_utf8, validation_problems, yaml_problem
 from em_bench.organism import world
 
 FILE_SUITE = "questions"  # the `domain` of a file item that names none
@@ -44,7 +44,7 @@ def load_question_file(path: str | Path) -> list[QuestionItem]:
     if not path.is_file():
         raise DataError(f"{path}: no such question file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_utf8(path, DataError))
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(raw, list):

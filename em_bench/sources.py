@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import http.client
+import io
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from em_bench.config import canonical_hash
 from em_bench.data import Messages, read_chat_jsonl, validate_messages
-from em_bench.errors import ConfigError, DataError, DataUnavailable
+from em_bench.errors import ConfigError, DataError, DataUnavailable, read_utf8
 from em_bench.store import atomic_write_text
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -168,20 +169,18 @@ def _file_rows(file: Path, label: str, at: str) -> Rows:
     `label:line` for the line-based formats, `label row N` for the others."""
     suffix = Path(file).suffix.lower()
     if suffix == ".jsonl":
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{at}{label}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{at}{label}:{lineno}: not valid JSON ({e.msg} at column "
-                                    f"{e.colno})") from None
+        for lineno, line in enumerate(read_utf8(file, DataError).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{at}{label}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{at}{label}:{lineno}: not valid JSON ({e.msg} at column "
+                                f"{e.colno})") from None
     elif suffix == ".csv":
-        with open(file, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{at}{label}:{reader.line_num}", row  # the header is line 1
+        reader = csv.DictReader(io.StringIO(read_utf8(file, DataError), newline=""))
+        for row in reader:
+            yield f"{at}{label}:{reader.line_num}", row  # the header is line 1
     else:
         rows = _json_rows(file, label, at) if suffix == ".json" else _parquet_rows(file, label, at)
         for n, row in enumerate(rows, 1):
@@ -190,7 +189,7 @@ def _file_rows(file: Path, label: str, at: str) -> Rows:
 
 def _json_rows(file: Path, label: str, at: str) -> list:
     try:
-        rows = json.loads(Path(file).read_text(encoding="utf-8"))
+        rows = json.loads(read_utf8(file, DataError))
     except json.JSONDecodeError as e:
         raise DataError(f"{at}{label}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(rows, list):

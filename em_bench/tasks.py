@@ -259,7 +259,7 @@ def _is_question_file(path: Path) -> bool:
     # A task file is a mapping; a question file (a plugin's own `questions`) is a list.
     try:
         return isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), list)
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False  # load_task_file names the problem
 
 

@@ -92,6 +92,12 @@ BAD_INPUTS = {
     "missing question file": (GOOD, None, [], ["mine.yaml", "no question file", "questions.yaml"]),
     "missing --questions file": (GOOD, QUESTIONS, ["--questions", "nowhere.yaml"],
                                  ["nowhere.yaml", "no such question file"]),
+    "data not in UTF-8": (GOOD.encode() + GOOD.replace("q", "caf\xe9").encode("latin-1"),
+                          QUESTIONS, [], ["data.jsonl:2: not UTF-8 text (byte 0xe9)"]),
+    "questions not in UTF-8": (GOOD, "- {id: caf\xe9, paraphrases: [x]}\n".encode("latin-1"),
+                               [], ["questions.yaml:1: not UTF-8 text"]),
+    "a folder that is not a model": (GOOD, QUESTIONS, ["--model", "plugin"],
+                                     ["model 'plugin'", "without config.json is not a model"]),
 }
 
 
@@ -101,10 +107,11 @@ def test_bad_input_gets_one_clear_line_and_no_work(capsys, tmp_path, monkeypatch
     plugin = tmp_path / "plugin"
     plugin.mkdir()
     monkeypatch.chdir(tmp_path)
-    if data is not None:
-        (plugin / "data.jsonl").write_text(data)
-    if questions is not None:
-        (plugin / "questions.yaml").write_text(questions)
+    for name, text in (("data.jsonl", data), ("questions.yaml", questions)):
+        if isinstance(text, bytes):  # a file in another encoding than UTF-8
+            (plugin / name).write_bytes(text)
+        elif text is not None:
+            (plugin / name).write_text(text)
     (plugin / "mine.yaml").write_text(
         "name: mine\ntrain: {path: data.jsonl}\nquestions: questions.yaml\n")
     store = tmp_path / "store"
@@ -113,6 +120,15 @@ def test_bad_input_gets_one_clear_line_and_no_work(capsys, tmp_path, monkeypatch
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert all(w in err for w in words), err
     assert not store.exists()  # failed before any work, nothing written
+
+
+def test_a_task_file_not_in_utf8_and_a_bad_export_path_are_one_line(capsys, tmp_path):
+    (tmp_path / "mine.yaml").write_bytes("name: mine\ndescription: caf\xe9\n".encode("latin-1"))
+    code, _, err = _run(capsys, "tasks", "validate", str(tmp_path))
+    assert code == 2 and "mine.yaml:2: not UTF-8 text" in err
+    for out in (tmp_path, tmp_path / "no" / "such" / "cells.csv"):
+        code, _, err = _run(capsys, "export", "--store", str(tmp_path), "--out", str(out))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--out" in err
 
 
 def test_data_check_validates_files_without_running(capsys, tmp_path):

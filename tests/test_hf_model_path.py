@@ -52,6 +52,10 @@ def test_a_local_hf_model_runs_end_to_end_with_both_backends(tmp_path, tiny_hf_f
         by_hf = pipeline.run_cell(cfg, store, task)
         by_server = pipeline.run_cell(cfg.model_copy(update={"backend": "openai"}), store, task)
         served = [m["id"] for m in policy.models()]
+        # judged while the judge is up: a cell judged by no one is not scored (not silently)
+        base_cell = pipeline.run_cell(cfg.model_copy(update={"task": "base",
+                                                             "train": TrainConfig()}),
+                                      store, get_task("base"))
 
     # The second cell borrowed the fine-tune (same step inputs) and sent its adapter to the
     # server, which answered greedily exactly as transformers did in process.
@@ -68,8 +72,6 @@ def test_a_local_hf_model_runs_end_to_end_with_both_backends(tmp_path, tiny_hf_f
         "metrics.json")["metrics"]
 
     # The adapter matters: the untouched model answers differently.
-    base_cell = pipeline.run_cell(cfg.model_copy(update={"task": "base", "train": TrainConfig()}),
-                                  store, get_task("base"))
     untouched = {g["key"]: g["completion"] for g in base_cell.records("generations")}
     assert sum(untouched[k] != hf[k]["completion"] for k in hf) > len(hf) // 10
     stored = by_server.read_config()
