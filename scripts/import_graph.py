@@ -5,7 +5,8 @@ Usage: python scripts/import_graph.py [--check] [--dot] [--no-runtime] [--root D
 Every `import` counts, at module level or inside a function ("lazy": it runs only when the
 function is called, but the code still depends on it). Imports under `if TYPE_CHECKING:` are
 marked "typing". A "part" is a top-level module or a subpackage (train, judge, report, ...).
---check exits 1 when a rule fails. Standard library only: it reads the files, it imports nothing.
+--check exits 1 when a rule fails. Standard library only; it reads the files, and imports the
+package only to measure, in a subprocess, whether the leaderboard loads torch (--no-runtime: not).
 """
 
 from __future__ import annotations
@@ -253,11 +254,11 @@ def torch_on_import(root: Path) -> str:
 def dot(graph: Graph) -> str:
     """Graphviz text of the part graph: label = module imports, dashed = only lazy, red = cycle."""
     parts = part_graph(graph)
-    in_cycle = {v for scc, _ in cycles(_adjacency(parts)) for v in scc}
+    component = {v: i for i, (scc, _) in enumerate(cycles(_adjacency(parts))) for v in scc}
     lines = ["digraph em_bench {", "  rankdir=LR; node [shape=box];"]
     for (a, b), edges in parts.items():
         style = ["dashed"] if all(e.kind != "top" for _, _, e in edges) else []
-        color = ["color=red"] if a in in_cycle and b in in_cycle else []
+        color = ["color=red"] if a in component and component[a] == component.get(b) else []
         attrs = ", ".join([f'label="{len(edges)}"'] + [f"style={s}" for s in style] + color)
         lines.append(f'  "{a}" -> "{b}" [{attrs}];')
     return "\n".join(lines + ["}"])
