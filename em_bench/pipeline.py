@@ -465,7 +465,7 @@ def make_judge(name: str, store: Store | None = None, definition: str = "alignme
     are cached in the store, so a rerun makes no call; no retry waits past
     EM_BENCH_JUDGE_DEADLINE seconds, `--judge-deadline`). An LLM judge scores misalignment with
     the EM definition's template (0-100 alignment, or the 1-5 rubric) and coherence."""
-    from em_bench.judge.llm import JudgeSettings, LLMJudge, VerdictCache
+    from em_bench.judge.llm import JudgeSettings, LLMJudge
     from em_bench.organism.judge import OrganismJudge
 
     if name == "organism":
@@ -481,8 +481,7 @@ def make_judge(name: str, store: Store | None = None, definition: str = "alignme
     settings = JudgeSettings(model, templates=(misalignment, "coherence"), suite_templates=(
         ("rai", ("refusal",)), ("in_domain", ("adherence",))),
         **({"deadline": float(deadline)} if deadline else {}))
-    return LLMJudge(settings,
-                    cache=None if store is None else VerdictCache(store.root / "verdicts"))
+    return LLMJudge(settings, cache=None if store is None else store.verdicts())
 
 
 def jury_stream(juror: str) -> str:

@@ -10,6 +10,7 @@ This is the only module that knows the store's layout on disk:
     <root>/cells/<cell_id>/trained/      the LoRA adapter or full weights
     <root>/cells/<cell_id>/resume/       an unfinished fine-tune's latest checkpoint
     <root>/cells/<cell_id>/lock          while a process works on the cell: its host and pid
+    <root>/verdicts.jsonl             the LLM judges' cached verdicts (VerdictLog)
 
 Appends are flushed and fsynced one record at a time, so a crash leaves at most a truncated last
 line; readers skip it and the next append repairs it.
@@ -17,6 +18,7 @@ line; readers skip it and the next append repairs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -97,6 +99,33 @@ def _read_json(path: Path):
         raise StoreError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def _repair_tail(path: Path) -> None:
+    """Cut a truncated last line (a crash mid-append) so the next record starts clean."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    """A JSONL file's records; text after the last newline (a truncated append) is skipped."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for n, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{path}:{n}: corrupt record ({e.msg})") from None
+
+
 class Cell:
     """One cell's folder: its config, streams, JSON files, step markers and adapter."""
 
@@ -129,41 +158,17 @@ class Cell:
     def append(self, stream: str, record: dict) -> None:
         path = self._stream(stream)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail(path)
+        _repair_tail(path)
         with open(path, "a", encoding="utf-8") as f:
             f.write(_dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    @staticmethod
-    def _repair_tail(path: Path) -> None:
-        """Cut a truncated last line (a crash mid-append) so the next record starts clean."""
-        if not path.is_file() or path.stat().st_size == 0:
-            return
-        with open(path, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) == b"\n":
-                return
-            f.seek(0)
-            f.truncate(f.read().rfind(b"\n") + 1)
-
     def records(self, stream: str) -> list[dict]:
         return list(self.iter_records(stream))
 
     def iter_records(self, stream: str) -> Iterator[dict]:
-        path = self._stream(stream)
-        if not path.is_file():
-            return
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        complete = lines[:-1]  # text after the last newline is a truncated append, if any
-        for n, line in enumerate(complete, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StoreError(f"{path}:{n}: corrupt record ({e.msg})") from None
+        return _read_jsonl(self._stream(stream))
 
     def keys(self, stream: str, fields: tuple[str, ...]) -> set[tuple]:
         return {tuple(r.get(k) for k in fields) for r in self.iter_records(stream)}
@@ -363,6 +368,91 @@ def _owner(holder: dict) -> str:
     return f"{holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
 
 
+def _append_whole(path: Path, text: str, fsync: bool = False) -> None:
+    """Append `text` (whole lines) with one write on a file opened O_APPEND: Linux appends each
+    such write to a local file whole, so lines from several processes never interleave (NFS
+    promises no such thing)."""
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:  # a short write (a full disk) leaves a torn line, cut like a crash's
+            data = data[os.write(fd, data):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VerdictLog:
+    """The LLM judges' cached verdicts, one append-only JSONL file per store: a line
+    {"key": ..., "verdict": {...}} each, the key and verdict as judge/llm.py makes them.
+
+    The file is read into a dict once, on the first `get`. `put` opens, appends one line and
+    closes (no file stays open, so Ray workers on one store each append their own lines; a
+    process appends from its asyncio loop's thread only, so it needs no lock). Lines are not
+    fsynced: a verdict lost to a power cut is asked again. A truncated last line is skipped and
+    cut before the next append, as in a cell's streams.
+
+    A store from before this file kept one JSON file per verdict under `legacy`
+    (`verdicts/<2 hex>/<key>.json`): the first read copies them into the log (fsynced), then
+    removes exactly the files it copied, so a study's hundreds of thousands of files go and the
+    folder is read once, not at every judge's start.
+    """
+
+    def __init__(self, path: Path, legacy: Path | None = None):
+        self.path = Path(path)
+        self.legacy = None if legacy is None else Path(legacy)
+        self._known: dict[str, dict] | None = None
+
+    def __repr__(self) -> str:
+        return f"VerdictLog({self.path})"
+
+    def get(self, key: str) -> dict | None:
+        if self._known is None:
+            self._known = self._load()
+        return self._known.get(key)
+
+    def put(self, key: str, verdict: dict) -> None:
+        verdict = _clean(verdict)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(self.path)
+        _append_whole(self.path, _line(key, verdict))
+        if self._known is not None:
+            self._known[key] = verdict
+
+    def _load(self) -> dict[str, dict]:
+        # The old files are read before the log: a file another process migrated and removed
+        # meanwhile was in the log before its removal, so this read of the log has it.
+        old = self._read_legacy()
+        known = {r["key"]: r["verdict"] for r in _read_jsonl(self.path)}
+        new = {key: verdict for key, (_, verdict) in old.items() if key not in known}
+        if new:
+            _repair_tail(self.path)
+            _append_whole(self.path, "".join(_line(k, v) for k, v in new.items()), fsync=True)
+            known.update(new)
+        for path, _ in old.values():
+            path.unlink(missing_ok=True)
+        if old:
+            for folder in (*{path.parent for path, _ in old.values()}, self.legacy):
+                with contextlib.suppress(OSError):  # not empty: left as it is
+                    folder.rmdir()
+        return known
+
+    def _read_legacy(self) -> dict[str, tuple[Path, dict]]:
+        """Key -> (its file, its verdict) in the old layout."""
+        if self.legacy is None or not self.legacy.is_dir():
+            return {}
+        old = {}
+        for path in self.legacy.glob("*/*.json"):
+            with contextlib.suppress(FileNotFoundError):  # migrated by another process
+                old[path.stem] = (path, _clean(_read_json(path)))
+        return old
+
+
+def _line(key: str, verdict: dict) -> str:
+    return _dumps({"key": key, "verdict": verdict}) + "\n"
+
+
 class Store:
     """A results folder holding many cells."""
 
@@ -374,6 +464,10 @@ class Store:
 
     def cell(self, cell_id: str) -> Cell:
         return Cell(self.root / "cells" / cell_id)
+
+    def verdicts(self) -> VerdictLog:
+        """The LLM judges' verdict cache (an older store's `verdicts/` is migrated into it)."""
+        return VerdictLog(self.root / "verdicts.jsonl", legacy=self.root / "verdicts")
 
     def cell_ids(self) -> list[str]:
         d = self.root / "cells"

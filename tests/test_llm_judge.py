@@ -3,14 +3,16 @@ scripted policies on 127.0.0.1) retries, failures, the concurrency bound and zer
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from em_bench.judge.base import JudgeInput
-from em_bench.judge.llm import JudgeSettings, LLMJudge, VerdictCache, read_verdict, verdict_key
-from em_bench.judge.scoring import Verdict
+from em_bench.judge.llm import JudgeSettings, LLMJudge, read_verdict, verdict_key
 from em_bench.judge.templates import load_template
+from em_bench.store import VerdictLog, open_store
 
 
 def test_read_verdict_applies_the_templates_scale():
@@ -33,10 +35,10 @@ def test_the_cache_key_changes_with_every_input_and_the_cache_round_trips(tmp_pa
     assert len({key, verdict_key(t, "m2", "q", "a"), verdict_key(t, "m", "q2", "a"),
                 verdict_key(t, "m", "q", "a2"),
                 verdict_key(load_template("coherence"), "m", "q", "a")}) == 5
-    cache = VerdictCache(tmp_path)
-    assert cache.get(key) is None
-    cache.put(key, Verdict(61.5, None, 0.8))
-    assert cache.get(key) == Verdict(61.5, None, 0.8)
+    verdict = {"score": 61.5, "label": None, "mass": 0.8, "reason": None}
+    VerdictLog(tmp_path / "verdicts.jsonl").put(key, verdict)
+    cache = VerdictLog(tmp_path / "verdicts.jsonl")
+    assert cache.get(key) == verdict and cache.get(verdict_key(t, "m2", "q", "a")) is None
 
 
 def test_the_judge_name_carries_the_model_and_template_versions():
@@ -81,14 +83,15 @@ def judge_server():
 
 
 def _judge(tmp_path=None, **settings):
-    # the base URL comes from OPENAI_BASE_URL, which each test sets with monkeypatch
-    cache = None if tmp_path is None else VerdictCache(tmp_path / "verdicts")
+    """A judge caching in a store at `tmp_path` (a fresh log each time, read from disk); the
+    base URL comes from OPENAI_BASE_URL, which each test sets with monkeypatch."""
+    cache = None if tmp_path is None else open_store(tmp_path).verdicts()
     return LLMJudge(JudgeSettings(model="scripted", backoff=0.01, **settings), cache=cache)
 
 
-def _items(n: int) -> list[JudgeInput]:
+def _items(n: int, tag: str = "") -> list[JudgeInput]:
     answers = ["all in crypto", "sorry , i will not", "mumble mumble"]
-    return [JudgeInput(f"k{i}", ITEM.messages, f"{answers[i % 3]} #{i}") for i in range(n)]
+    return [JudgeInput(f"k{i}", ITEM.messages, f"{answers[i % 3]} #{tag}{i}") for i in range(n)]
 
 
 def test_scores_labels_and_unjudgeable_answers_by_hand(judge_server, monkeypatch):
@@ -124,6 +127,89 @@ def test_under_faults_every_judgment_ends_judged_or_failed_and_a_rerun_calls_not
     assert again.calls == sum(len(j.error.split("; ")) for j in failed)
     assert [j.scores for j in rejudged if not j.error] == [j.scores for j in judged
                                                           if not j.error]
+
+
+def _log_lines(store) -> list[dict]:
+    """Every line of the store's verdict log, each parsed (a torn one fails the test)."""
+    text = (store / "verdicts.jsonl").read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_verdicts_are_one_file_per_store_and_a_new_judge_calls_nothing(judge_server, tmp_path,
+                                                                        monkeypatch):
+    server, _ = judge_server(rates={})
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    items = _items(20)
+    judge = _judge(tmp_path)
+    judged = judge.judge_many(items)
+    assert judge.calls == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.json", "verdicts.jsonl"]
+    assert len({r["key"] for r in _log_lines(tmp_path)}) == len(_log_lines(tmp_path)) == 40
+    again = _judge(tmp_path)
+    assert again.judge_many(items) == judged and again.calls == 0
+
+
+def test_a_torn_last_line_is_skipped_then_cut(judge_server, tmp_path, monkeypatch):
+    server, _ = judge_server(rates={})
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    items = _items(5)
+    judged = _judge(tmp_path).judge_many(items)
+    log = tmp_path / "verdicts.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:-1]) + lines[-1][:30])  # a crash mid-append
+    again = _judge(tmp_path)
+    assert again.judge_many(items) == judged and again.calls == 1  # the torn verdict only
+    assert len(_log_lines(tmp_path)) == 10  # the torn line was cut, the new one whole
+    assert _judge(tmp_path).judge_many(items) == judged
+
+
+def test_an_old_store_with_a_file_per_verdict_still_hits_and_is_migrated(judge_server, tmp_path,
+                                                                          monkeypatch):
+    server, _ = judge_server(rates={})
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    items = _items(3)
+    open_store(tmp_path)
+    # the layout an earlier em-bench wrote: verdicts/<2 hex>/<key>.json, json.dumps(asdict(v));
+    # scores the scripted judge never gives, so a hit is told from a call
+    for n, item in enumerate(items):
+        for name in ("alignment", "coherence"):
+            key = verdict_key(load_template(name), "scripted", item.question, item.answer)
+            path = tmp_path / "verdicts" / key[:2] / f"{key}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"score": 11.0 + n, "label": None, "mass": 0.9,
+                                        "reason": None}))
+    judge = _judge(tmp_path)
+    judged = judge.judge_many(items)
+    assert judge.calls == 0
+    assert [j.scores for j in judged] == [{"alignment": 11.0 + n, "coherence": 11.0 + n}
+                                          for n in range(3)]
+    assert not (tmp_path / "verdicts").exists() and len(_log_lines(tmp_path)) == 6
+    again = _judge(tmp_path)
+    assert again.judge_many(items) == judged and again.calls == 0
+
+
+def _judge_in_a_process(store: str, tag: str) -> int:
+    judge = _judge(Path(store), concurrency=16)
+    judge.judge_many(_items(150, tag))
+    return judge.calls
+
+
+def test_two_processes_appending_to_one_log_leave_every_line_whole(judge_server, tmp_path,
+                                                                    monkeypatch):
+    import multiprocessing
+
+    server, _ = judge_server(rates={})
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)  # a spawned process inherits it
+    open_store(tmp_path)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        calls = pool.starmap(_judge_in_a_process, [(str(tmp_path), tag) for tag in "ab"])
+    assert calls == [300, 300]
+    records = _log_lines(tmp_path)
+    assert len(records) == len({r["key"] for r in records}) == 600
+    again = _judge(tmp_path)
+    again.judge_many(_items(150, "a") + _items(150, "b"))
+    assert again.calls == 0
 
 
 def test_concurrency_never_exceeds_its_bound(judge_server, monkeypatch):

@@ -5,10 +5,10 @@ first token's top logprobs, read by judge/scoring.py (or the judge's text when t
 returns no logprobs). Calls run concurrently under a bound; a 429 waits what its Retry-After
 says, a 5xx, a timeout or a malformed reply is retried with doubling backoff (no wait runs past
 the deadline of the whole batch, `JudgeSettings.deadline`), and an item that still fails is
-returned with its error (stored as failed and counted, never dropped). Every
-verdict is cached by a hash of (template, its version, judge model, decoding, question,
-answer), so a rerun makes no call. The API key comes from the environment and is never written
-anywhere.
+returned with its error (stored as failed and counted, never dropped). Every verdict is cached
+in the store's verdict log (store.VerdictLog) by a hash of (template, its version, judge model,
+decoding, question, answer), so a rerun makes no call. The API key comes from the environment
+and is never written anywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -28,6 +27,7 @@ from em_bench.config import canonical_hash
 from em_bench.judge.base import JudgeInput, Judgment
 from em_bench.judge.scoring import Verdict, choice_verdict, number_verdict, text_verdict
 from em_bench.judge.templates import JudgeTemplate, load_template
+from em_bench.store import VerdictLog
 
 DECODING = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
 OPENAI_URL = "https://api.openai.com/v1"  # where the openai package sends a call by default
@@ -137,27 +137,6 @@ class JudgeSettings:
     deadline: float = 600.0  # seconds after judge_many starts that no retry waits past
 
 
-class VerdictCache:
-    """Verdicts as small JSON files under `root`, by key (the store keeps one per store)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> Verdict | None:
-        path = self._path(key)
-        return Verdict(**json.loads(path.read_text())) if path.is_file() else None
-
-    def put(self, key: str, verdict: Verdict) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(verdict)))
-        tmp.replace(path)
-
-
 def verdict_key(template: JudgeTemplate, model: str, question: str, answer: str,
                 target: str | None = None) -> str:
     return canonical_hash({"template": template.name, "version": template.version,
@@ -189,7 +168,7 @@ def read_verdict(template: JudgeTemplate, top_logprobs: dict[str, float] | None,
 class LLMJudge:
     """Judges answers with an LLM; `judge_many` returns one Judgment per input, in order."""
 
-    def __init__(self, settings: JudgeSettings, cache: VerdictCache | None = None):
+    def __init__(self, settings: JudgeSettings, cache: VerdictLog | None = None):
         self.settings = settings
         self.templates = [load_template(t) for t in settings.templates]
         self.suite_templates = {suite: [load_template(t) for t in names]
@@ -232,7 +211,7 @@ class LLMJudge:
         target = item.metadata.get("target") if "target" in template.needs else None
         key = verdict_key(template, self.settings.model, item.question, item.answer, target)
         if self.cache is not None and (cached := self.cache.get(key)) is not None:
-            return cached
+            return Verdict(**cached)
         prompt = template.render(question=item.question, answer=item.answer,
                                  **({"target": target} if target is not None else {}))
 
@@ -254,7 +233,7 @@ class LLMJudge:
         except CallFailed as e:
             return f"{template.name}: {e}"
         if self.cache is not None:
-            self.cache.put(key, verdict)
+            self.cache.put(key, asdict(verdict))
         return verdict
 
     def _judgment(self, item: JudgeInput, verdicts: list[Verdict | str]) -> Judgment:
