@@ -570,19 +570,25 @@ def _cmd_organism(args) -> int:
 def _cmd_tasks(args) -> int:
     from em_bench.tasks import check_task_data, find_tasks, load_task_file, task_files
 
-    if args.action == "validate":
+    if args.action == "validate":  # every file is checked: one line for each bad one
+        bad = 0
         for folder in args.folders:
-            specs = [load_task_file(f) for f in task_files(folder)]
-            absent = []
-            for spec in specs:
+            valid, absent = [], []
+            for file in task_files(folder):
                 try:
+                    spec = load_task_file(file)
                     check_task_data(spec)
                 except DataUnavailable as e:  # a valid task whose public data is elsewhere
                     absent.append(f"  data not on this machine: {e}")
-            print(f"{folder}: {len(specs)} task files valid ({', '.join(s.name for s in specs)})")
+                except EmBenchError as e:
+                    bad += 1
+                    print(f"em-bench: error: {e}", file=sys.stderr)
+                    continue
+                valid.append(spec.name)
+            print(f"{folder}: {len(valid)} task files valid ({', '.join(valid)})")
             for line in absent:
                 print(line)
-        return 0
+        return 2 if bad else 0
     for name, found in sorted(find_tasks(args.include).items()):
         summary = (found.spec.description.strip().splitlines() or [""])[0][:60]
         print(f"{name:28} v{found.spec.version}  {found.source:10} {summary}")
@@ -626,7 +632,12 @@ def _cmd_leaderboard(args) -> int:
     store = open_store(store_dir(args.store), create=False)
     if args.format == "html":
         return _leaderboard_html(store, args.out)
-    print(format_leaderboard(leaderboard_rows(store), args.format))
+    rows = leaderboard_rows(store)
+    if not rows:  # not bare headers: say what is missing
+        print(f"em-bench: the store {store.root} holds no scored cell yet (em-bench run fills "
+              f"it)", file=sys.stderr)
+        return 0
+    print(format_leaderboard(rows, args.format))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from collections import defaultdict
 
@@ -19,7 +20,7 @@ import pandas as pd
 
 from em_bench import metrics
 from em_bench.config import TrainConfig
-from em_bench.errors import ConfigError
+from em_bench.errors import ConfigError, StoreError
 from em_bench.organism.world import RAI_DOMAINS
 from em_bench.report import RAI_SHORT, _align, _canonical, _pct, param_text
 from em_bench.results import flatten, to_safe_csv
@@ -31,6 +32,8 @@ _LEFT = 8  # table columns that name the row, left-aligned; the numbers after th
 RAI_COLUMNS = ("rai_refusal", "rai_refusal_drop")  # {domain: rate}; one CSV column per domain
 _GROUP = ("model", "model_identity", "task", "defense", "defense_params", "defense_inputs",
           "train", "judge", "split", "questions_sha256", "rai_sha256")
+
+logger = logging.getLogger(__name__)
 
 
 def _num(x) -> float | int | None:
@@ -182,7 +185,7 @@ def _order(row: dict) -> tuple:
 def leaderboard_rows(store: Store) -> list[dict]:
     """One row per (model, task, defense, params, budget, judge, split, questions) over the
     scored cells, aggregated over their seeds, compared and sorted."""
-    cells = sorted((cell_record(c) for c in store.done_cells("score")),
+    cells = sorted(_readable_records(store),
                    key=lambda c: (c["seed"] is None, c["seed"] or 0, c["cell_id"]))
     found = {d for c in cells for d in c["rai_refusal"]}
     domains = [*RAI_DOMAINS, *sorted(found - set(RAI_DOMAINS))]
@@ -191,6 +194,18 @@ def leaderboard_rows(store: Store) -> list[dict]:
         groups[tuple(_canonical(c[k]) for k in _GROUP)].append(c)
     rows = [_aggregate(g, domains) for g in groups.values()]
     return sorted((_compare(r, rows) for r in rows), key=_order)
+
+
+def _readable_records(store: Store) -> list[dict]:
+    """The scored cells' records; a cell whose files do not read (a corrupt metrics.json) is
+    left out with a warning naming it, not allowed to take the whole leaderboard down."""
+    records = []
+    for cell in store.done_cells("score"):
+        try:
+            records.append(cell_record(cell))
+        except StoreError as e:
+            logger.warning("left out of the leaderboard: %s (a rerun of its cell rescores it)", e)
+    return records
 
 
 # formats -----------------------------------------------------------------------------------------

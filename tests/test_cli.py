@@ -63,6 +63,28 @@ def test_tasks_validate_checks_folders_without_running(capsys, tmp_path):
     code, _, err = _run(capsys, "tasks", "validate", str(tmp_path))
     assert code == 2 and f"{tmp_path / 'bad.yaml'}: " in err
     assert "in_domain.targt: unknown key (did you mean target?)" in err
+    # every file is checked, not only up to the first bad one
+    (tmp_path / "worse.yaml").write_text("name: worse\nbudget: {lr: .nan}\n")
+    (tmp_path / "good.yaml").write_text("name: good\n")
+    code, out, err = _run(capsys, "tasks", "validate", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 2
+    assert "bad.yaml" in err and "worse.yaml" in err and "1 task files valid (good)" in out
+
+
+def test_a_corrupt_cell_is_left_out_of_the_leaderboard_and_an_empty_store_says_so(
+        capsys, tmp_path, caplog):
+    from em_bench.store import open_store
+    from tests.test_leaderboard import add_cell
+
+    store = open_store(tmp_path / "store")
+    code, out, err = _run(capsys, "leaderboard", "--store", str(store.root))
+    assert code == 0 and out == "" and "holds no scored cell yet" in err
+    add_cell(store, "finance", "none", 0, 0.4)
+    broken = add_cell(store, "medical", "none", 0, 0.3)
+    (broken.path / "metrics.json").write_text("{not json")
+    code, out, _ = _run(capsys, "leaderboard", "--store", str(store.root))
+    assert code == 0 and "finance" in out and "medical" not in out
+    assert "left out of the leaderboard" in caplog.text and "metrics.json" in caplog.text
 
 
 def test_tasks_lists_where_each_task_comes_from(capsys, tmp_path):
