@@ -69,9 +69,8 @@ def weights_digest(folder: Path) -> str:
 
 def file_digests(folder: Path) -> dict[str, str]:
     """Every file of a shipped folder but its manifest -> sha256, by relative path."""
-    return {p.relative_to(folder).as_posix(): sha256_file(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
-            and p.relative_to(folder).as_posix() != MANIFEST}
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
 
 
 @functools.lru_cache(maxsize=8)
