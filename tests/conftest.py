@@ -18,6 +18,13 @@ TEST_CACHE = REPO / ".em-bench-test-cache"
 os.environ["EM_BENCH_CACHE"] = str(TEST_CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: a second torch thread each would stall every step (threads.py),
+    # here and in the em-bench processes the tests start.
+    os.environ["EM_BENCH_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
