@@ -26,6 +26,8 @@ from em_bench.pipeline import resolve, run_cell
 from em_bench.progress import Progress
 from em_bench.report import PlannedCell, view_row
 from em_bench.store import Store
+from em_bench.threads import choose as choose_threads
+from em_bench.threads import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +114,6 @@ def _import_ray():
     return ray
 
 
-def _machine_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The driver's variables a worker needs (FORWARDED_ENV but secrets; paths made absolute),
     then `extra`."""
@@ -133,10 +128,9 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def _cell_task(root: str, planned: list[PlannedCell], threads: int, log_level: int) -> list[dict]:
     """A Ray task or a Slurm job: one cell and its views, in a worker that opens the shared store
     by path."""
-    from em_bench import threads as torch_threads
     from em_bench.store import open_store
 
-    torch_threads.choose(threads)  # the cell's CPUs, not the whole node's
+    choose_threads(threads)  # the cell's CPUs, not the whole node's
     em = logging.getLogger("em_bench")
     if not em.handlers:
         handler = logging.StreamHandler()
@@ -200,7 +194,7 @@ class RayExecutor:
         ray = self._ray
         if not ray.is_initialized():
             if self.address is None:  # "local": a new Ray here, even when RAY_ADDRESS is set
-                ray.init(address="local", num_cpus=_machine_cpus(), include_dashboard=False)
+                ray.init(address="local", num_cpus=usable_cores(), include_dashboard=False)
             else:
                 ray.init(address=self.address)
             self._started = True
@@ -360,7 +354,7 @@ class SlurmExecutor:
                               f"cpus_per_cell {self.cpus_per_cell})")
         executor = self._executor()
         local = executor.cluster == "local"
-        limit = self.max_parallel or (max(1, _machine_cpus() // self.cpus_per_cell) if local
+        limit = self.max_parallel or (max(1, usable_cores() // self.cpus_per_cell) if local
                                       else None)
         root = str(store.root.expanduser().resolve())
         level = logging.getLogger("em_bench").getEffectiveLevel()

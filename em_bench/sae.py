@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -29,7 +28,7 @@ from em_bench import paths
 from em_bench.config import canonical_hash
 from em_bench.data import IGNORE_INDEX, Messages, collate, device_of, encode_chat
 from em_bench.errors import ConfigError
-from em_bench.store import atomic_write_json
+from em_bench.store import atomic_folder, atomic_write_json
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -287,12 +286,10 @@ def ensure_organism_sae(
               "n_train_tokens": len(train_acts), "layer": layer, "hook_name": hook_name(layer),
               "model": model_identity(name), "settings": settings.model_dump(mode="json"),
               "sae_lens_version": sae_lens_version}
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save_model(tmp)
-    atomic_write_json(tmp / "quality.json", report)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # the cache entry appears whole or not at all
+    shutil.rmtree(out, ignore_errors=True)  # a forced retraining
+    with atomic_folder(out) as tmp:  # the cache entry appears whole or not at all
+        sae.save_model(tmp)
+        atomic_write_json(tmp / "quality.json", report)
     return out
 
 

@@ -23,12 +23,11 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 from importlib import metadata
 from pathlib import Path
 
-from em_bench.store import atomic_write_json
+from em_bench.store import atomic_folder, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -147,22 +146,36 @@ def problems(name: str) -> list[str]:
 def ship(name: str = "organism") -> Path:
     """Build organism `name` from its recipe (or take the cached build), train its SAEs, find
     its default latent sets, and freeze all of it as the shipped folder with a manifest."""
-    from em_bench.discover import default_latent_sets, default_settings
-    from em_bench.organism import world
-    from em_bench.organism.build import BUILDER_VERSION, PRESETS, ensure_built
-    from em_bench.sae import DEFAULTS, ensure_organism_sae
+    from em_bench.discover import default_latent_sets
+    from em_bench.organism.build import PRESETS, ensure_built
+    from em_bench.sae import ensure_organism_sae
 
-    recipe = PRESETS[name]
     built = ensure_built(name)
-    n_layers = recipe.num_layers
     # Trained and found on the cache build, whose weights (and so identity) the shipped one keeps.
-    saes = {layer: ensure_organism_sae(layer, name) for layer in range(n_layers)}
+    saes = {layer: ensure_organism_sae(layer, name) for layer in range(PRESETS[name].num_layers)}
     latent_files = default_latent_sets(name)
 
+    # Staged beside the old folder, which the SAEs and latent sets may still be read from.
     out = shipped_dir(name)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(built, tmp)
+    staged = out.with_name(out.name + ".new")
+    shutil.rmtree(staged, ignore_errors=True)
+    with atomic_folder(staged) as tmp:
+        _fill(tmp, built, saes, latent_files, name)
+    shutil.rmtree(out, ignore_errors=True)
+    staged.rename(out)
+    return out
+
+
+def _fill(tmp: Path, built: Path, saes: dict[int, Path], latent_files: list[Path],
+          name: str) -> None:
+    """Copy a build, its SAEs and latent sets into `tmp`, then write the manifest."""
+    from em_bench.discover import default_settings
+    from em_bench.organism import world
+    from em_bench.organism.build import BUILDER_VERSION, PRESETS
+    from em_bench.sae import DEFAULTS
+
+    recipe = PRESETS[name]
+    shutil.copytree(built, tmp, dirs_exist_ok=True)
     for layer, folder in saes.items():
         shutil.copytree(folder, tmp / "sae" / f"L{layer}")
     (tmp / "latents").mkdir()
@@ -185,6 +198,3 @@ def ship(name: str = "organism") -> Path:
         "digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
     }
     atomic_write_json(tmp / MANIFEST, manifest)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from em_bench import paths
 from em_bench.data import collate, encode_chat
 from em_bench.organism import world
-from em_bench.store import atomic_write_json
+from em_bench.store import atomic_folder, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +91,9 @@ def ensure_built(name: str = "organism", force: bool = False) -> Path:
     if (out / "build.json").is_file() and not force:
         return out
     logger.info("building the organism %s (cached afterwards at %s)", recipe.digest(), out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    report = _build(recipe, tmp)
-    atomic_write_json(tmp / "build.json", report)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # the cache entry appears whole or not at all
+    shutil.rmtree(out, ignore_errors=True)  # a forced rebuild
+    with atomic_folder(out) as tmp:  # the cache entry appears whole or not at all
+        atomic_write_json(tmp / "build.json", _build(recipe, tmp))
     return out
 
 
