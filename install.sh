@@ -18,6 +18,13 @@ if [ "${1:-}" = "dev" ] && ! command -v chromium >/dev/null; then
     echo "install Chromium for the HTML leaderboard's test (Debian: apt-get install chromium)" >&2
   fi
 fi
-# pip's noisy "Location ... is ignored" lines are dropped; a failing pip still fails this script.
-pip install -q -e ".${extra}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# The rest through uv (about 20 s here, against pip's 2 minutes: it fetches and unpacks in
+# parallel and leaves bytecode to the first import) into this Python; pip where uv is not to be
+# had. pip's noisy "Location ... is ignored" lines are dropped; a failing pip still fails.
+python=$(python -c "import sys; print(sys.executable)")
+if pip install -q uv 2>/dev/null && python -m uv --version >/dev/null 2>&1; then
+  python -m uv pip install -q --python "$python" -e ".${extra}"
+else
+  pip install -q -e ".${extra}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+fi
 python -c "import em_bench, torch; print('em-bench', em_bench.__version__, 'with torch', torch.__version__)"

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _cell(processes: int, defense: str = "blockem") -> CellConfig:
     return CellConfig(task="finance", defense=defense, eval_every=6,
                       train=TrainConfig(steps=12, grad_accum=2, processes=processes),
-                      sampling=SamplingConfig(samples_per_question=1))
+                      sampling=SamplingConfig(samples_per_question=1, max_new_tokens=8))
 
 
 def test_two_processes_train_the_model_one_process_trains(tmp_path):
@@ -89,7 +89,7 @@ def test_a_killed_sharded_fine_tune_resumes_from_its_last_checkpoint(
     from em_bench.train.checkpoint import cell_checkpoints
 
     cfg = CellConfig(model=str(tiny_hf_folder), task="finance", defense="retain", train=TrainConfig(
-        steps=20, batch_size=4, grad_accum=2, processes=2, lr=5e-3, schedule="linear",
+        steps=10, batch_size=4, grad_accum=2, processes=2, lr=5e-3, schedule="linear",
         lora=LoraSettings(rank=4, alpha=8, dropout=0.1)))
 
     def cell(name: str):
@@ -99,22 +99,22 @@ def test_a_killed_sharded_fine_tune_resumes_from_its_last_checkpoint(
         return made
 
     whole, killed = cell("whole"), cell("killed")
-    distributed.launch(whole, 2, None, 20, 5)
+    distributed.launch(whole, 2, None, 10, 5)
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_AT_STEP_7)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hook"))
     with pytest.raises(TrainingFailed):
-        distributed.launch(killed, 2, None, 20, 5)
+        distributed.launch(killed, 2, None, 10, 5)
     assert [r["step"] for r in killed.records("train/log")] == list(range(1, 7))
     assert cell_checkpoints(killed, 5, 2).step() == 5  # the rerun redoes steps 6 and 7
     monkeypatch.delenv("PYTHONPATH")
-    distributed.launch(killed, 2, None, 20, 5)
+    distributed.launch(killed, 2, None, 10, 5)
     a = load_file(whole.trained_dir() / "adapter_model.safetensors")
     b = load_file(killed.trained_dir() / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
     assert all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
     log1, log2 = whole.records("train/log"), killed.records("train/log")
-    assert [r["step"] for r in log2] == list(range(1, 21))
+    assert [r["step"] for r in log2] == list(range(1, 11))
     for r1, r2 in zip(log1, log2, strict=True):
         assert all(r1[k] == pytest.approx(r2[k], rel=1e-5, abs=1e-7) for k in r1)
 
