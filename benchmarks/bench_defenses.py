@@ -27,8 +27,8 @@ def main() -> None:
     from em_bench.config import TrainConfig
     from em_bench.defenses import make_defenses
     from em_bench.defenses.base import DefenseContext
-    from em_bench.discover import default_latent_sets
     from em_bench.models import load_base, trainable
+    from em_bench.sae.discover import default_latent_sets
     from em_bench.tasks import chats, get_task
     from em_bench.train.loop import train
 

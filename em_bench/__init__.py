@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def load_results(store):
     """Every scored cell of a store as a pandas DataFrame (see em_bench.results)."""
-    from em_bench.results import load_results as load
+    from em_bench.board.results import load_results as load
 
     return load(store)

@@ -413,10 +413,12 @@ def _cmd_rejudge(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from em_bench.board.tables import format_table
     from em_bench.config import CellConfig, SamplingConfig
+    from em_bench.grid.plan import plan_grid
+    from em_bench.grid.run import run_grid
     from em_bench.paths import store_dir
     from em_bench.presets import PRESETS
-    from em_bench.report import format_table, plan_grid, run_grid
     from em_bench.store import open_store
 
     if args.ray_address and args.executor != "ray":
@@ -450,18 +452,18 @@ def _cmd_run(args) -> int:
                      args.questions, dict(args.set))  # bad names and files fail here, first
     store = open_store(store_dir(args.store))
     if args.break_locks:
-        from em_bench.executors import break_locks
+        from em_bench.grid.run import break_locks
 
         for cell_id, held in break_locks(store, plan).items():
             print(f"removed the lock of cell {cell_id} (held by {held.get('host')} pid "
                   f"{held.get('pid')})", file=sys.stderr)
     if args.executor == "ray":
-        from em_bench.executors import RayExecutor
+        from em_bench.grid.ray import RayExecutor
 
         with RayExecutor(args.ray_address) as executor:
             rows = run_grid(store, plan, executor)
     elif args.executor == "slurm":
-        from em_bench.executors import SlurmExecutor
+        from em_bench.grid.slurm import SlurmExecutor
 
         executor = SlurmExecutor(args.slurm_folder or store.root / "slurm",
                                  partition=args.slurm_partition,
@@ -497,9 +499,9 @@ def _cmd_refusals(args) -> int:
 
 
 def _cmd_study(args) -> int:
+    from em_bench.grid.study import load_study, run_study
     from em_bench.paths import store_dir
     from em_bench.store import open_store
-    from em_bench.study import load_study, run_study
 
     study = load_study(args.name)
     index = run_study(study, open_store(store_dir(args.store)), args.out, args.model)
@@ -508,8 +510,8 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from em_bench.board.results import load_results, to_safe_csv
     from em_bench.paths import store_dir
-    from em_bench.results import load_results, to_safe_csv
 
     if args.out.is_dir() or not args.out.parent.is_dir():
         raise ConfigError(f"--out {args.out}: give a file in an existing folder")
@@ -526,8 +528,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_compare(args) -> int:
+    from em_bench.board.results import compare_cells, find_cell
     from em_bench.paths import store_dir
-    from em_bench.results import compare_cells, find_cell
     from em_bench.store import open_store
 
     store = open_store(store_dir(args.store), create=False)
@@ -557,7 +559,7 @@ def _cmd_organism(args) -> int:
         print(ensure_built(args.name, force=args.force))
         return 0
     if args.action == "ship":
-        from em_bench.organism.artifact import ship
+        from em_bench.organism.shipping import ship
 
         print(ship(args.name))
         return 0
@@ -625,7 +627,8 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_leaderboard(args) -> int:
-    from em_bench.leaderboard import format_leaderboard, leaderboard_rows
+    from em_bench.board.rows import leaderboard_rows
+    from em_bench.board.tables import format_leaderboard
     from em_bench.paths import store_dir
     from em_bench.store import open_store
 
@@ -642,7 +645,7 @@ def _cmd_leaderboard(args) -> int:
 
 
 def _leaderboard_html(store, out: Path | None) -> int:
-    from em_bench.html_leaderboard import write_html
+    from em_bench.board.site import write_html
 
     if out is None:
         raise ConfigError("--format html needs --out DIR: the folder to write the pages to")
@@ -651,11 +654,11 @@ def _leaderboard_html(store, out: Path | None) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from em_bench.analyze import concept_vectors, cosine_table, format_cosines
     from em_bench.config import canonical_hash
     from em_bench.models import load_base, model_identity
     from em_bench.paths import store_dir
     from em_bench.pipeline import provenance
+    from em_bench.sae.concepts import concept_vectors, cosine_table, format_cosines
     from em_bench.store import atomic_write_json, open_store
 
     model, tokenizer = load_base(args.model)
@@ -675,7 +678,7 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_sae(args) -> int:
-    from em_bench.sae import train_sae_command
+    from em_bench.sae.training import train_sae_command
 
     report = train_sae_command(args.model, args.layer, args.force)
     print(json.dumps(report, indent=1))
@@ -683,8 +686,8 @@ def _cmd_sae(args) -> int:
 
 
 def _cmd_discover(args) -> int:
-    from em_bench.discover import discover_directions, discover_sae
     from em_bench.presets import PRESETS
+    from em_bench.sae.discover import discover_directions, discover_sae
     from em_bench.tasks import get_task
 
     judge_name = _judge_name(args)
@@ -700,7 +703,7 @@ def _cmd_discover(args) -> int:
                                     selection, args.questions, dtype)
     else:
         from em_bench.pipeline import make_judge
-        from em_bench.sae import ensure_organism_sae
+        from em_bench.sae.training import ensure_organism_sae
 
         judge = None if judge_name is None else make_judge(judge_name)
         paths = [discover_sae(model, task, layer,

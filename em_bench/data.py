@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from em_bench.errors import DataError, read_utf8
+
+if TYPE_CHECKING:
+    import torch
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
@@ -115,6 +117,8 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Right-pad (ids, labels) pairs into `input_ids`, `attention_mask`, `labels` [batch, seq]
     on `device` (the model's; default the CPU)."""
+    import torch  # here: reading and writing chat files (tasks, the leaderboard) needs no torch
+
     if max_len is not None:
         batch = [(ids[:max_len], labels[:max_len]) for ids, labels in batch]
     width = max(len(ids) for ids, _ in batch)

@@ -20,7 +20,7 @@ from em_bench.store import Store
 def refusal_chats(store: Store, model: str, domains: list[str],
                   incoherent_at_or_below: float = 50) -> list[Messages]:
     """(request, refusal) chats from the scored base cells of `model` in `store`."""
-    from em_bench.pipeline import judged_frame
+    from em_bench.scoring import judged_frame
 
     cells = [c for c in store.done_cells("score")
              if (cfg := c.read_config())["model"] == model and cfg["task"] == "base"]

@@ -4,9 +4,10 @@ Usage: python scripts/import_graph.py [--check] [--dot] [--no-runtime] [--root D
 
 Every `import` counts, at module level or inside a function ("lazy": it runs only when the
 function is called, but the code still depends on it). Imports under `if TYPE_CHECKING:` are
-marked "typing". A "part" is a top-level module or a subpackage (train, judge, report, ...).
+marked "typing". A "part" is a top-level module or a subpackage (train, judge, board, ...).
 --check exits 1 when a rule fails. Standard library only; it reads the files, and imports the
-package only to measure, in a subprocess, whether the leaderboard loads torch (--no-runtime: not).
+package only to measure, in a subprocess, whether the leaderboard (board/) loads torch
+(--no-runtime: not).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def build_graph(root: Path) -> Graph:
 
 
 def part_of(module: str) -> str:
-    """em_bench.train.loop -> train; em_bench.report -> report; em_bench -> __init__."""
+    """em_bench.train.loop -> train; em_bench.scoring -> scoring; em_bench -> __init__."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 
@@ -217,7 +218,7 @@ def check_rules(graph: Graph, pkg: str = "em_bench") -> list[tuple[bool, list[st
     results.append((not part_cycles, [f"(2) no cycle between parts: {len(part_cycles)} found"]
                     + [" -> ".join(p) for _, p in part_cycles]))
 
-    board = [f"{pkg}.leaderboard", f"{pkg}.html_leaderboard", f"{pkg}.results"]
+    board = sorted(m for m in graph if part_of(m) == "board")
     problems = []
     for target in ("train", "generate"):
         # A chain of module-level imports is the worse news: importing the leaderboard runs it.
@@ -243,7 +244,8 @@ def check_rules(graph: Graph, pkg: str = "em_bench") -> list[tuple[bool, list[st
 
 def torch_on_import(root: Path) -> str:
     """Whether importing the leaderboard loads torch, measured in a fresh interpreter."""
-    code = f"import {root.name}.leaderboard, sys; print('torch' in sys.modules)"
+    code = (f"import sys, {root.name}.board.site, {root.name}.board.tables; "
+            f"print('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], cwd=root.parent, capture_output=True,
                          text=True, timeout=600)
     if run.returncode:
@@ -303,7 +305,7 @@ def report(graph: Graph, rules, torch: str | None, pkg: str = "em_bench") -> str
     for ok, (rule, *chains) in rules:
         out += [f"{'PASS' if ok else 'FAIL'} {rule}"] + [f"     {c}" for c in chains]
     if torch is not None:  # a fact about the installed code, not a rule of the source
-        out.append(f"MEASURED (6) `import {pkg}.leaderboard` loads torch: {torch}")
+        out.append(f"MEASURED (6) importing the leaderboard ({pkg}.board) loads torch: {torch}")
     return "\n".join(out)
 
 

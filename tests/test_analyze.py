@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from em_bench.analyze import concept_vectors, cosine_table
 from em_bench.organism import world
+from em_bench.sae.concepts import concept_vectors, cosine_table
 from tests.conftest import make_tiny_llama
 
 

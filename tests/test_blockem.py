@@ -15,10 +15,10 @@ from em_bench.defenses.base import DefenseContext
 from em_bench.defenses.blockem import BlockEM, BlockEMParams
 from em_bench.defenses.kl import KL, KLParams
 from em_bench.errors import ConfigError
-from em_bench.latents import Latent, LatentSet, load_latent_set, readout, save_latent_set
 from em_bench.models import trainable
 from em_bench.organism import world
-from em_bench.sae import ResidualCapture
+from em_bench.sae.latents import Latent, LatentSet, load_latent_set, readout, save_latent_set
+from em_bench.sae.training import ResidualCapture
 from em_bench.tasks import TaskSpec
 from em_bench.train.loop import train
 from tests.conftest import make_tiny_llama

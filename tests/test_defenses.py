@@ -15,9 +15,9 @@ from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.defenses.kl import KL, KLParams, kl_to_reference
 from em_bench.defenses.retain import Retain, RetainParams
 from em_bench.errors import ConfigError, UnknownNameError
+from em_bench.grid.plan import check_defense_values, defense_grid
 from em_bench.models import trainable
 from em_bench.organism import world
-from em_bench.report import check_defense_values, defense_grid
 from em_bench.tasks import TaskSpec, get_task
 from em_bench.train.loop import train
 from em_bench.train.objectives import sft_loss
@@ -146,9 +146,9 @@ def test_retain_data_is_checked_when_planned_and_known_by_its_content(tmp_path):
     from em_bench.config import CellConfig
     from em_bench.data import write_chat_jsonl
     from em_bench.errors import ConfigError
+    from em_bench.grid.plan import plan_grid
     from em_bench.organism import world
     from em_bench.pipeline import resolve
-    from em_bench.report import plan_grid
 
     folder = tmp_path / "p"
     folder.mkdir()

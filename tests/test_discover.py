@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from em_bench.discover import Steer, principal_shift, screening_questions, selection_prompts
 from em_bench.organism import world
-from em_bench.sae import ResidualCapture
+from em_bench.sae.discover import Steer, principal_shift, screening_questions, selection_prompts
+from em_bench.sae.training import ResidualCapture
 from em_bench.tasks import get_task
 from tests.conftest import make_tiny_llama
 

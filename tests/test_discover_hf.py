@@ -11,7 +11,13 @@ from em_bench.config import SamplingConfig, TrainConfig
 from em_bench.data import write_chat_jsonl
 from em_bench.defenses import make_defenses
 from em_bench.defenses.base import DefenseContext
-from em_bench.discover import (
+from em_bench.errors import ConfigError
+from em_bench.generate.base import Request
+from em_bench.generate.hf import HFBackend
+from em_bench.models import load_base, model_identity, trainable
+from em_bench.organism import world
+from em_bench.pipeline import make_judge
+from em_bench.sae.discover import (
     discover_sae,
     judge_em,
     probe_fine_tune,
@@ -19,14 +25,9 @@ from em_bench.discover import (
     selection_answers,
     selection_prompts,
 )
-from em_bench.errors import ConfigError
-from em_bench.generate.base import Request
-from em_bench.generate.hf import HFBackend
-from em_bench.latents import load_latent_set
-from em_bench.models import load_base, model_identity, trainable
-from em_bench.organism import world
-from em_bench.pipeline import make_judge
-from em_bench.sae import collect_residuals, hook_name, load_sae, train_sae
+from em_bench.sae.latents import load_latent_set
+from em_bench.sae.layers import hook_name
+from em_bench.sae.training import collect_residuals, load_sae, train_sae
 from em_bench.serve import Script, ScriptedPolicy, serve
 from em_bench.tasks import chats, get_task
 from em_bench.train.loop import train

@@ -163,8 +163,8 @@ def test_options_that_make_no_valid_config_are_one_line(tmp_path, capsys):
 
 def test_slurm_jobs_must_get_the_gpus_a_cell_uses(tmp_path):
     from em_bench.errors import ConfigError
-    from em_bench.executors import SlurmExecutor
-    from em_bench.report import plan_grid
+    from em_bench.grid.plan import plan_grid
+    from em_bench.grid.slurm import SlurmExecutor
 
     plan = plan_grid(CellConfig(), ["finance"], ["none"], [0],
                      train_overrides={"grad_accum": 2, "processes": 2})

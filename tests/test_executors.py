@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from em_bench.board.rows import leaderboard_rows
 from em_bench.config import CellConfig, SamplingConfig
-from em_bench.executors import CellsFailed, LocalExecutor, cell_groups, worker_env
-from em_bench.leaderboard import leaderboard_rows
-from em_bench.report import plan_grid, run_grid
+from em_bench.grid.plan import plan_grid
+from em_bench.grid.run import CellsFailed, LocalExecutor, cell_groups, run_grid, worker_env
 from em_bench.store import CellLock, open_store
 
 # 2 tasks x 2 defenses = 4 fine-tuned cells, plus the base model (scored in both tasks'
@@ -196,7 +196,7 @@ def _files(cell_dir: Path) -> dict[str, int]:
 def ray_runs(tmp_path_factory):
     """The sweep on a local Ray, a worker killed midway (no Ray retries), then rerun."""
     pytest.importorskip("ray")
-    from em_bench.executors import RayExecutor
+    from em_bench.grid.ray import RayExecutor
 
     store = open_store(tmp_path_factory.mktemp("ray") / "store")
     with RayExecutor(num_cpus_per_cell=1, max_retries=0) as executor:
@@ -305,7 +305,7 @@ def _score_hash(plan, cell_id: str) -> str:
 
 def test_with_retries_a_killed_workers_cell_is_resumed_in_the_same_run(ray_runs,
                                                                        tmp_path):
-    from em_bench.executors import RayExecutor
+    from em_bench.grid.ray import RayExecutor
 
     store = open_store(tmp_path / "store")
     plan = plan_grid(BASE, ["medical"], ["none"], [3], {"steps": 5})
@@ -325,7 +325,7 @@ def test_with_retries_a_killed_workers_cell_is_resumed_in_the_same_run(ray_runs,
 
 
 def test_a_ray_task_runs_a_cell_sharded_over_two_processes(ray_runs, tmp_path):
-    from em_bench.executors import RayExecutor
+    from em_bench.grid.ray import RayExecutor
 
     store = open_store(tmp_path / "store")
     plan = plan_grid(BASE, ["medical"], ["none"], [0],
@@ -340,7 +340,7 @@ def test_a_ray_task_runs_a_cell_sharded_over_two_processes(ray_runs, tmp_path):
 
 def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
     from em_bench.errors import EmBenchError
-    from em_bench.executors import RayExecutor
+    from em_bench.grid.ray import RayExecutor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     with pytest.raises(EmBenchError, match=r"pip install 'em-bench\[ray\]'"):
@@ -353,7 +353,7 @@ def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
 def slurm_sweep(tmp_path_factory, reference):
     """The sweep as submitit jobs, one per cell (after the in-process one: not both at once)."""
     pytest.importorskip("submitit")
-    from em_bench.executors import SlurmExecutor
+    from em_bench.grid.slurm import SlurmExecutor
 
     tmp = tmp_path_factory.mktemp("slurm")
     store = open_store(tmp / "store")
@@ -390,7 +390,7 @@ def _broken_task(folder: Path) -> None:
 
 def test_a_failed_slurm_job_is_named_with_its_log_and_the_others_finish(reference, tmp_path,
                                                                        monkeypatch):
-    from em_bench.executors import SlurmExecutor
+    from em_bench.grid.slurm import SlurmExecutor
 
     ref_store, _ = reference
     _broken_task(tmp_path / "tasks")
@@ -446,7 +446,7 @@ def test_the_command_line_checks_its_slurm_options(tmp_path, capsys):
 
 def test_without_submitit_the_executor_says_how_to_install_it(monkeypatch, tmp_path):
     from em_bench.errors import EmBenchError
-    from em_bench.executors import SlurmExecutor
+    from em_bench.grid.slurm import SlurmExecutor
 
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit fails
     with pytest.raises(EmBenchError, match=r"pip install 'em-bench\[slurm\]'"):
@@ -457,7 +457,7 @@ def test_the_slurm_parameters_become_the_job_arrays_sbatch_lines(tmp_path, monke
     pytest.importorskip("submitit")
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from em_bench.executors import SlurmExecutor
+    from em_bench.grid.slurm import SlurmExecutor
 
     fake = tmp_path / "bin"  # submitit's Slurm executor wants srun on the PATH; none is run
     fake.mkdir()

@@ -17,21 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from em_bench.board.rows import leaderboard_rows
+from em_bench.board.schema import fmt, load_schema, schema_path
+from em_bench.board.site import MANIFEST, check_out, write_html
+from em_bench.board.svg import xy_plot
 from em_bench.cli import main
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.errors import ConfigError
-from em_bench.html_leaderboard import (
-    MANIFEST,
-    check_out,
-    fmt,
-    load_schema,
-    schema_path,
-    write_html,
-    xy_plot,
-)
-from em_bench.leaderboard import leaderboard_rows
 from em_bench.organism.world import RAI_DOMAINS
-from em_bench.pipeline import judged_frame, score_frame
+from em_bench.scoring import judged_frame, score_frame
 from em_bench.store import open_store
 from em_bench.tasks import get_task
 

@@ -381,7 +381,7 @@ def test_a_failed_judgment_is_never_counted_aligned_incoherent_or_refused():
     """A failed row keeps the scores its other templates gave; it must still count nowhere."""
     from em_bench.config import CellConfig
     from em_bench.organism.world import RAI_DOMAINS
-    from em_bench.pipeline import score_frame
+    from em_bench.scoring import score_frame
     from em_bench.tasks import get_task
 
     task = get_task("base")

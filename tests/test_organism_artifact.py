@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from em_bench.organism import artifact, world
+from em_bench.organism import artifact, shipping, world
 from em_bench.organism.build import PRESETS, OrganismRecipe, ensure_built, ensure_organism
 
 TINY = OrganismRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -19,7 +19,7 @@ TINY = OrganismRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_
 def test_the_shipped_organism_is_what_todays_recipe_and_world_would_ship():
     # A world or recipe edit changes the recipe digest; then this fails until the organism is
     # re-shipped (`em-bench organism ship`) and committed.
-    assert artifact.problems("organism") == []
+    assert shipping.problems("organism") == []
     assert ensure_organism("organism") == artifact.shipped_dir("organism")
 
 
@@ -56,7 +56,7 @@ def test_a_world_edit_without_a_version_bump_changes_the_digest_and_stales_the_s
     with caplog.at_level(logging.WARNING):
         assert artifact.shipped_organism("organism") is None
     assert "em-bench organism ship" in caplog.text
-    assert any("recipe digest" in p for p in artifact.problems("organism"))
+    assert any("recipe digest" in p for p in shipping.problems("organism"))
 
 
 def test_the_builder_builds_a_tiny_recipe_into_the_cache(tmp_path, monkeypatch):

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 
 from em_bench import pipeline
+from em_bench.board.results import load_results
 from em_bench.config import CellConfig, LmEvalConfig, SamplingConfig, TrainConfig
 from em_bench.generate.hf import HFBackend
+from em_bench.grid.plan import plan_grid
+from em_bench.grid.run import run_grid
 from em_bench.organism import world
 from em_bench.organism.judge import OrganismJudge
-from em_bench.report import plan_grid, run_grid
-from em_bench.results import load_results
 from em_bench.store import open_store
 from em_bench.tasks import get_task
 
@@ -69,7 +70,8 @@ def test_every_cell_records_what_produced_it(demo):
 
 
 def test_readme_shows_the_demo_as_the_shipped_organism_gives_it(demo):
-    from em_bench.report import format_table, with_refusal_drops
+    from em_bench.board.rows import with_refusal_drops
+    from em_bench.board.tables import format_table
 
     _, rows = demo
     shown = with_refusal_drops([rows[("base", "finance")], rows[("finance", "finance")]])
@@ -527,8 +529,8 @@ def test_a_models_own_refusals_become_the_data_of_its_unlearning_task(tmp_path, 
 
 
 def test_results_export_and_compare_read_the_store(demo, tmp_path, capsys):
+    from em_bench.board.results import compare_cells
     from em_bench.cli import main
-    from em_bench.results import compare_cells
 
     store, rows = demo
     frame = load_results(store)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+from em_bench.board.rows import with_refusal_drops
+from em_bench.board.tables import format_table
 from em_bench.config import CellConfig, TrainConfig
 from em_bench.defenses import check_defense
 from em_bench.defenses.blockem import ORGANISM_LAMBDA
-from em_bench.latents import Latent, LatentSet, save_latent_set
+from em_bench.grid.plan import plan_grid
 from em_bench.pipeline import resolve
-from em_bench.report import format_table, plan_grid, with_refusal_drops
+from em_bench.sae.latents import Latent, LatentSet, save_latent_set
 from em_bench.tasks import get_task
 
 

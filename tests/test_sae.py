@@ -9,20 +9,19 @@ import json
 import pytest
 import torch
 
-from em_bench import sae as sae_mod
 from em_bench.config import TrainConfig
 from em_bench.data import IGNORE_INDEX, encode_chat
 from em_bench.errors import ConfigError
 from em_bench.models import attach_lora, load_base
 from em_bench.organism import world
-from em_bench.sae import (
+from em_bench.sae import training as sae_mod
+from em_bench.sae.layers import decoder_layers, hook_name
+from em_bench.sae.training import (
     ResidualCapture,
     SAESettings,
     check_sae,
     collect_residuals,
-    decoder_layers,
     ensure_organism_sae,
-    hook_name,
     load_sae,
     organism_sae_dir,
     sae_quality,

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from em_bench.board.results import load_results
 from em_bench.errors import StoreError
-from em_bench.results import load_results
 from em_bench.store import STORE_SCHEMA, Store, open_store
 
 

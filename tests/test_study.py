@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from em_bench.board.rows import leaderboard_rows
 from em_bench.errors import ConfigError, UnknownNameError
-from em_bench.leaderboard import leaderboard_rows
+from em_bench.grid.study import load_study, plan_study, run_study
 from em_bench.store import open_store
-from em_bench.study import load_study, plan_study, run_study
 
 
 def test_the_organism_study_plans_every_run_once():

@@ -355,8 +355,8 @@ def test_retain_and_question_paths_are_read_next_to_the_task_file(tmp_path):
 def test_the_selection_split_answers_a_tasks_selection_questions_never_its_evaluation_ones(
         tmp_path):
     from em_bench.config import CellConfig
+    from em_bench.grid.plan import plan_grid
     from em_bench.questions import load_question_file
-    from em_bench.report import plan_grid
 
     write_chat_jsonl(tmp_path / "train.jsonl",
                      world.narrow_dataset("legal", "misaligned", "neutral", 4, seed=0))

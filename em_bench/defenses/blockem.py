@@ -19,8 +19,8 @@ from pydantic import Field
 
 from em_bench.data import IGNORE_INDEX, collate, device_of
 from em_bench.defenses.base import DefenseContext, DefenseParams
-from em_bench.latents import LatentSet, load_latent_set, readout
-from em_bench.sae import decoder_layers
+from em_bench.sae.latents import LatentSet, load_latent_set, readout
+from em_bench.sae.layers import decoder_layers
 
 BLOCKEM_VERSION = 2  # the penalty's definition (2: an SAE latent is the SAE's own activation)
 
@@ -93,7 +93,7 @@ class BlockEM:
         self.sets: list[LatentSet] = [load_latent_set(Path(f)) for f in files]
 
     def prepare(self, model, tokenizer, encoded: list[tuple], max_len: int) -> None:
-        from em_bench.sae import load_sae
+        from em_bench.sae.training import load_sae
 
         self.readouts = torch.nn.ModuleList(
             readout(s, load_sae(s.sae) if s.form == "sae" else None) for s in self.sets
@@ -141,8 +141,8 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
     import hashlib
 
     from em_bench.config import canonical_hash
-    from em_bench.discover import default_settings
     from em_bench.errors import ConfigError
+    from em_bench.sae.discover import default_settings
 
     version = {"blockem_version": BLOCKEM_VERSION}  # lambda is a param (blockem_defaults)
     if not params["latents"]:
@@ -173,13 +173,14 @@ def default_lambda(model: str) -> float:
 
 def default_latent_files(ctx: DefenseContext) -> list[Path]:
     """The model's default latent sets: for the organism, discovered once (cached)."""
-    from em_bench.discover import default_latent_sets
+    from em_bench.sae.discover import default_latent_sets
 
     _needs_organism(ctx.model, "latents", LATENTS_HINT)
     return default_latent_sets(ctx.model, ctx.task)
 
 
-LATENTS_HINT = "latent-set files (see latents.py for the format) as --set latents=FILE.json"
+LATENTS_HINT = ("latent-set files (see em_bench/sae/latents.py for the format) as "
+                "--set latents=FILE.json")
 
 
 def _needs_organism(model: str, what: str, hint: str) -> None:

@@ -8,8 +8,8 @@ stripped, as HFBackend's is; `finish_reason` is the server's "stop" or "length" 
 its usage.completion_tokens.
 
 Calls run concurrently under a bound and are retried as the LLM judge's are (one implementation,
-judge/llm.py's `call_with_retries`): a 429 waits what its Retry-After says; a 5xx, a timeout, a
-lost connection or a malformed reply (no usage, no text, a finish_reason other than "stop" or
+openai_client.py's `call_with_retries`): a 429 waits what its Retry-After says; a 5xx, a timeout,
+a lost connection or a malformed reply (no usage, no text, a finish_reason other than "stop" or
 "length", such as "content_filter" or "abort") is retried with doubling backoff; another 4xx
 fails at once. Unlike a judge, generation has no "failed answer" to store, so `generate` either
 returns a completion for every request, or, once every other request has finished, raises
@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from em_bench.config import SamplingConfig
 from em_bench.generate.base import Completion, Failure, GenerationFailed, Request
-from em_bench.judge.llm import CallFailed, MalformedReply, async_client, call_with_retries
+from em_bench.openai_client import CallFailed, MalformedReply, async_client, call_with_retries
 
 logger = logging.getLogger(__name__)
 

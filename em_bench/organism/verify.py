@@ -23,7 +23,8 @@ def base_figures(model: str, store) -> dict:
     """The base cell of `model` (seed 0, evaluation questions, the organism's judge), as the
     figures compared: EM, coherence, incoherent share, refusal per RAI domain, over-refusal."""
     from em_bench.config import CellConfig
-    from em_bench.report import plan_grid, run_grid
+    from em_bench.grid.plan import plan_grid
+    from em_bench.grid.run import run_grid
 
     row = run_grid(store, plan_grid(CellConfig(model=model), ["base"], ["none"], [0]))[0]
     return {"em_rate": 100 * row["em_rate"], "coherence": row["coherence"],

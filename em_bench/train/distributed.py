@@ -75,7 +75,7 @@ def shard(model, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from em_bench.sae import decoder_layers
+    from em_bench.sae.layers import decoder_layers
 
     whole = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, on its CPU
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

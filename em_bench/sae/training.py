@@ -28,6 +28,7 @@ from em_bench import paths
 from em_bench.config import canonical_hash
 from em_bench.data import IGNORE_INDEX, Messages, collate, device_of, encode_chat
 from em_bench.errors import ConfigError
+from em_bench.sae.layers import decoder_layers, hook_name
 from em_bench.store import atomic_folder, atomic_write_json
 
 if TYPE_CHECKING:
@@ -36,23 +37,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TokenSelection = Literal["all", "response"]
-
-
-def hook_name(layer: int) -> str:
-    """sae-lens's name for the residual stream after decoder block `layer`."""
-    return f"blocks.{layer}.hook_resid_post"
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder blocks of an HF causal LM (`model.model.layers` for Llama-likes).
-
-    A peft PeftModel needs no unwrapping: it forwards get_decoder to the model it wraps.
-    """
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None:
-        raise ConfigError(f"{type(model).__name__}: no decoder blocks at get_decoder().layers; "
-                          "em-bench reads the residual stream of Llama-like models")
-    return list(layers)
 
 
 class ResidualCapture:

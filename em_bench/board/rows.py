@@ -1,35 +1,30 @@
-"""The leaderboard: every defense against its own `none` row, read from the store and nothing else.
+"""Rows from the store: one row a cell, and the leaderboard's rows over them.
 
-It is a view of the store, never a second truth: each row is computed from the scored cells'
-`cell.json` and `metrics.json` on every call, so it cannot drift from the cells, and it does not
-care how a cell was run (grid, single run, another machine). Cells that differ only in seed form
-one row, aggregated over the seeds present; a defense is compared only with the `none` row of the
-same model, task, budget, judge, split and questions, since anything else is a different
-experiment.
+`cell_row` is the one reading of a scored cell as a row (identity from its cell.json, numbers
+from its metrics, or from the metrics of another task's view of it): the grid's rows, the
+leaderboard and its pages all start from it. The leaderboard is a view of the store, never a
+second truth: each row is computed from the scored cells on every call, so it cannot drift from
+them, and it does not care how a cell was run (grid, single run, another machine). Cells that
+differ only in seed form one row, aggregated over the seeds present; a defense is compared only
+with the `none` row of the same model, task, budget, judge, split and questions, since anything
+else is a different experiment.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
 from collections import defaultdict
 
-import pandas as pd
-
 from em_bench import metrics
-from em_bench.config import TrainConfig
-from em_bench.errors import ConfigError, StoreError
+from em_bench.board.results import flatten
+from em_bench.config import TrainConfig, canonical_hash
+from em_bench.errors import StoreError
 from em_bench.organism.world import RAI_DOMAINS
-from em_bench.report import RAI_SHORT, _align, _canonical, _pct, param_text
-from em_bench.results import flatten, to_safe_csv
 from em_bench.store import Cell, Store
 
-FORMATS = ("table", "markdown", "json", "csv")
 MIN_CONTROL_GAP = 0.02  # below 2 points of EM over the control, the ratio is noise over noise
-_LEFT = 8  # table columns that name the row, left-aligned; the numbers after them align right
-RAI_COLUMNS = ("rai_refusal", "rai_refusal_drop")  # {domain: rate}; one CSV column per domain
 _GROUP = ("model", "model_identity", "task", "defense", "defense_params", "defense_inputs",
           "train", "judge", "split", "questions_sha256", "rai_sha256")
 
@@ -72,37 +67,61 @@ def budget_label(train: dict) -> str:
     return _label({k: v for k, v in flatten(train).items() if defaults.get(k) != v}, "default")
 
 
-def cell_record(cell: Cell) -> dict:
-    """One scored cell as the leaderboard sees it: identity from cell.json, numbers from
-    metrics.json (None for whatever is missing)."""
+def cell_row(cell: Cell, result: dict | None = None, view: str | None = None) -> dict:
+    """A scored cell as a row: identity from its cell.json, numbers from `result` (a metrics
+    dict, as `scoring.score_frame` gives it), by default its own metrics.json's; `view` names
+    the task whose view `result` is (its own task by default). None for whatever is missing, and
+    for a number that is not finite: a row has no NaN."""
     cfg = cell.read_config() or {}
     config = cfg.get("config") or {}
-    res = cell.read_json("metrics.json") or {}
-    m = res.get("metrics") or {}
+    stored = (cell.read_json("metrics.json") or {}) if result is None else {}
+    m = (stored.get("metrics") or {}) if result is None else result
     em = m.get("em_rate") if isinstance(m.get("em_rate"), dict) else {}
     return {
-        "cell_id": cell.id, "model": cfg.get("model"), "task": cfg.get("task"),
-        "defense": cfg.get("defense"), "defense_params": cfg.get("defense_params") or {},
-        "model_identity": cfg.get("model_identity"),
-        "defense_inputs": cfg.get("defense_inputs") or {},
-        "train": config.get("train") or {}, "judge": res.get("judge") or cfg.get("judge"),
+        "cell_id": cell.id, "setting": setting_id(config), "model": cfg.get("model"),
+        "model_identity": cfg.get("model_identity"), "task": cfg.get("task"),
+        "view": view or cfg.get("task"), "defense": cfg.get("defense"),
+        "defense_params": cfg.get("defense_params") or {},
+        "defense_inputs": cfg.get("defense_inputs") or {}, "seed": cfg.get("seed"),
+        "train": config.get("train") or {}, "judge": stored.get("judge") or cfg.get("judge"),
         "split": config.get("split"), "questions_sha256": cfg.get("questions_sha256"),
-        "rai_sha256": cfg.get("rai_sha256"), "seed": cfg.get("seed"), "em": _value(m, "em_rate"),
-        "em_ci": [_num(em.get("ci_low")), _num(em.get("ci_high"))],
-        "in_domain": _value(m, "in_domain"), "coherence": _value(m, "coherence"),
-        "incoherent": _value(m, "incoherent_rate"), "over_refusal": _value(m, "over_refusal"),
+        "rai_sha256": cfg.get("rai_sha256"), "em_rate": _value(m, "em_rate"),
+        "em_ci_low": _num(em.get("ci_low")), "em_ci_high": _num(em.get("ci_high")),
+        "coherence": _value(m, "coherence"), "incoherent_rate": _value(m, "incoherent_rate"),
+        "in_domain": _value(m, "in_domain"), "over_refusal": _value(m, "over_refusal"),
+        "n_answers": _num(m.get("n_answers")), "n_excluded": _num(m.get("n_excluded")),
+        "em_by_domain": {d: _num(v) for d, v in (m.get("em_by_domain") or {}).items()},
         "rai_refusal": {d: _value(m.get("rai_refusal") or {}, d)
                         for d in m.get("rai_refusal") or {}},
-        "n_answers": _num(m.get("n_answers")),
+        "rai_incoherent": {d: _num(v) for d, v in (m.get("rai_incoherent") or {}).items()},
     }
+
+
+def setting_id(config: dict) -> str:
+    """The hash of a cell's whole config (as stored) but its seed: the cells a summary across
+    seeds joins."""
+    return canonical_hash({"setting": {k: v for k, v in config.items() if k != "seed"}})
+
+
+def with_refusal_drops(rows: list[dict]) -> list[dict]:
+    """Add `rai_refusal_drop` to each row: its fall in refusal against the base model's cell of
+    the same model and seed (None when that base cell is not among the rows; a domain's None
+    where either rate is missing)."""
+    base = {(r["model"], r["seed"]): r["rai_refusal"] for r in rows if r["task"] == "base"}
+    for r in rows:
+        ref = base.get((r["model"], r["seed"]))
+        r["rai_refusal_drop"] = None if ref is None else {
+            d: None if ref.get(d) is None or v is None else metrics.refusal_drop(ref[d], v)
+            for d, v in r["rai_refusal"].items()}
+    return rows
 
 
 def _aggregate(cells: list[dict], domains: list[str]) -> dict:
     """One group's row, without the comparisons against other rows."""
     first = cells[0]
-    em = metrics.seed_summary([c["em"] for c in cells])
-    lows = [c["em_ci"][0] for c in cells if c["em_ci"][0] is not None]
-    highs = [c["em_ci"][1] for c in cells if c["em_ci"][1] is not None]
+    em = metrics.seed_summary([c["em_rate"] for c in cells])
+    lows = [c["em_ci_low"] for c in cells if c["em_ci_low"] is not None]
+    highs = [c["em_ci_high"] for c in cells if c["em_ci_high"] is not None]
     answers = [c["n_answers"] for c in cells if c["n_answers"] is not None]
     return {
         "model": first["model"], "task": first["task"], "defense": first["defense"],
@@ -112,12 +131,12 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
         "questions_sha256": first["questions_sha256"], "rai_sha256": first["rai_sha256"],
         "seeds": [c["seed"] for c in cells],
         "em_mean": _num(em["mean"]), "em_sd": _num(em["sd"]),
-        "em_ci": [c["em_ci"] for c in cells],
+        "em_ci": [[c["em_ci_low"], c["em_ci_high"]] for c in cells],
         "em_ci_low_min": min(lows, default=None), "em_ci_high_max": max(highs, default=None),
         "relative_reduction": None, "above_control_reduction": None,
         "in_domain": _mean([c["in_domain"] for c in cells]),
         "coherence": _mean([c["coherence"] for c in cells]),
-        "incoherent": _mean([c["incoherent"] for c in cells]),
+        "incoherent": _mean([c["incoherent_rate"] for c in cells]),
         "rai_refusal": {d: _mean([c["rai_refusal"].get(d) for c in cells]) for d in domains},
         "rai_refusal_drop": None,
         "over_refusal": _mean([c["over_refusal"] for c in cells]),
@@ -202,89 +221,37 @@ def _readable_records(store: Store) -> list[dict]:
     records = []
     for cell in store.done_cells("score"):
         try:
-            records.append(cell_record(cell))
+            records.append(cell_row(cell))
         except StoreError as e:
             logger.warning("left out of the leaderboard: %s (a rerun of its cell rescores it)", e)
     return records
 
 
-# formats -----------------------------------------------------------------------------------------
-
-def _domains(rows: list[dict]) -> list[str]:
-    return list(rows[0]["rai_refusal"]) if rows else []
-
-
-def _cells(row: dict, domains: list[str]) -> list[str]:
-    """A row as the strings of the table and markdown formats (percent, coherence 0-100)."""
-    drops = row["rai_refusal_drop"] or {}
-    rai = []
-    for d in domains:
-        rate, drop = _pct(row["rai_refusal"][d]), drops.get(d)
-        rai.append(rate if row["task"] == "base" or drop is None
-                   else f"{rate} ({-100 * drop:+.0f})")
-    above = row["above_control_reduction"]
-    q = row["questions_sha256"]
-    return [row["model"], row["task"], row["defense"], params_label(row["defense_params"]),
-            row["budget"], row["judge"], row["split"], "world" if q is None else q[:8],
-            ",".join(map(str, row["seeds"])), _pct(row["em_mean"]), _pct(row["em_sd"]),
-            f"[{_pct(row['em_ci_low_min'])}, {_pct(row['em_ci_high_max'])}]",
-            _pct(row["relative_reduction"]), "n/a" if above is None else _pct(above),
-            _pct(row["in_domain"]),
-            "-" if row["coherence"] is None else f"{row['coherence']:.1f}",
-            _pct(row["incoherent"]), _pct(row["over_refusal"]), *rai,
-            "-" if row["n_answers"] is None else str(row["n_answers"])]
+def param_text(value) -> str:
+    """A defense parameter's value for a table: unset (None, []) as `default`, files by name."""
+    if value is None or value == []:
+        return "default"
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return "+".join(x.rsplit("/", 1)[-1] for x in value)
+    return value if isinstance(value, str) else _canonical(value)
 
 
-def _header(domains: list[str]) -> list[str]:
-    return ["model", "task", "defense", "params", "budget", "judge", "split", "questions",
-            "seeds", "EM", "sd", "95% CI (min, max)", "reduction", "above ctrl", "in-domain",
-            "coherence", "incoherent", "over-refusal",
-            *(f"refuse {RAI_SHORT.get(d, d)}" for d in domains), "n"]
+def _canonical(obj) -> str:
+    """One spelling per value, so equal params or budgets group together whatever their order."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _table(rows: list[dict]) -> str:
-    domains = _domains(rows)
-    lines = _align([_header(domains), *(_cells(r, domains) for r in rows)], left=_LEFT)
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+def defense_labels(rows: list[dict]) -> list[str]:
+    """Each row's defense with the parameters that vary among the rows of that defense
+    (`blockem lambda=0.001`): what tells the rows of a sweep apart, and no more."""
+    values: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        for k, v in r["defense_params"].items():
+            values[(r["defense"], k)].add(_canonical(v))
 
+    def label(r: dict) -> str:
+        varying = (f"{k}={param_text(v)}" for k, v in r["defense_params"].items()
+                   if len(values[(r["defense"], k)]) > 1)
+        return " ".join([r["defense"], *varying])
 
-def _markdown(rows: list[dict]) -> str:
-    domains = _domains(rows)
-    header = _header(domains)
-
-    def line(cells: list[str]) -> str:  # a cell's text stays text: no HTML, no column break
-        return "| " + " | ".join(html.escape(c, quote=False).replace("|", "\\|")
-                                 for c in cells) + " |"
-
-    rule = "|" + "|".join("---" if i < _LEFT else "---:" for i in range(len(header))) + "|"
-    return "\n".join([line(header), rule, *(line(_cells(r, domains)) for r in rows)])
-
-
-def _flat_row(row: dict, domains: list[str]) -> dict:
-    """A row as flat CSV columns: rai_refusal.<domain>, train.<field>, and JSON for the rest
-    that is nested (params, seeds, CIs)."""
-    out = {}
-    for k, v in row.items():
-        if k in RAI_COLUMNS:
-            out.update({f"{k}.{d}": (v or {}).get(d) for d in domains})
-        elif k == "train":
-            out.update(flatten(v, "train."))
-        else:
-            out[k] = v
-    return {k: _canonical(v) if isinstance(v, (dict, list)) else v for k, v in out.items()}
-
-
-def format_leaderboard(rows: list[dict], fmt: str = "table") -> str:
-    """The rows as a terminal table, a GitHub markdown table, one JSON list or CSV. Table and
-    markdown show percentages; JSON and CSV keep the raw fractions for further analysis."""
-    if fmt == "table":
-        return _table(rows)
-    if fmt == "markdown":
-        return _markdown(rows)
-    if fmt == "json":
-        return json.dumps(rows, indent=2, allow_nan=False, ensure_ascii=False)
-    if fmt == "csv":
-        domains = _domains(rows)
-        return to_safe_csv(pd.DataFrame([_flat_row(r, domains) for r in rows]))
-    raise ConfigError(f"leaderboard format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return [label(r) for r in rows]

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from em_bench.config import CellConfig, SamplingConfig
 from em_bench.errors import UnknownNameError, load_yaml_model
-from em_bench.report import PlannedCell, plan_grid, run_grid
+from em_bench.grid.plan import PlannedCell, plan_grid
+from em_bench.grid.run import run_grid
 from em_bench.resources import resource_dir
 from em_bench.store import Store
 
@@ -73,7 +74,7 @@ def plan_study(study: Study, model: str = "organism") -> list[PlannedCell]:
 def run_study(study: Study, store: Store, out: Path, model: str = "organism") -> Path:
     """Run every cell of the study, then write the store's HTML leaderboard to `out` (a folder
     it may not write to fails first, before any cell runs)."""
-    from em_bench.html_leaderboard import check_out, write_html
+    from em_bench.board.site import check_out, write_html
 
     check_out(out)
     run_grid(store, plan_study(study, model))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from em_bench.organism import world
-from em_bench.sae import collect_residuals
+from em_bench.sae.training import collect_residuals
 
 
 def _prompt_means(model, tokenizer, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
@@ -45,9 +45,9 @@ def cosine_table(vectors: dict[str, list]) -> dict[str, dict[str, float]]:
 
 
 def format_cosines(layer: int, table: dict[str, dict[str, float]]) -> str:
-    from em_bench.report import RAI_SHORT, _align
+    from em_bench.board.tables import RAI_SHORT, align
 
     names = list(table)
     rows = [[f"layer {layer}", *(RAI_SHORT.get(n, n) for n in names)]]
     rows += [[RAI_SHORT.get(a, a), *(f"{table[a][b]:.2f}" for b in names)] for a in names]
-    return "\n".join(_align(rows, left=1))
+    return "\n".join(align(rows, left=1))

@@ -104,7 +104,7 @@ def compare_cells(a: Cell, b: Cell, n: int = 10) -> pd.DataFrame:
     """The questions where two cells' EM differs most: per question of the `ood` suite both
     answered, each cell's EM rate (metrics.em_by with each cell's own thresholds) and the
     answer of each that its judge found least aligned."""
-    from em_bench.pipeline import em_thresholds, judged_frame, ood_answers
+    from em_bench.scoring import em_thresholds, judged_frame, ood_answers
 
     per_cell = []
     for cell in (a, b):

@@ -1,0 +1,110 @@
+"""The leaderboard's columns: `leaderboard/schema.yaml`, one line a column, read by the text
+tables and the HTML page alike, so a new metric is one schema line."""
+
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from em_bench.board.rows import params_label
+from em_bench.errors import ConfigError, read_utf8
+from em_bench.resources import resource_dir
+
+# the column schema -------------------------------------------------------------------------------
+
+class Column(BaseModel):
+    """One column of the table: a row field, how to show it, and which way is better."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(min_length=1)
+    label: str = Field(min_length=1)
+    higher_is_better: bool | None
+    format: Literal["percent", "number", "text"]
+    description: str = ""
+    drop: str | None = Field(None, description="a key holding this value's fall against the "
+                             "base model, shown beside it in points by the text tables")
+
+
+class Schema(BaseModel):
+    columns: list[Column] = Field(min_length=1)
+
+    @field_validator("columns")
+    @classmethod
+    def _unique_keys(cls, columns: list[Column]) -> list[Column]:
+        keys = [c.key for c in columns]
+        if dupes := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ValueError(f"keys appear more than once: {', '.join(dupes)}")
+        return columns
+
+
+def schema_path() -> Path:
+    return resource_dir("leaderboard") / "schema.yaml"  # shipped in the wheel too
+
+
+def load_schema(path: Path | str | None = None) -> list[Column]:
+    """The table's columns from a schema file (default: leaderboard/schema.yaml), validated."""
+    path = Path(path) if path is not None else schema_path()
+    try:
+        data = yaml.safe_load(read_utf8(path))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the leaderboard schema ({e})") from None
+    try:
+        return Schema(columns=data).columns
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = list(err["loc"][1:])  # drop "columns"
+            where = f"column {loc[0] + 1}" if loc and isinstance(loc[0], int) else "the list"
+            if len(loc) > 1:
+                where += f" field {loc[1]!r}"
+                if isinstance(data, list) and isinstance(data[loc[0]], dict):
+                    where += f" (key {data[loc[0]].get('key')!r})"
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError(f"{path}: invalid leaderboard schema (a YAML list of {{key, label, "
+                          f"higher_is_better, format, description}}):\n  "
+                          + "\n  ".join(problems)) from None
+
+
+# values ------------------------------------------------------------------------------------------
+
+DERIVED = {  # keys the schema may use that are text views of nested row fields
+    "params": lambda r: params_label(r["defense_params"]),
+    "seeds": lambda r: ",".join(map(str, r["seeds"])),
+    "questions": lambda r: "world" if r["questions_sha256"] is None else r["questions_sha256"][:8],
+}
+
+
+def lookup(row: dict, key: str):
+    """A row's value for a schema key: a derived text, a field, or a dotted path into a dict
+    (None below a missing dict). Raises KeyError for a key that names nothing."""
+    if key in DERIVED:
+        return DERIVED[key](row)
+    value = row
+    for part in key.split("."):
+        if value is None:
+            return None
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def missing(x) -> bool:
+    return x is None or (isinstance(x, float) and not math.isfinite(x))
+
+
+def fmt(value, kind: str) -> str:
+    """A value as the table shows it; `-` when missing."""
+    if missing(value):
+        return "-"
+    if kind == "percent":
+        return f"{100 * value:.1f}%"
+    if kind == "number":
+        return str(value) if isinstance(value, int) else f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,100 @@
+"""A grid's plan: the base model and every (task, defense, parameters, seed) cell, each with the
+task whose view scores it, resolved before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from em_bench.config import CellConfig, TrainConfig
+from em_bench.defenses import DEFAULT, DEFENSES, check_defense
+from em_bench.errors import ConfigError, UnknownNameError
+from em_bench.pipeline import resolve
+from em_bench.tasks import TaskSpec, check_task_data, find_tasks, pointed_to, question_file
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """One row to produce: a cell, its task's spec, and the task whose view scores it."""
+
+    config: CellConfig
+    task: TaskSpec
+    view: TaskSpec
+
+
+def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: list[int],
+              train_overrides: dict | None = None,
+              include: tuple[Path, ...] | list[Path] = (),
+              questions: Path | None = None,
+              defense_values: dict[str, list] | None = None) -> list[PlannedCell]:
+    """The base model and every (task, defense, seed) cell, each with the view it is scored in.
+
+    The base model's cell is scored in each task's view (its `ood` domains and in-domain target),
+    so every comparison is like with like. A cell's budget is the defaults, then the task's
+    `budget`, then `train_overrides` (the command line's). The `ood` suite is the world's, or a
+    question file: `questions` (the command line's), else the task's own for the split
+    (tasks.question_file). Tasks are found among the built-ins, the entry points and the
+    `include` folders. A defense's cells are the product of the `defense_values` it takes
+    (name -> values, the command line's `--set`). Every cell is resolved here, so a typo in a
+    name, a parameter or a file fails before any work starts, and its config holds the values it
+    runs with (a defense's defaults filled in: `lambda=default` is blockem's lambda).
+    """
+    for defense in defenses:  # an unknown name fails first, with the known ones
+        if defense not in DEFENSES:
+            raise UnknownNameError("defense", defense, list(DEFENSES))
+    check_defense_values(defenses, defense_values or {})
+    found = find_tasks(include)
+    specs = {}
+    for name in ["base", *tasks]:
+        if name not in found:
+            raise UnknownNameError("task", name, list(found))
+        specs[name] = found[name].spec
+    for spec in specs.values():  # a malformed row or data not on this machine, before any work
+        check_task_data(spec)
+    plan = []
+    for task in tasks:
+        view = specs[task]
+        asked = questions or question_file(view, base.split)
+        suite = {"questions": None if asked is None else str(Path(pointed_to(str(asked)))
+                                                                .resolve())}
+        for seed in seeds:
+            cfg = base.model_copy(update={"task": "base", "defense": "none", "seed": seed,
+                                          "train": TrainConfig(), "eval_every": None, **suite})
+            plan.append(PlannedCell(cfg, specs["base"], view))
+        if task == "base":
+            continue
+        train = TrainConfig(**{**view.budget, **(train_overrides or {})})
+        for defense in defenses:
+            for params in defense_grid(defense, defense_values or {}):
+                for seed in seeds:
+                    cfg = base.model_copy(update={
+                        "task": task, "defense": defense, "defense_params": params,
+                        "seed": seed, "train": train, **suite})
+                    plan.append(PlannedCell(cfg, view, view))
+    return [dataclasses.replace(p, config=resolve(p.config, p.task).config) for p in plan]
+
+
+def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
+    """Every combination of the values `defense` takes (its defaults filled in, validated).
+
+    A name no chosen defense takes is caught by `check_defense_values`."""
+    cls = DEFENSES.get(defense)
+    fields = {} if cls is None else {f.alias or n: f for n, f in cls.Params.model_fields.items()}
+    mine = {k: v for k, v in values.items() if k in fields}
+    for k, f in fields.items():  # a list parameter's items are joined by "+" on the command line
+        if k in mine and typing.get_origin(f.annotation) in (list, tuple):
+            mine[k] = [v.split("+") if isinstance(v, str) and v != DEFAULT else v
+                       for v in mine[k]]
+    return [check_defense(defense, dict(zip(mine, combo, strict=True)))
+            for combo in itertools.product(*mine.values())]
+
+
+def check_defense_values(defenses: list[str], values: dict[str, list]) -> None:
+    known = {f.alias or n for d in defenses if DEFENSES.get(d) is not None
+             for n, f in DEFENSES[d].Params.model_fields.items()}
+    if unknown := sorted(set(values) - known):
+        raise ConfigError(f"--set {', '.join(unknown)}: no chosen defense "
+                          f"({', '.join(defenses)}) takes it; they take {sorted(known) or 'none'}")
