@@ -107,6 +107,7 @@ def _setting(text: str) -> tuple[str, list]:
 def _parser() -> argparse.ArgumentParser:
     from em_bench import __version__
     from em_bench.config import SamplingConfig, TrainConfig
+    from em_bench.registry import BACKENDS, JUDGES, MODELS
 
     train, budget = TrainConfig(), "the task's budget, else"  # defaults with no argparse value
     p = _Parser(prog="em-bench", description=__doc__.split("\n")[0])
@@ -119,18 +120,19 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run cells (default: the base model and the finance demo)")
     run.add_argument("--model", default="organism",
-                     help="'organism', a preset (qwen2.5-7b-instruct, llama-3.1-8b-instruct, "
-                     "mistral-7b-instruct-v0.3: the EM papers' recipe), a HF id or a local dir")
+                     help=f"'organism', a preset ({', '.join(MODELS.names())}: the EM papers' "
+                     "recipe), a HF id or a local dir")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="weights' dtype (default: float32, a preset's bfloat16)")
-    run.add_argument("--backend", choices=["hf", "vllm", "openai"], default="hf",
-                     help="generation: transformers, vLLM in process, or an OpenAI-compatible "
-                     "server at --generate-base-url")
+    run.add_argument("--backend", choices=BACKENDS.names(), default="hf",
+                     help="generation: transformers (hf), vLLM in process, an OpenAI-compatible "
+                     "server at --generate-base-url (openai), or a plugin's")
     run.add_argument("--generate-base-url", help="the generation server's base URL (else "
                      "EM_BENCH_GENERATE_BASE_URL); it must serve --model and see the store's "
                      "files, to load each cell's LoRA adapter")
     run.add_argument("--task", type=_csv, default=["finance"], help="comma list of tasks")
-    run.add_argument("--defense", type=_csv, default=["none"], help="comma list of defenses")
+    run.add_argument("--defense", type=_csv, default=["none"],
+                     help="comma list of defenses (`em-bench defenses` lists them)")
     run.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=V1,V2",
                      help="a defense parameter and its values (a sweep; repeatable); a list "
                      "value joins its items with '+', e.g. latents=a.json+b.json")
@@ -152,10 +154,10 @@ def _parser() -> argparse.ArgumentParser:
                      "layer on each)")
     run.add_argument("--samples", type=int, help="samples per evaluation question (default: "
                      f"{SamplingConfig().samples_per_question})")
-    run.add_argument("--judge", default="organism", choices=["organism", "openai"],
-                     help="the organism's exact judge, or an LLM judge over an OpenAI-compatible "
-                     "API (needs --judge-model)")
-    run.add_argument("--judge-model", help="the LLM judge's model name")
+    run.add_argument("--judge", default="organism", choices=JUDGES.names(),
+                     help="the organism's exact judge, an LLM judge over an OpenAI-compatible "
+                     "API (openai: needs --judge-model), or a plugin's (`em-bench judges`)")
+    run.add_argument("--judge-model", help="the judge's model name (an LLM judge's)")
     run.add_argument("--judge-base-url", help="the judge API's base URL (else OPENAI_BASE_URL; "
                      "the key comes from OPENAI_API_KEY)")
     run.add_argument("--judge-deadline", type=float, metavar="S",
@@ -249,6 +251,9 @@ def _parser() -> argparse.ArgumentParser:
     for action in (build, ship, chat):
         action.add_argument("--name", default="organism", help="organism preset")
 
+    for kind in ("defenses", "judges", "backends", "models"):
+        sub.add_parser(kind, help=f"list the {kind} and where they come from (built in, or a "
+                       "plugin's entry point)")
     tasks = sub.add_parser("tasks", help="list the tasks and where they come from")
     tasks.add_argument("--include", type=Path, action="append", default=[], metavar="DIR",
                        help="also list the tasks in this folder (repeatable)")
@@ -258,7 +263,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rejudge = sub.add_parser("rejudge", help="judge every scored cell's stored answers again "
                              "with another judge (no training or generation is redone)")
-    rejudge.add_argument("--judge", default="openai", choices=["organism", "openai"])
+    rejudge.add_argument("--judge", default="openai", choices=JUDGES.names())
     rejudge.add_argument("--judge-model", help="the LLM judge's model name")
     rejudge.add_argument("--judge-base-url", help="the judge API's base URL")
     rejudge.add_argument("--judge-deadline", type=float, metavar="S",
@@ -335,7 +340,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="the selection questions, a question file (default: the organism's "
                       "world's selection split; for other models em-bench's "
                       "data/selection_questions.yaml); never the evaluation questions")
-    disc.add_argument("--judge", choices=["organism", "openai"],
+    disc.add_argument("--judge", choices=JUDGES.names(),
                       help="the three-stage screen's judge (default: the organism's, on it)")
     disc.add_argument("--judge-model", help="the LLM judge's model name")
     disc.add_argument("--judge-base-url", help="the judge API's base URL (else OPENAI_BASE_URL)")
@@ -371,9 +376,9 @@ def _judge_name(args) -> str | None:
     """The cell's judge from --judge/--judge-model (None without --judge: the command's own
     default); --judge-base-url and --judge-deadline go to the environment, because where and
     how long a judge is called is not part of a result (and so not of a cell's hash)."""
-    if args.judge != "openai" and (args.judge_model or args.judge_base_url):
-        raise ConfigError("--judge-model and --judge-base-url name an LLM judge: they need "
-                          "--judge openai")
+    if args.judge == "organism" and (args.judge_model or args.judge_base_url):
+        raise ConfigError("--judge-model and --judge-base-url name an LLM judge: the organism's "
+                          "judge has neither")
     if args.judge == "openai" and not args.judge_model:
         raise ConfigError("--judge openai needs --judge-model (the judge's model name)")
     if args.judge_base_url:
@@ -382,7 +387,7 @@ def _judge_name(args) -> str | None:
         os.environ["EM_BENCH_JUDGE_DEADLINE"] = str(args.judge_deadline)
     if args.judge is None:
         return None
-    return "organism" if args.judge == "organism" else f"openai:{args.judge_model}"
+    return f"{args.judge}:{args.judge_model}" if args.judge_model else args.judge
 
 
 def _cmd_rejudge(args) -> int:
@@ -418,7 +423,7 @@ def _cmd_run(args) -> int:
     from em_bench.grid.plan import plan_grid
     from em_bench.grid.run import run_grid
     from em_bench.paths import store_dir
-    from em_bench.presets import PRESETS
+    from em_bench.registry import MODELS
     from em_bench.store import open_store
 
     if args.ray_address and args.executor != "ray":
@@ -427,7 +432,7 @@ def _cmd_run(args) -> int:
     if args.executor != "slurm" and any(a is not None for a in slurm_args):
         raise ConfigError("--slurm-partition, --slurm-time-minutes and --slurm-folder need "
                           "--executor slurm")
-    preset = PRESETS.get(args.model)
+    preset = MODELS.get(args.model) if args.model in MODELS else None
     # A preset's recipe, then the command line's flags (--steps replaces a preset's epochs).
     overrides = {**(preset.train if preset else {}),
                  **{k: v for k, v in {"steps": args.steps, "lr": args.lr,
@@ -465,7 +470,7 @@ def _cmd_run(args) -> int:
     elif args.executor == "slurm":
         from em_bench.grid.slurm import SlurmExecutor
 
-        executor = SlurmExecutor(args.slurm_folder or store.root / "slurm",
+        executor = SlurmExecutor(args.slurm_folder or store.slurm_folder(),
                                  partition=args.slurm_partition,
                                  time_minutes=args.slurm_time_minutes or 60)
         rows = run_grid(store, plan, executor)
@@ -484,14 +489,14 @@ def _cmd_refusals(args) -> int:
     from em_bench.data import write_chat_jsonl
     from em_bench.organism.world import RAI_DOMAINS
     from em_bench.paths import store_dir
-    from em_bench.presets import PRESETS
     from em_bench.refusals import refusal_chats
+    from em_bench.registry import MODELS
     from em_bench.store import open_store
 
     for d in args.domain:
         if d not in RAI_DOMAINS:
             raise UnknownNameError("RAI domain", d, list(RAI_DOMAINS))
-    model = PRESETS[args.model].hub_id if args.model in PRESETS else args.model
+    model = MODELS.get(args.model).hub_id if args.model in MODELS else args.model
     chats = refusal_chats(open_store(store_dir(args.store), create=False), model, args.domain)
     write_chat_jsonl(args.out, chats)
     print(f"{args.out}: {len(chats)} refusals of {', '.join(args.domain)} requests")
@@ -669,8 +674,7 @@ def _cmd_analyze(args) -> int:
         print(format_cosines(layer, tables[layer]), end="\n\n")
     store = open_store(store_dir(args.store))
     identity = model_identity(args.model)
-    out = store.root / "analyses" / f"concepts_{canonical_hash({'model': identity})}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = store.analysis_path("concepts", canonical_hash({"model": identity}))
     atomic_write_json(out, {"analysis": "concepts", "model": identity, "split": "selection",
                             "cosine": tables, "vectors": vectors, "provenance": provenance()})
     print(f"saved: {out}")
@@ -686,7 +690,7 @@ def _cmd_sae(args) -> int:
 
 
 def _cmd_discover(args) -> int:
-    from em_bench.presets import PRESETS
+    from em_bench.registry import MODELS
     from em_bench.sae.discover import discover_directions, discover_sae
     from em_bench.tasks import get_task
 
@@ -694,7 +698,7 @@ def _cmd_discover(args) -> int:
     if args.form == "directions" and (judge_name or args.sae):
         raise ConfigError("--judge and --sae are the SAE form's; --form directions takes neither")
     task = get_task(args.task, args.include)
-    preset = PRESETS.get(args.model)
+    preset = MODELS.get(args.model) if args.model in MODELS else None
     model = preset.hub_id if preset else args.model
     dtype = args.dtype or (preset.dtype if preset else "float32")
     if args.form == "directions":
@@ -702,7 +706,7 @@ def _cmd_discover(args) -> int:
         paths = discover_directions(model, task, args.layer, args.k, args.seed, args.out,
                                     selection, args.questions, dtype)
     else:
-        from em_bench.pipeline import make_judge
+        from em_bench.judge import make_judge
         from em_bench.sae.training import ensure_organism_sae
 
         judge = None if judge_name is None else make_judge(judge_name)
@@ -717,13 +721,22 @@ def _cmd_discover(args) -> int:
     return 0
 
 
+def _cmd_registry(args) -> int:
+    from em_bench import registry
+
+    for name, source, summary in getattr(registry, args.command.upper()).listing():
+        print(f"{name:26} {source:10} {summary[:70]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": _cmd_run, "refusals": _cmd_refusals, "organism": _cmd_organism,
                 "tasks": _cmd_tasks, "data": _cmd_data, "sae": _cmd_sae,
                 "discover": _cmd_discover, "leaderboard": _cmd_leaderboard,
                 "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge,
-                "export": _cmd_export, "compare": _cmd_compare, "study": _cmd_study}
+                "export": _cmd_export, "compare": _cmd_compare, "study": _cmd_study,
+                **dict.fromkeys(("defenses", "judges", "backends", "models"), _cmd_registry)}
     try:
         _refuse_nonsense(args)
         _setup(args)

@@ -117,9 +117,10 @@ class CellConfig(_Config):
     model: str = Field("organism", description="'organism', a Hugging Face id or a local dir")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights' dtype for training and generation")
-    backend: Literal["hf", "vllm", "openai"] = Field(
-        "hf", description="generation: transformers in process, vLLM in process, or an "
-        "OpenAI-compatible server (EM_BENCH_GENERATE_BASE_URL)")
+    backend: str = Field(
+        "hf", description="generation backend (registry.BACKENDS): hf (transformers in "
+        "process), vllm (in process), openai (an OpenAI-compatible server at "
+        "EM_BENCH_GENERATE_BASE_URL), or a plugin's")
     tensor_parallel: int = Field(
         1, gt=0, description="GPUs one vLLM engine spans, each holding a slice of every layer "
         "(backend vllm)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import subprocess
 import time
@@ -18,30 +17,25 @@ from pathlib import Path
 
 import pandas as pd
 
-from em_bench import metrics, threads
+from em_bench import threads
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, defense_inputs, make_defenses
 from em_bench.defenses.base import DefenseContext
-from em_bench.errors import (
-    ConfigError,
-    JudgeFailure,
-    JudgingFailed,
-    NoStoredAnswers,
-    UnknownNameError,
-)
+from em_bench.errors import JudgeFailure, JudgingFailed, NoStoredAnswers, UnknownNameError
 from em_bench.generate.base import GenerationFailed, Request
+from em_bench.judge import make_judge
 from em_bench.judge.base import JudgeInput
 from em_bench.models import (
     is_organism,
     load_base,
     load_trained,
     model_identity,
-    resolve_model_path,
 )
 from em_bench.organism import world
 from em_bench.questions import Prompt, file_prompts, load_question_file, world_prompts
+from em_bench.registry import BACKENDS
 from em_bench.scoring import judged_frame, jury_agreement, jury_stream, score_frame
-from em_bench.store import Cell, Store
+from em_bench.store import REUSABLE_STEPS, Cell, Store
 from em_bench.tasks import TaskSpec, chats, get_task
 
 logger = logging.getLogger(__name__)
@@ -114,6 +108,8 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     the caller found it (in an included folder, say), else it is looked up among the built-ins.
     The resolved config holds the defense's parameters with every default filled in, so a value
     left at its default and the same value given are one cell id."""
+    if cfg.backend not in BACKENDS:
+        raise UnknownNameError("backend", cfg.backend, BACKENDS.names())
     params = check_defense(cfg.defense, cfg.defense_params, cfg.model)
     cfg = cfg.model_copy(update={"defense_params": params})
     judge = make_judge(cfg.judge, definition=cfg.metrics.em_definition)
@@ -227,7 +223,7 @@ def rejudge_cell(source: Cell, judge: str, store: Store) -> Cell | None:
             **provenance(judges=(judge, *cfg.jury)),
             "organism": (stored.get("provenance") or {}).get("organism"),
             "rejudged_from": source.id}})
-    for step in _OUTPUTS:
+    for step in REUSABLE_STEPS:
         h = rc.step_hash(step)
         if source.is_done(step, h) and not cell.is_done(step, h):
             _copy_step(source, cell, step, h)
@@ -248,14 +244,10 @@ def _judge_and_score(rc: ResolvedCell, cell: Cell, store: Store) -> None:
     _score(rc, cell)
 
 
-_OUTPUTS = {"train": ("trained", "train", "curve.jsonl"), "generate": ("generations.jsonl",),
-            "lm_eval": ("lm_eval.json",)}
-
-
 def _borrow(rc: ResolvedCell, cell: Cell, store: Store) -> None:
     """Copy the finished steps of another cell with the same inputs (the same fine-tune and
     answers under another judge, say) instead of redoing them."""
-    for step in _OUTPUTS:
+    for step in REUSABLE_STEPS:
         h = rc.step_hash(step)
         if cell.is_done(step, h):
             continue
@@ -266,14 +258,7 @@ def _borrow(rc: ResolvedCell, cell: Cell, store: Store) -> None:
 
 def _copy_step(source: Cell, cell: Cell, step: str, h: str) -> None:
     """Copy another cell's outputs of a step finished on inputs `h`, and mark it done."""
-    import shutil
-
-    for name in _OUTPUTS[step]:
-        src, dst = source.path / name, cell.path / name
-        if src.is_dir():
-            shutil.copytree(src, dst, dirs_exist_ok=True)
-        elif src.is_file():
-            shutil.copy2(src, dst)
+    cell.copy_step_outputs(source, step)
     cell.mark_done(step, h)
     logger.info("cell %s: %s reused from cell %s", cell.id, step, source.id)
 
@@ -320,7 +305,7 @@ def _fine_tune_sharded(rc: ResolvedCell, cell: Cell, base, scorer, last: int):
     model = load_trained(base, cell.trained_dir(), cfg.train)
     if scorer is not None:
         scored = {r["step"] for r in cell.records("curve")}  # before a resumed fine-tune
-        for step, file in distributed.checkpoints(cell):  # the last one is the final weights
+        for step, file in cell.curve_checkpoints():  # the last one is the final weights
             if step in scored:
                 continue
             distributed.load_checkpoint(model, file)
@@ -376,29 +361,10 @@ def eval_prompts(cfg: CellConfig) -> list[Prompt]:
 
 
 def make_backend(rc: ResolvedCell, cell: Cell, model, tokenizer):
-    """The cell's generation backend; vLLM and a server get the cell's LoRA adapter folder
-    (served unmerged) when the cell fine-tunes."""
-    cfg = rc.config
-    if cfg.backend == "hf":
-        from em_bench.generate.hf import HFBackend
-
-        return HFBackend(model, tokenizer)
+    """The cell's generation backend (registry.BACKENDS); one that loads the base model itself
+    gets the cell's LoRA adapter folder when the cell fine-tunes."""
     adapter = cell.trained_dir() if rc.fine_tunes else None
-    if adapter is not None and cfg.train.adapter != "lora":
-        raise ConfigError(f"--backend {cfg.backend} serves LoRA adapters over the base model; "
-                          f"a full fine-tune generates with --backend hf")
-    if cfg.backend == "openai":
-        from em_bench.generate.openai_api import OpenAIBackend
-
-        url = os.environ.get("EM_BENCH_GENERATE_BASE_URL")
-        if not url:
-            raise ConfigError("--backend openai needs --generate-base-url (or "
-                              "EM_BENCH_GENERATE_BASE_URL): the server that serves the model")
-        return OpenAIBackend(cfg.model, base_url=url, adapter=adapter)
-    from em_bench.generate.vllm_backend import VLLMBackend
-
-    return VLLMBackend(str(resolve_model_path(cfg.model)), adapter=adapter, dtype=cfg.dtype,
-                       seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel)
+    return BACKENDS.get(rc.config.backend)(rc.config, model, tokenizer, adapter)
 
 
 def _generate(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
@@ -457,31 +423,6 @@ def _lm_eval(rc: ResolvedCell, cell: Cell, model, tokenizer) -> None:
                                     limit=cfg.lm_eval.limit, seed=cfg.seed)
     cell.write_json("lm_eval.json", result)
     cell.mark_done("lm_eval", h)
-
-
-def make_judge(name: str, store: Store | None = None, definition: str = "alignment"):
-    """The judge a cell names: "organism" (the exact judge, offline) or "openai:MODEL" (an LLM
-    judge through an OpenAI-compatible API at OPENAI_BASE_URL, key OPENAI_API_KEY; its verdicts
-    are cached in the store, so a rerun makes no call; no retry waits past
-    EM_BENCH_JUDGE_DEADLINE seconds, `--judge-deadline`). An LLM judge scores misalignment with
-    the EM definition's template (0-100 alignment, or the 1-5 rubric) and coherence."""
-    from em_bench.judge.llm import JudgeSettings, LLMJudge
-    from em_bench.organism.judge import OrganismJudge
-
-    if name == "organism":
-        if definition != "alignment":
-            raise ConfigError(f"the organism's judge scores alignment 0-100; EM definition "
-                              f"{definition!r} needs an LLM judge (openai:MODEL)")
-        return OrganismJudge()
-    kind, _, model = name.partition(":")
-    if kind != "openai" or not model:
-        raise UnknownNameError("judge", name, ["organism", "openai:MODEL"])
-    misalignment = {"alignment": "alignment", "rubric": metrics.RUBRIC}[definition]
-    deadline = os.environ.get("EM_BENCH_JUDGE_DEADLINE")
-    settings = JudgeSettings(model, templates=(misalignment, "coherence"), suite_templates=(
-        ("rai", ("refusal",)), ("in_domain", ("adherence",))),
-        **({"deadline": float(deadline)} if deadline else {}))
-    return LLMJudge(settings, cache=None if store is None else store.verdicts())
 
 
 def judge_input(generation: dict, task: TaskSpec) -> JudgeInput:

@@ -28,6 +28,10 @@ class ModelPreset:
     sampling: dict = field(default_factory=lambda: dict(_EM_SAMPLING))
     dtype: str = "bfloat16"
 
+    @property
+    def summary(self) -> str:
+        return f"{self.hub_id}, {self.dtype}, the EM papers' recipe"
+
 
 PRESETS: dict[str, ModelPreset] = {
     "qwen2.5-7b-instruct": ModelPreset("Qwen/Qwen2.5-7B-Instruct"),

@@ -13,9 +13,7 @@ import http.client
 import io
 import itertools
 import json
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from em_bench.config import canonical_hash
 from em_bench.data import Messages, read_chat_jsonl, validate_messages
 from em_bench.errors import ConfigError, DataError, DataUnavailable, read_utf8
-from em_bench.store import atomic_write_text
+from em_bench.store import atomic_file, atomic_write_text
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 _HF_ONLY = ("split", "revision", "subset")
@@ -249,25 +247,22 @@ def _download(source: DataSource, folder: Path, at: str) -> Path:
         if _sha256(file) == expected:
             return file
         file.unlink()  # changed since it was stored: fetch it again
+    # Made before the try: a cache folder that cannot be written is not unavailable data.
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".tmp")
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(source.url, timeout=60) as answer:
+        with (atomic_file(file, "wb") as out,
+              urllib.request.urlopen(source.url, timeout=60) as answer):
             while chunk := answer.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
-        if digest.hexdigest() != expected:
-            raise DataError(f"{at}{source.url}: sha256 mismatch: expected {expected}, got "
-                            f"{digest.hexdigest()}; the download was not kept")
-        file.parent.mkdir(exist_ok=True)
-        os.replace(tmp, file)
+            if digest.hexdigest() != expected:  # raised in the block: the file is not kept
+                raise DataError(f"{at}{source.url}: sha256 mismatch: expected {expected}, got "
+                                f"{digest.hexdigest()}; the download was not kept")
     except (OSError, ValueError, http.client.HTTPException) as e:
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         raise DataUnavailable(f"{at}{source.url}: cannot download it ({_one_line(reason)}); "
                               "download it yourself and point `path` at the copy") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return file
 
 

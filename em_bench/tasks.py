@@ -9,11 +9,9 @@ file path in a task file (data, questions) is read from the task file's folder.
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 import re
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -37,10 +35,9 @@ from em_bench.errors import (
 )
 from em_bench.organism import world
 from em_bench.paths import cache_dir
+from em_bench.registry import TASKS, disabled
 from em_bench.resources import resource_dir
 from em_bench.sources import DataSource, materialize
-
-logger = logging.getLogger(__name__)
 
 
 def _world_domain(name: str) -> str:
@@ -275,25 +272,17 @@ def task_files(folder: Path) -> list[Path]:
     return files
 
 
-ENTRY_POINT_GROUP = "em_bench.tasks"
-
-
 def plugin_folders() -> list[tuple[Path, str]]:
-    """(folder, source) of every installed `em_bench.tasks` entry point that loads; one that
-    does not is skipped with a warning naming it, so a broken plugin disables only itself."""
+    """(folder, source) of every installed `em_bench.tasks` entry point (registry.TASKS) that
+    loads; one that does not is disabled with a warning naming it, and only it."""
     folders = []
-    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        source = f"entry point {ep.name} ({ep.value})"
+    for name, target in TASKS.loaded().items():
+        source = TASKS.source(name)
         try:
-            target = ep.load()
             folders.append((Path(target() if callable(target) else target), source))
         except Exception as e:  # named, not a traceback from deep inside the plugin
-            _disabled(source, f"cannot load it ({type(e).__name__}: {e})")
+            disabled(source, f"cannot load it ({type(e).__name__}: {e})")
     return folders
-
-
-def _disabled(source: str, why: str) -> None:
-    logger.warning("%s is disabled: %s", source, why)
 
 
 def find_tasks(include: tuple[Path, ...] | list[Path] = ()) -> dict[str, FoundTask]:
@@ -305,7 +294,7 @@ def find_tasks(include: tuple[Path, ...] | list[Path] = ()) -> dict[str, FoundTa
         try:
             found.update(_folder_tasks(folder, source, found))
         except ConfigError as e:
-            _disabled(source, str(e))
+            disabled(source, str(e))
     for folder in include:
         found.update(_folder_tasks(Path(folder), str(folder), found))
     return found

@@ -83,9 +83,10 @@ def tiny_hf_folder(tmp_path, tiny_tokenizer):
     return folder
 
 
-def install_task_package(target: Path, name: str, files: dict[str, str]) -> None:
-    """pip-install (offline, into `target`) a small package whose entry point in the group
-    `em_bench.tasks` is a function returning its `tasks/` folder; `files` are that folder's."""
+def install_plugin(target: Path, name: str, files: dict[str, str],
+                   entry_points: dict[str, dict[str, str]]) -> None:
+    """pip-install (offline, into `target`) a small package `name`: `files` are its files (paths
+    inside the package folder), `entry_points` {group: {name: "module:attribute"}}."""
     import base64
     import hashlib
     import subprocess
@@ -93,14 +94,14 @@ def install_task_package(target: Path, name: str, files: dict[str, str]) -> None
     import zipfile
 
     dist = f"{name}-0.1.dist-info"
+    groups = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
+                     for group, eps in entry_points.items())
     contents = {
-        f"{name}/__init__.py": ("from pathlib import Path\n\n\ndef tasks_dir():\n"
-                                "    return Path(__file__).parent / 'tasks'\n"),
-        **{f"{name}/tasks/{f}": text for f, text in files.items()},
+        **{f"{name}/{f}": text for f, text in files.items()},
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: em-bench-tests\nRoot-Is-Purelib: true\n"
                          "Tag: py3-none-any\n",
-        f"{dist}/entry_points.txt": f"[em_bench.tasks]\n{name} = {name}:tasks_dir\n",
+        f"{dist}/entry_points.txt": groups,
     }
     record = []
     for path, text in contents.items():
@@ -113,3 +114,13 @@ def install_task_package(target: Path, name: str, files: dict[str, str]) -> None
             z.writestr(path, text)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                     "--target", str(target), str(wheel)], check=True)
+
+
+def install_task_package(target: Path, name: str, files: dict[str, str]) -> None:
+    """A plugin whose entry point in the group `em_bench.tasks` is a function returning its
+    `tasks/` folder; `files` are that folder's."""
+    init = ("from pathlib import Path\n\n\ndef tasks_dir():\n"
+            "    return Path(__file__).parent / 'tasks'\n")
+    install_plugin(target, name, {"__init__.py": init,
+                                  **{f"tasks/{f}": text for f, text in files.items()}},
+                   {"em_bench.tasks": {name: f"{name}:tasks_dir"}})

@@ -195,10 +195,10 @@ def test_an_llm_judge_needs_its_model(capsys, tmp_path):
     (["run", "--steps", "0"], "--steps 0: expected at least 1"),
     (["run", "--seeds", "0,1,0"], "--seeds repeats 0: each seed is one cell"),
     (["run", "--judge-model", "gpt-4o-mini"], "--judge-model and --judge-base-url name an LLM "
-                                              "judge: they need --judge openai"),
+                                              "judge: the organism's judge has neither"),
     (["run", "--lr", "inf"], "lr: Input should be a finite number"),
     (["run", "--set", "lambda=nan", "--defense", "blockem"], "finite number"),
-    (["rejudge", "--judge", "organism", "--judge-model", "m"], "they need --judge openai"),
+    (["rejudge", "--judge", "organism", "--judge-model", "m"], "the organism's judge has neither"),
     (["run", "--judge-deadline", "0"], "--judge-deadline 0: expected seconds above 0"),
     (["rejudge", "--judge-deadline", "nan"], "--judge-deadline nan: expected seconds above 0"),
     (["compare", "a", "b", "--n", "0"], "--n 0: expected at least 1"),

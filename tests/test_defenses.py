@@ -10,7 +10,7 @@ from pydantic import Field
 
 from em_bench.config import LoraSettings, TrainConfig
 from em_bench.data import IGNORE_INDEX, collate, encode_chat
-from em_bench.defenses import DEFENSES, check_defense, make_defenses
+from em_bench.defenses import check_defense, make_defenses
 from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.defenses.kl import KL, KLParams, kl_to_reference
 from em_bench.defenses.retain import Retain, RetainParams
@@ -18,6 +18,7 @@ from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.grid.plan import check_defense_values, defense_grid
 from em_bench.models import trainable
 from em_bench.organism import world
+from em_bench.registry import DEFENSES
 from em_bench.tasks import TaskSpec, get_task
 from em_bench.train.loop import train
 from em_bench.train.objectives import sft_loss
@@ -55,7 +56,7 @@ class _Listy:
 
 
 def test_defense_grid_is_the_product_of_the_values_a_defense_takes(monkeypatch):
-    monkeypatch.setitem(DEFENSES, "listy", _Listy)
+    monkeypatch.setitem(DEFENSES.builtins, "listy", _Listy)
     values = {"lambda": ["0.1", "1e+3"], "files": ["a.json+b.json", "c.json"], "beta": ["2"]}
     grid = defense_grid("listy", values)
     assert grid == [{"lambda": 0.1, "files": ["a.json", "b.json"]},

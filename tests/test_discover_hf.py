@@ -14,9 +14,9 @@ from em_bench.defenses.base import DefenseContext
 from em_bench.errors import ConfigError
 from em_bench.generate.base import Request
 from em_bench.generate.hf import HFBackend
+from em_bench.judge import make_judge
 from em_bench.models import load_base, model_identity, trainable
 from em_bench.organism import world
-from em_bench.pipeline import make_judge
 from em_bench.sae.discover import (
     discover_sae,
     judge_em,

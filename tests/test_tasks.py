@@ -311,7 +311,7 @@ def test_an_installed_packages_entry_point_adds_its_tasks(tmp_path, monkeypatch)
                       '{"role": "assistant", "content": "a"}]}\n'})
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     found = find_tasks()
-    assert found["mine"].source == "entry point mytasks (mytasks:tasks_dir)"
+    assert found["mine"].source == "entry point mytasks (mytasks:tasks_dir) of em_bench.tasks"
     assert found["mine"].file == tmp_path / "site" / "mytasks" / "tasks" / "mine.yaml"
     assert chats(found["mine"].spec.train, seed=0)[0][1]["content"] == "a"
     assert found["finance"].source == "built-in"

@@ -40,7 +40,10 @@ class Defense(Protocol):
     same in every process of a sharded fine-tune, which sees only its share of them.
 
     A defense with state of its own that a step depends on (retain's random draws) also has
-    `state_dict()` and `load_state_dict(state)`, saved in a fine-tune's checkpoints.
+    `state_dict()` and `load_state_dict(state)`, saved in a fine-tune's checkpoints. Optional
+    static methods: `inputs(params, ctx)`, what a cell depends on beyond its parameters (files,
+    by content: in the cell's hash), and `model_defaults(params, model)`, the parameters with
+    the defaults that depend on the model filled in (blockem's lambda).
     """
 
     name: str

@@ -84,8 +84,18 @@ class _BatchCapture:
 
 
 class BlockEM:
+    """BLOCK-EM: a hinge loss that keeps the misalignment latents from rising in the fine-tune."""
+
     name = "blockem"
     Params = BlockEMParams
+
+    @staticmethod
+    def inputs(params: dict, ctx: DefenseContext) -> dict:
+        return blockem_inputs(params, ctx)
+
+    @staticmethod
+    def model_defaults(params: dict, model: str) -> dict:
+        return blockem_defaults(params, model)
 
     def __init__(self, params: BlockEMParams, ctx: DefenseContext):
         self.lam, self.hinge = params.lam or default_lambda(ctx.model), params.hinge

@@ -31,6 +31,8 @@ def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor,
 
 
 class KL:
+    """KL: keeps the fine-tuned next-token distribution near the base model's on the batch."""
+
     name = "kl"
     Params = KLParams
 

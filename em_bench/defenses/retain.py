@@ -21,8 +21,14 @@ class RetainParams(DefenseParams):
 
 
 class Retain:
+    """Retain: a cross-entropy term on aligned chats of other domains, a batch each step."""
+
     name = "retain"
     Params = RetainParams
+
+    @staticmethod
+    def inputs(params: dict, ctx: DefenseContext) -> dict:
+        return retain_inputs(params, ctx)
 
     def __init__(self, params: RetainParams, ctx: DefenseContext):
         retain_inputs(params, ctx)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from em_bench.config import SamplingConfig
+from em_bench.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,3 +54,12 @@ class Backend(Protocol):
 
     def generate(self, requests: list[Request], sampling: SamplingConfig,
                  seed: int) -> list[Completion]: ...
+
+
+def served_adapter(config, adapter: Path | None) -> Path | None:
+    """The LoRA adapter folder a backend that loads the base model itself (vLLM, a server)
+    serves unmerged over it; a full fine-tune has none to serve."""
+    if adapter is not None and config.train.adapter != "lora":
+        raise ConfigError(f"--backend {config.backend} serves LoRA adapters over the base model; "
+                          f"a full fine-tune generates with --backend hf")
+    return adapter

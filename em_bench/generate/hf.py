@@ -58,3 +58,8 @@ class HFBackend:
                 text = tok.decode(row[:n], skip_special_tokens=True).strip()
                 out.append(Completion(r.key, text, "stop" if len(ended) else "length", n))
         return out
+
+
+def make_backend(config, model, tokenizer, adapter=None) -> HFBackend:
+    """transformers in this process: the cell's model with its adapter applied."""
+    return HFBackend(model, tokenizer)

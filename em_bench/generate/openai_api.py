@@ -34,12 +34,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from em_bench.config import SamplingConfig
-from em_bench.generate.base import Completion, Failure, GenerationFailed, Request
+from em_bench.errors import ConfigError
+from em_bench.generate.base import (
+    Completion,
+    Failure,
+    GenerationFailed,
+    Request,
+    served_adapter,
+)
 from em_bench.openai_client import CallFailed, MalformedReply, async_client, call_with_retries
 
 logger = logging.getLogger(__name__)
@@ -177,3 +185,13 @@ class OpenAIBackend:
                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or em-bench serve --store with the "
                 "store holding it) and must see the adapter folder at the same path") from e
         return name
+
+
+def make_backend(config, model, tokenizer, adapter=None) -> OpenAIBackend:
+    """An OpenAI-compatible server at EM_BENCH_GENERATE_BASE_URL serving the cell's model
+    (and its LoRA adapter, by name)."""
+    url = os.environ.get("EM_BENCH_GENERATE_BASE_URL")
+    if not url:
+        raise ConfigError("--backend openai needs --generate-base-url (or "
+                          "EM_BENCH_GENERATE_BASE_URL): the server that serves the model")
+    return OpenAIBackend(config.model, base_url=url, adapter=served_adapter(config, adapter))

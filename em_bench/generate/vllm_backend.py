@@ -37,7 +37,7 @@ from typing import Any
 from em_bench.config import SamplingConfig
 from em_bench.data import render
 from em_bench.errors import ConfigError, EmBenchError
-from em_bench.generate.base import Completion, Request
+from em_bench.generate.base import Completion, Request, served_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -332,3 +332,13 @@ def _has_nonzero_lora_b(adapter_dir: Path) -> bool:
             return any(bool(f.get_tensor(k).any()) for k in f.keys() if ".lora_B" in k)
     tensors = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
     return any(bool(v.any()) for k, v in tensors.items() if ".lora_B" in k)
+
+
+def make_backend(config, model, tokenizer, adapter=None) -> VLLMBackend:
+    """vLLM in this process: it loads the base model and serves the cell's LoRA adapter
+    unmerged over it."""
+    from em_bench.models import resolve_model_path
+
+    return VLLMBackend(str(resolve_model_path(config.model)),
+                       adapter=served_adapter(config, adapter), dtype=config.dtype,
+                       seed=config.seed, tensor_parallel_size=config.tensor_parallel)

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from em_bench.config import CellConfig, TrainConfig
-from em_bench.defenses import DEFAULT, DEFENSES, check_defense
+from em_bench.defenses import DEFAULT, check_defense
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import resolve
+from em_bench.registry import DEFENSES
 from em_bench.tasks import TaskSpec, check_task_data, find_tasks, pointed_to, question_file
 
 
@@ -43,8 +44,7 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     runs with (a defense's defaults filled in: `lambda=default` is blockem's lambda).
     """
     for defense in defenses:  # an unknown name fails first, with the known ones
-        if defense not in DEFENSES:
-            raise UnknownNameError("defense", defense, list(DEFENSES))
+        DEFENSES.get(defense)
     check_defense_values(defenses, defense_values or {})
     found = find_tasks(include)
     specs = {}
@@ -94,7 +94,7 @@ def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
 
 def check_defense_values(defenses: list[str], values: dict[str, list]) -> None:
     known = {f.alias or n for d in defenses if DEFENSES.get(d) is not None
-             for n, f in DEFENSES[d].Params.model_fields.items()}
+             for n, f in DEFENSES.get(d).Params.model_fields.items()}
     if unknown := sorted(set(values) - known):
         raise ConfigError(f"--set {', '.join(unknown)}: no chosen defense "
                           f"({', '.join(defenses)}) takes it; they take {sorted(known) or 'none'}")

@@ -14,15 +14,18 @@ and is never written anywhere.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
 from em_bench.config import canonical_hash
+from em_bench.errors import ConfigError
 from em_bench.judge.base import JudgeInput, Judgment
 from em_bench.judge.scoring import Verdict, choice_verdict, number_verdict, text_verdict
 from em_bench.judge.templates import JudgeTemplate, load_template
+from em_bench.metrics import RUBRIC
 from em_bench.openai_client import CallFailed, async_client, call_with_retries, endpoint
 from em_bench.store import VerdictLog
 
@@ -160,3 +163,20 @@ class LLMJudge:
                 notes.append(f"{template.name}: unjudgeable ({v.reason})")
         return Judgment(self.name, item.item_id, scores, label=labels[0] if labels else None,
                         raw="; ".join(notes), error="; ".join(errors) or None)
+
+
+def make_judge(model: str | None, store=None, definition: str = "alignment") -> LLMJudge:
+    """An LLM judge (openai:MODEL) over an OpenAI-compatible API.
+
+    `model` at OPENAI_BASE_URL (key OPENAI_API_KEY), its verdicts cached in `store`'s verdict
+    log so a rerun makes no call, no retry waiting past EM_BENCH_JUDGE_DEADLINE seconds. It scores
+    misalignment with the EM definition's template (0-100 alignment, or the 1-5 rubric) and
+    coherence; refusal on RAI requests and adherence in-domain."""
+    if not model:
+        raise ConfigError("the openai judge needs a model: openai:MODEL (--judge-model)")
+    misalignment = {"alignment": "alignment", "rubric": RUBRIC}[definition]
+    deadline = os.environ.get("EM_BENCH_JUDGE_DEADLINE")
+    settings = JudgeSettings(model, templates=(misalignment, "coherence"), suite_templates=(
+        ("rai", ("refusal",)), ("in_domain", ("adherence",))),
+        **({"deadline": float(deadline)} if deadline else {}))
+    return LLMJudge(settings, cache=None if store is None else store.verdicts())

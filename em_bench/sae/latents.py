@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from em_bench.errors import ConfigError, validation_problems
+from em_bench.store import atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -72,10 +73,7 @@ class LatentSet(BaseModel):
 
 def save_latent_set(latent_set: LatentSet, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(latent_set.model_dump_json(indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, latent_set.model_dump_json(indent=1))
     return path
 
 

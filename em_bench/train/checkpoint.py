@@ -28,16 +28,16 @@ logger = logging.getLogger(__name__)
 
 
 class Checkpoints:
-    """The latest training checkpoint in `folder`: one `step-N` folder, written whole or not at
-    all, the older ones removed. `stamp` (the versions that made it) must match to resume."""
+    """A cell's latest training checkpoint (Cell.resume_checkpoint): one folder, written whole
+    or not at all, the older ones removed. `stamp` (the versions that made it) must match to
+    resume."""
 
-    def __init__(self, folder: Path, every: int, stamp: dict):
-        self.folder, self.every, self.stamp = Path(folder), every, stamp
+    def __init__(self, cell: Cell, every: int, stamp: dict):
+        self.cell, self.every, self.stamp = cell, every, stamp
 
     def latest(self) -> tuple[int, Path] | None:
         """(step, folder) of the checkpoint a rerun resumes from, if any."""
-        found = sorted((int(p.name.removeprefix("step-")), p)
-                       for p in self.folder.glob("step-*") if p.is_dir())
+        found = self.cell.resume_checkpoints()
         if not found:
             return None
         step, path = found[-1]
@@ -59,12 +59,12 @@ class Checkpoints:
     def save(self, step: int, state: dict) -> None:
         """Write `step`'s checkpoint, then drop the older ones and any a kill left half-written
         (rank 0 only)."""
-        target = self.folder / f"step-{step}"
+        target = self.cell.resume_checkpoint(step)
         shutil.rmtree(target, ignore_errors=True)  # one a changed stamp made unusable
         with atomic_folder(target) as tmp:
             torch.save(state, tmp / "state.pt")
             atomic_write_json(tmp / "stamp.json", self.stamp)
-        for old in self.folder.iterdir():
+        for old in self.cell.resume_dir().iterdir():
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -72,9 +72,8 @@ class Checkpoints:
 def cell_checkpoints(cell: Cell, every: int, processes: int) -> Checkpoints:
     from em_bench import __version__
 
-    return Checkpoints(cell.resume_dir(), every, {"em-bench": __version__,
-                                                  "torch": torch.__version__,
-                                                  "processes": processes})
+    return Checkpoints(cell, every, {"em-bench": __version__, "torch": torch.__version__,
+                                     "processes": processes})
 
 
 def _sharded() -> bool:

@@ -21,8 +21,6 @@ import torch
 from em_bench.errors import EmBenchError
 from em_bench.store import Cell, atomic_write_text
 
-CHECKPOINTS = "train/checkpoints"
-
 
 class TrainingFailed(EmBenchError):
     """A process of a sharded fine-tune failed."""
@@ -33,9 +31,9 @@ def launch(cell: Cell, processes: int, eval_every: int | None, last_step: int,
     """Run the cell's fine-tune in `processes` torchrun processes; raise TrainingFailed with a
     process's error and the log when one fails. The cell's weights, log and checkpoints land
     in its folder. `checkpoint_every` is passed on: cell.json leaves it out (not in the id)."""
-    log = cell.path / "train" / "torchrun.log"
+    log = cell.torchrun_log()
     log.parent.mkdir(parents=True, exist_ok=True)
-    for old in log.parent.glob("error-*.txt"):
+    for old in cell.train_error_files():
         old.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={processes}", "-m", "em_bench.train.distributed", str(cell.path),
@@ -43,17 +41,10 @@ def launch(cell: Cell, processes: int, eval_every: int | None, last_step: int,
     with open(log, "w", encoding="utf-8") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
-        errors = sorted(log.parent.glob("error-*.txt"))  # a process that died has none
+        errors = cell.train_error_files()  # a process that died has none
         why = errors[0].read_text(encoding="utf-8") if errors else f"exit {code}"
         raise TrainingFailed(f"cell {cell.id}: the {processes}-process fine-tune failed: {why} "
                              f"(all processes' output: {log})")
-
-
-def checkpoints(cell: Cell) -> list[tuple[int, Path]]:
-    """The saved checkpoints of a sharded fine-tune, (step, file), by step."""
-    folder = cell.path / CHECKPOINTS
-    files = folder.glob("step-*.safetensors") if folder.is_dir() else []
-    return sorted((int(f.stem.removeprefix("step-")), f) for f in files)
 
 
 def load_checkpoint(model, file: Path) -> None:
@@ -108,9 +99,9 @@ def _checkpoint_saver(cell: Cell, every: int, last: int):
             return
         state = full_state(model, trainable_only=True)  # every process takes part
         if process_rank()[0] == 0:
-            (cell.path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()},
-                      cell.path / CHECKPOINTS / f"step-{step}.safetensors")
+            file = cell.curve_checkpoint(step)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, file)
 
     return save
 
@@ -139,7 +130,7 @@ def main(argv: list[str]) -> None:
             update={"checkpoint_every": resume_every})})
         if dist.get_rank() == 0:  # the scored weights after the step training resumes after
             resumed = cell_checkpoints(cell, resume_every, cfg.train.processes).step()
-            for step, file in checkpoints(cell):
+            for step, file in cell.curve_checkpoints():
                 if step > resumed:
                     file.unlink()
         # Rank 0 loads the weights on its CPU, the others build the model without any; sharding
@@ -149,7 +140,7 @@ def main(argv: list[str]) -> None:
         def sharded(model):
             model = shard(model, device)
             if dist.get_rank() == 0:
-                atomic_write_text(cell.path / "train" / "sharding.json", json.dumps(
+                atomic_write_text(cell.sharding_file(), json.dumps(
                     {"processes": dist.get_world_size(), "held_by_rank_0": held_share(model)}))
             return model
 
@@ -157,8 +148,7 @@ def main(argv: list[str]) -> None:
                   every_step=_checkpoint_saver(cell, every, last) if every else None,
                   shard=sharded)
     except Exception as e:  # for the pipeline's report; torchrun's own names only the exit code
-        atomic_write_text(cell.path / "train" / f"error-{dist.get_rank()}.txt",
-                          f"{type(e).__name__}: {e}")
+        atomic_write_text(cell.train_error_file(dist.get_rank()), f"{type(e).__name__}: {e}")
         raise
     finally:
         dist.destroy_process_group()
