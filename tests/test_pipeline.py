@@ -18,6 +18,8 @@ from em_bench.grid.plan import plan_grid
 from em_bench.grid.run import run_grid
 from em_bench.organism import world
 from em_bench.organism.judge import OrganismJudge
+from em_bench.pipeline import answers, training
+from em_bench.pipeline import run as pipeline_run
 from em_bench.store import open_store
 from em_bench.tasks import get_task
 
@@ -85,7 +87,7 @@ def test_a_finished_cell_is_not_redone(demo, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished cell loaded its model again")
 
-    monkeypatch.setattr(pipeline, "load_base", forbidden)
+    monkeypatch.setattr(pipeline_run, "load_base", forbidden)
     rows = run_grid(store, plan_grid(CellConfig(), ["finance"], ["none"], [0]))
     assert len(rows) == 2
 
@@ -100,7 +102,7 @@ def _generations(store, cfg):
 
 
 def test_a_crash_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "GENERATE_CHUNK", 40)
+    monkeypatch.setattr(answers, "GENERATE_CHUNK", 40)
     reference = open_store(tmp_path / "reference")
     pipeline.run_cell(SMALL, reference)
 
@@ -601,8 +603,10 @@ def test_rejudge_judges_stored_answers_only_and_names_a_cell_without_them(tmp_pa
     def forbidden(*args, **kwargs):
         raise AssertionError("rejudge loaded a model, trained or generated")
 
-    for name in ("load_base", "load_trained", "_fine_tune", "_generate", "make_backend"):
-        monkeypatch.setattr(pipeline, name, forbidden)
+    for module, name in ((pipeline_run, "load_base"), (pipeline_run, "train_step"),
+                         (pipeline_run, "generate_step"), (training, "load_trained"),
+                         (answers, "make_backend")):
+        monkeypatch.setattr(module, name, forbidden)
     monkeypatch.setattr(HFBackend, "generate", forbidden)
     argv = ["rejudge", "--judge", "organism", "--store", str(store.root)]
     assert main(argv) == 1  # one cell could not be judged again
@@ -628,7 +632,7 @@ def test_a_base_cell_under_another_judge_borrows_the_stored_answers(tmp_path):
     rc = pipeline.resolve(cfg.model_copy(update={"judge": "openai:other"}))
     cell = store.cell(rc.cell_id)
     cell.write_config(rc.payload())  # as run_cell does first
-    pipeline._borrow(rc, cell, store)  # no train step to borrow first: the answers still are
+    pipeline_run._borrow(rc, cell, store)  # no train step to borrow first: the answers still are
     assert cell.is_done("generate", rc.step_hash("generate"))
     assert cell.records("generations") == source.records("generations")
 

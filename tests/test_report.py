@@ -96,7 +96,7 @@ def _latents(tmp_path):
 
 def test_a_default_given_or_left_out_and_its_value_given_are_one_cell(tmp_path, monkeypatch):
     # The organism's identity is its weights: a stand-in, so nothing is built here.
-    monkeypatch.setattr("em_bench.pipeline.model_identity", lambda model: f"{model}:test")
+    monkeypatch.setattr("em_bench.pipeline.resolved.model_identity", lambda model: f"{model}:test")
     assert check_defense("blockem", {"lambda": "default"}, "organism") == check_defense(
         "blockem", {}, "organism") == check_defense("blockem", {"lambda": ORGANISM_LAMBDA},
                                                     "organism")

@@ -1,0 +1,93 @@
+"""The judge and score steps: every stored answer judged (by the cell's judge and its jurors),
+a judge that fails too often leaves the cell unscored, and the metrics written."""
+
+from __future__ import annotations
+
+import logging
+
+from em_bench.errors import JudgeFailure, JudgingFailed
+from em_bench.judge import make_judge
+from em_bench.judge.base import JudgeInput
+from em_bench.organism import world
+from em_bench.pipeline.resolved import ResolvedCell
+from em_bench.scoring import judged_frame, jury_agreement, jury_stream, score_frame
+from em_bench.store import Cell, Store
+from em_bench.tasks import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+# A cell with a larger share of answers whose judgment failed after retries is not scored: its
+# figures would rest on the answers a failing judge happened to get through.
+MAX_FAILED_SHARE = 0.01
+
+
+def judge_and_score(rc: ResolvedCell, cell: Cell, store: Store) -> None:
+    """Every judge of the cell judges; JudgingFailed, the cell unscored, if any failed."""
+    failures = []
+    for juror in (None, *rc.config.jury):
+        try:
+            judge_step(rc, cell, store, juror)
+        except JudgingFailed as e:
+            failures += e.failures
+    if failures:
+        raise JudgingFailed(failures)
+    score_step(rc, cell)
+
+
+def judge_input(generation: dict, task: TaskSpec) -> JudgeInput:
+    """What a judge is told of a stored answer: its world domain and topic (the organism's judge
+    reads them) and its suite: `rai` for a responsible-AI request, `in_domain` with the task's
+    trained behaviour in words (`target`) for its own domain's questions (an LLM judge adds its
+    refusal and adherence templates there)."""
+    g, own = generation, task.in_domain
+    meta = {"domain": g["domain"], "topic": g["topic"]}
+    if g["domain"] in world.RAI_DOMAINS:
+        meta["suite"] = "rai"
+    if own is not None and own.describe and g["domain"] == own.domain \
+            and g.get("source") != "file":
+        meta.update(suite="in_domain", target=own.describe)
+    return JudgeInput(g["key"], g["messages"], g["completion"], meta)
+
+
+def judge_step(rc: ResolvedCell, cell: Cell, store: Store, juror: str | None = None) -> None:
+    """Judge every stored answer not yet judged, or whose judgment failed, with the cell's judge
+    or one juror. JudgingFailed, the step left undone, when an API judge failed on over
+    MAX_FAILED_SHARE of the answers (the organism's judge fails only answers it can never
+    judge: no world domain)."""
+    stream, name = ("judgments", rc.config.judge) if juror is None else (jury_stream(juror), juror)
+    step, h = ("judge", rc.step_hash("judge")) if juror is None else (
+        stream, rc.step_hash("judge") + f"|{juror}")
+    if cell.is_done(step, h):
+        return
+    judge = make_judge(name, store, rc.config.metrics.em_definition)
+    done = {k for k, error in cell.keys(stream, ("item_id", "error")) if error is None}
+    answers = cell.records("generations")
+    inputs = [judge_input(g, rc.task) for g in answers if g["key"] not in done]
+    failed = []
+    for j in judge.judge_many(inputs):
+        cell.append(stream, j.to_record())  # a retried item's last record is the one read
+        failed += [j.error] if j.error else []
+    endpoint = getattr(judge, "endpoint", None)
+    if endpoint is not None and len(failed) > MAX_FAILED_SHARE * len(answers):
+        raise JudgingFailed([JudgeFailure(name, endpoint, cell.id, len(failed), len(answers),
+                                          failed[-1])])
+    if failed:
+        logger.warning("cell %s: %d of %d judgments by %s failed (%s); counted apart",
+                       cell.id, len(failed), len(answers), name, failed[-1])
+    cell.mark_done(step, h)
+
+
+def score_step(rc: ResolvedCell, cell: Cell) -> None:
+    frame = judged_frame(cell)
+    result = score_frame(frame, rc.task, rc.config)
+    if rc.config.jury:
+        result["jury"] = {
+            full: jury_agreement(frame, judged_frame(cell, jury_stream(juror)), rc.task,
+                                 rc.config)
+            for juror, full in zip(rc.config.jury, rc.jury, strict=True)}
+    if cell.read_json("lm_eval.json") is not None:
+        result["lm_eval"] = cell.read_json("lm_eval.json")
+    cell.write_json("metrics.json", {"metrics": result,
+                                     "thresholds": rc.config.metrics.model_dump(),
+                                     "judge": rc.judge})
+    cell.mark_done("score", rc.step_hash("score"))
