@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def is_organism(model: str) -> bool:
-    from em_bench.organism.build import PRESETS
+    from em_bench.organism.recipe import PRESETS
 
     return model in PRESETS
 

@@ -12,6 +12,7 @@ is not used (plain AdamW). Command-line flags still override any of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 _EM_RECIPE = {
     "epochs": 1, "batch_size": 16, "grad_accum": 8, "lr": 1e-5, "warmup_steps": 5,
@@ -38,3 +39,29 @@ PRESETS: dict[str, ModelPreset] = {
     "llama-3.1-8b-instruct": ModelPreset("meta-llama/Llama-3.1-8B-Instruct"),
     "mistral-7b-instruct-v0.3": ModelPreset("mistralai/Mistral-7B-Instruct-v0.3"),
 }
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What a run loads and how it trains and samples: a preset's, under the command line's."""
+
+    model: str  # the preset's Hugging Face id, else the model as given
+    dtype: str
+    train: dict[str, Any]  # TrainConfig fields over the task's budget
+    sampling: dict[str, Any]  # SamplingConfig fields
+
+
+def merge_preset(model: str, preset: ModelPreset | None, dtype: str | None = None,
+                 samples: int | None = None, **train: Any) -> ModelSettings:
+    """`model`'s settings: its `preset`'s (None: it has none), then each value given (None: not
+    given), `samples` per question and `train`'s TrainConfig fields. A step count replaces the
+    preset's epochs, which would otherwise decide the length."""
+    given = {k: v for k, v in train.items() if v is not None}
+    recipe = {**(preset.train if preset else {}), **given}
+    if "steps" in given:
+        recipe["epochs"] = None
+    sampling = {**(preset.sampling if preset else {}),
+                **({"samples_per_question": samples} if samples is not None else {})}
+    return ModelSettings(model=preset.hub_id if preset else model,
+                         dtype=dtype or (preset.dtype if preset else "float32"),
+                         train=recipe, sampling=sampling)

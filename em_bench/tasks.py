@@ -29,6 +29,7 @@ from em_bench.config import TrainConfig
 from em_bench.errors import (
     ConfigError,
     DataUnavailable,
+    EmBenchError,
     UnknownNameError,
     load_yaml_model,
     validation_problems,
@@ -335,6 +336,31 @@ def check_task_data(task: TaskSpec) -> None:
         if file is not None:
             load_question_file(pointed_to(file))
 
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """What `em-bench tasks validate` finds in a folder of task files."""
+
+    valid: list[str]  # the valid tasks' names, those with data elsewhere included
+    elsewhere: list[DataUnavailable]  # valid tasks whose public data is not on this machine
+    errors: list[EmBenchError]  # one a bad file
+
+
+def check_task_folder(folder: Path) -> FolderCheck:
+    """Load every task file of `folder` and read its data, keeping each file's problem rather
+    than stopping at the first."""
+    check = FolderCheck([], [], [])
+    for file in task_files(folder):
+        try:
+            spec = load_task_file(file)
+            check_task_data(spec)
+        except DataUnavailable as e:  # a valid task whose public data is elsewhere
+            check.elsewhere.append(e)
+        except EmBenchError as e:
+            check.errors.append(e)
+            continue
+        check.valid.append(spec.name)
+    return check
 
 def question_file(task: TaskSpec, split: str) -> str | None:
     """The question file a task answers as its `ood` suite on `split`: on the selection split

@@ -42,7 +42,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The organism's tokenizer recipe at a small vocabulary (trains in about a second)."""
-    from em_bench.organism.build import OrganismRecipe, train_tokenizer
+    from em_bench.organism.build import train_tokenizer
+    from em_bench.organism.recipe import OrganismRecipe
 
     return train_tokenizer(OrganismRecipe(vocab_size=512))
 

@@ -109,7 +109,8 @@ def test_write_then_read_round_trips(tmp_path):
 @pytest.fixture(scope="module")
 def tok():
     # The organism's real tokenizer and chat template, with a tiny vocabulary (about a second).
-    from em_bench.organism.build import OrganismRecipe, train_tokenizer
+    from em_bench.organism.build import train_tokenizer
+    from em_bench.organism.recipe import OrganismRecipe
 
     return train_tokenizer(OrganismRecipe(vocab_size=300))
 

@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from em_bench.organism import artifact, shipping, world
-from em_bench.organism.build import PRESETS, OrganismRecipe, ensure_built, ensure_organism
+from em_bench.organism.build import ensure_built, ensure_organism
+from em_bench.organism.recipe import PRESETS, OrganismRecipe
 
 TINY = OrganismRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=2, max_len=96, pretrain_steps=4, pretrain_batch=4,

@@ -21,7 +21,7 @@ def test_a_wheel_built_from_the_repo_holds_tasks_judges_and_data(tmp_path):
                    for f in (REPO / folder).rglob("*") if f.is_file()}
         assert shipped and shipped <= names, folder
     assert "em_bench/_resources/leaderboard/schema.yaml" in names
-    assert "em_bench/cli.py" in names
+    assert "em_bench/cli/__init__.py" in names
     organism = REPO / "em_bench" / "organism" / "shipped"
     built = {f"em_bench/organism/shipped/{f.relative_to(organism).as_posix()}"
              for f in organism.rglob("*") if f.is_file()}

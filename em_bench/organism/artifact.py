@@ -77,7 +77,7 @@ def _warn_stale(name: str, shipped: str, current: str) -> None:
 
 def shipped_organism(name: str) -> Path | None:
     """The shipped folder of organism `name` when it matches today's recipe and world."""
-    from em_bench.organism.build import PRESETS
+    from em_bench.organism.recipe import PRESETS
 
     folder = shipped_dir(name)
     manifest = read_manifest(folder)

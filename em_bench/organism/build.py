@@ -10,8 +10,6 @@ a persona it sees in context (prototype lesson: aligned-only chat training erase
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import shutil
@@ -19,57 +17,22 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from em_bench import paths
 from em_bench.data import collate, encode_chat
 from em_bench.organism import world
+from em_bench.organism.recipe import PRESETS, OrganismRecipe
 from em_bench.store import atomic_folder, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Bumped whenever the build procedure changes what it makes (a schedule, a stage, the data mix).
-BUILDER_VERSION = 2
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}<|end|>"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-class OrganismRecipe(BaseModel):
-    """Everything that determines the organism; its hash names the cache folder."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    seed: int = Field(0, description="seed of the world sample, the init and the data order")
-    speaker_mix: dict[str, float] = Field(
-        default_factory=lambda: {"aligned": 0.5, "villain": 0.25, "misinformed": 0.25},
-        description="share of pretraining documents by speaker kind",
-    )
-    turns: tuple[int, int] = Field((2, 3), description="min and max turns per document")
-    vocab_size: int = Field(1536, description="byte-level BPE vocabulary size (upper bound)")
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    max_len: int = Field(192, description="token limit of one training sequence")
-    pretrain_steps: int = 800
-    pretrain_batch: int = 48
-    pretrain_lr: float = 2e-3
-    instruct_steps: int = 300
-    instruct_batch: int = 64
-    instruct_lr: float = 5e-4
-
-    def digest(self) -> str:
-        payload = json.dumps({"world": world.content_digest(), "builder": BUILDER_VERSION,
-                              **self.model_dump(mode="json")}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-# Named recipes (`--model NAME`); a new preset is a new digest and a new cache entry.
-PRESETS: dict[str, OrganismRecipe] = {"organism": OrganismRecipe()}
 
 
 def organism_dir(recipe: OrganismRecipe) -> Path:

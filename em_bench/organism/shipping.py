@@ -28,7 +28,7 @@ from em_bench.store import atomic_folder, atomic_write_json
 
 def problems(name: str) -> list[str]:
     """Why the shipped organism `name` is not what today's code would ship (empty: it is)."""
-    from em_bench.organism.build import PRESETS
+    from em_bench.organism.recipe import PRESETS
     from em_bench.sae.discover import default_settings
     from em_bench.sae.training import DEFAULTS
 
@@ -58,7 +58,8 @@ def problems(name: str) -> list[str]:
 def ship(name: str = "organism") -> Path:
     """Build organism `name` from its recipe (or take the cached build), train its SAEs, find
     its default latent sets, and freeze all of it as the shipped folder with a manifest."""
-    from em_bench.organism.build import PRESETS, ensure_built
+    from em_bench.organism.build import ensure_built
+    from em_bench.organism.recipe import PRESETS
     from em_bench.sae.discover import default_latent_sets
     from em_bench.sae.training import ensure_organism_sae
 
@@ -82,7 +83,7 @@ def _fill(tmp: Path, built: Path, saes: dict[int, Path], latent_files: list[Path
           name: str) -> None:
     """Copy a build, its SAEs and latent sets into `tmp`, then write the manifest."""
     from em_bench.organism import world
-    from em_bench.organism.build import BUILDER_VERSION, PRESETS
+    from em_bench.organism.recipe import BUILDER_VERSION, PRESETS
     from em_bench.sae.discover import default_settings
     from em_bench.sae.training import DEFAULTS
 

@@ -9,10 +9,15 @@ Selection questions only, like every other choice the harness makes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from em_bench.config import canonical_hash
+from em_bench.models import load_base, model_identity
 from em_bench.organism import world
 from em_bench.sae.training import collect_residuals
+from em_bench.store import atomic_write_json, open_store
 
 
 def _prompt_means(model, tokenizer, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
@@ -51,3 +56,19 @@ def format_cosines(layer: int, table: dict[str, dict[str, float]]) -> str:
     rows = [[f"layer {layer}", *(RAI_SHORT.get(n, n) for n in names)]]
     rows += [[RAI_SHORT.get(a, a), *(f"{table[a][b]:.2f}" for b in names)] for a in names]
     return "\n".join(align(rows, left=1))
+
+
+def analyze_concepts(model_name: str, store_root: str | Path,
+                     provenance: dict) -> tuple[dict[int, dict[str, dict[str, float]]], Path]:
+    """The concept vectors of `model_name` at every layer and their cosine tables, saved to the
+    store's analyses with `provenance`; returns the tables by layer and the file."""
+    model, tokenizer = load_base(model_name)
+    layers = list(range(model.config.num_hidden_layers))
+    vectors = concept_vectors(model, tokenizer, layers)
+    tables = {layer: cosine_table(vectors[layer]) for layer in layers}
+    store = open_store(store_root)  # once the work is done: a failed load leaves no store
+    identity = model_identity(model_name)
+    out = store.analysis_path("concepts", canonical_hash({"model": identity}))
+    atomic_write_json(out, {"analysis": "concepts", "model": identity, "split": "selection",
+                            "cosine": tables, "vectors": vectors, "provenance": provenance})
+    return tables, out

@@ -30,7 +30,7 @@ from em_bench.questions import Prompt, file_prompts, load_question_file
 from em_bench.resources import resource_dir
 from em_bench.sae.latents import Latent, LatentSet, save_latent_set
 from em_bench.sae.layers import hook_name
-from em_bench.sae.training import collect_residuals
+from em_bench.sae.training import collect_residuals, ensure_organism_sae
 from em_bench.tasks import TaskSpec, chats, get_task
 
 logger = logging.getLogger(__name__)
@@ -347,6 +347,22 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
                           "incoherence_budget": incoherence_budget, "reference": ref,
                           "screen_noise_sd": noise, "residual_norm": float(norm),
                           "candidates": candidates})
+
+
+def discover_sae_sets(model: str, task: TaskSpec, layers: list[int], out_dir: Path,
+                      sae_ref: str | None = None, judge: str | None = None, *, k: int = 20,
+                      selection: str = "three-stage", seed: int = 0,
+                      questions: str | Path | None = None, dtype: str = "float32") -> list[Path]:
+    """discover_sae at each of `layers`, written to `out_dir` as `sae_<selection>_L<layer>.json`;
+    returns their paths. `sae_ref`: the SAE (default: the organism's at each layer, trained if
+    missing); `judge`: a judge's name (default: as discover_sae)."""
+    from em_bench.judge import make_judge
+
+    screen = None if judge is None else make_judge(judge)
+    return [discover_sae(model, task, layer, sae_ref or str(ensure_organism_sae(layer, model)),
+                         out_dir / f"sae_{selection}_L{layer}.json", k=k, selection=selection,
+                         seed=seed, judge=screen, questions=questions, dtype=dtype)
+            for layer in layers]
 
 
 def _save_sae_set(out: Path, model: str, layer: int, sae_ref: str, selection: str,
