@@ -8,16 +8,33 @@ Each judgment is one call (the alignment template), its verdict cached in a fres
 log; a second judge then reads every verdict back from the log and must make no call. The bar
 (issue 14): with 50 ms per call and a bound of 32, 2,000 judgments >= 25x faster than one at a
 time, never above the bound. `--no-keep-alive` serves HTTP/1.0, a connection per call, as the
-server did before keep-alive; `--no-cache` judges without the cache, for comparison.
+server did before keep-alive; `--no-cache` judges without the cache, for comparison. The
+server runs in a process of its own, as a judge API runs on another machine: the figure is the
+judge's, not the judge's and the server's sharing one interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
 from pathlib import Path
+
+
+def _server(conn, latency: float, keep_alive: bool) -> None:
+    """The scripted judge API in this (child) process: sends its URL, then on "peak" the most
+    calls in flight since the last ask, until "stop"."""
+    from em_bench.serve import FaultInjector, Script, ScriptedPolicy, serve
+
+    policy = FaultInjector(ScriptedPolicy(lambda request: Script("70", {"70": 0.0})), {},
+                           latency=latency)
+    with serve(policy, keep_alive=keep_alive) as server:
+        conn.send(server.url)
+        while conn.recv() == "peak":
+            conn.send(policy.peak_in_flight)
+            policy.peak_in_flight = 0
 
 
 def main() -> None:
@@ -30,21 +47,23 @@ def main() -> None:
     ap.add_argument("--no-cache", action="store_true", help="no verdict cache, for comparison")
     args = ap.parse_args()
 
+    os.environ["TQDM_DISABLE"] = "1"  # the figures, not progress bars
     from em_bench.judge.base import JudgeInput
     from em_bench.judge.llm import JudgeSettings, LLMJudge
-    from em_bench.serve import FaultInjector, Script, ScriptedPolicy, serve
     from em_bench.store import open_store
 
     items = [JudgeInput(f"k{i}", [{"role": "user", "content": f"question {i}"}], f"answer {i}")
              for i in range(args.n)]
-    policy = FaultInjector(ScriptedPolicy(lambda request: Script("70", {"70": 0.0})), {},
-                           latency=args.latency)
-    with serve(policy, keep_alive=not args.no_keep_alive) as server, \
-            tempfile.TemporaryDirectory() as tmp:
-        os.environ["OPENAI_BASE_URL"] = server.url
+    conn, child_conn = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=_server, daemon=True,
+                                     args=(child_conn, args.latency, not args.no_keep_alive))
+    server.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["OPENAI_BASE_URL"] = conn.recv()
         seconds = {}
         for bound in (1, args.concurrency):
-            policy.peak_in_flight = 0
+            conn.send("peak")  # resets the server's count
+            conn.recv()
             settings = JudgeSettings("scripted", templates=("alignment",), concurrency=bound)
 
             def cache(store=Path(tmp) / f"store-{bound}"):
@@ -63,8 +82,11 @@ def main() -> None:
                 assert again.judge_many(items) == judged
                 rerun = (f"; a rerun made {again.calls} calls in "
                          f"{time.perf_counter() - start:.2f} s")
+            conn.send("peak")
             print(f"  concurrency {bound:3}: {args.n} judgments ({judge.calls} calls) in "
-                  f"{seconds[bound]:6.2f} s, peak in flight {policy.peak_in_flight}{rerun}")
+                  f"{seconds[bound]:6.2f} s, peak in flight {conn.recv()}{rerun}")
+    conn.send("stop")
+    server.join()
     print(f"  speed-up {seconds[1] / seconds[args.concurrency]:.1f}x "
           f"({args.latency * 1000:.0f} ms per call, "
           f"{'HTTP/1.0' if args.no_keep_alive else 'keep-alive'}, "

@@ -7,9 +7,10 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 HASH_VERSION = 1
+_LATER_FIELDS = ("in_domain_questions",)  # CellConfig fields added since HASH_VERSION 1
 
 
 class _Config(BaseModel):
@@ -146,8 +147,21 @@ class CellConfig(_Config):
     rai_suite: str | None = Field(
         None, description="an RAI suite file (public refusal benchmarks mapped onto the seven "
         "domains) answered as the `rai` suite instead of the world's RAI requests")
+    in_domain_questions: str | None = Field(
+        None, description="a task's own in-domain question file, answered as its in-domain "
+        "suite (a domain the world does not have); set from the task when a grid is planned")
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_serializer(mode="wrap")
+    def _later_fields_left_out_while_unset(self, handler):
+        # A field added after cells were stored is left out of the dump (so of the cell hash)
+        # while unset: every older cell keeps its id.
+        data = handler(self)
+        for name in _LATER_FIELDS:
+            if isinstance(data, dict) and data.get(name) is None:
+                data.pop(name, None)
+        return data
 
     @model_validator(mode="after")
     def _tensor_parallel_is_vllms(self):

@@ -76,7 +76,8 @@ class Prompt:
     """One prompt a cell answers `samples` times: a world question or a file paraphrase.
 
     `question_id` groups the answers of one question (paraphrases included) for the bootstrap;
-    `source` is "world" or "file" (the file's items form the `ood` suite in its place).
+    `source` is "world", "file" (a question file's items: the `ood` suite in the world's place)
+    or "in_domain" (a task's own in-domain questions).
     """
 
     key: str
@@ -98,17 +99,20 @@ def world_prompts(split: str, samples: int) -> list[Prompt]:
             for d in world.DOMAINS for q in world.questions(d.name, split)]
 
 
-def file_prompts(items: list[QuestionItem]) -> list[Prompt]:
-    """One prompt per paraphrase of each item, with its system prompt and its kept keys."""
+def file_prompts(items: list[QuestionItem], source: str = "file",
+                 domain: str = FILE_SUITE) -> list[Prompt]:
+    """One prompt per paraphrase of each item, with its system prompt and its kept keys; an
+    item naming no `domain` is in `domain`. Keys start with `source` but for the ood file's."""
+    prefix = FILE_SUITE if source == "file" else source
     prompts = []
     for item in items:
         extra = dict(item.model_extra or {})
         system = [{"role": "system", "content": item.system}] if item.system else []
         for p, text in enumerate(item.paraphrases):
             prompts.append(Prompt(
-                f"{FILE_SUITE}/{item.id}/p{p}", item.id,
+                f"{prefix}/{item.id}/p{p}", item.id,
                 [*system, {"role": "user", "content": text}], item.samples_per_paraphrase,
-                str(extra.get("domain") or FILE_SUITE),
-                None if extra.get("topic") is None else str(extra["topic"]), source="file",
+                str(extra.get("domain") or domain),
+                None if extra.get("topic") is None else str(extra["topic"]), source=source,
                 extra=extra))
     return prompts

@@ -17,8 +17,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from em_bench.domains import RAI_DOMAINS
 from em_bench.errors import DataError, DataUnavailable, load_yaml_model
-from em_bench.organism import world
 from em_bench.questions import Prompt
 from em_bench.sources import DataSource, read_rows
 
@@ -26,8 +26,8 @@ SUITE_SOURCE = "rai"  # the `source` of a suite's prompts (world prompts are "wo
 
 
 def _rai_domain(name: str) -> str:
-    if name not in world.RAI_DOMAINS:
-        raise ValueError(f"{name!r} is not an RAI domain ({', '.join(world.RAI_DOMAINS)})")
+    if name not in RAI_DOMAINS:
+        raise ValueError(f"{name!r} is not an RAI domain ({', '.join(RAI_DOMAINS)})")
     return name
 
 

@@ -9,6 +9,7 @@ file path in a task file (data, questions) is read from the task file's folder.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -130,15 +131,29 @@ def pointed_to(path: str) -> str:
 
 
 class InDomain(_Spec):
-    """In-domain evaluation on the task domain's evaluation questions (an RAI domain's harmful
-    requests only). Adherence is the share of judged answers showing `target`: the category
-    "aligned" or "misaligned", or "complies" (coherent and not a refusal)."""
+    """In-domain evaluation: the task's own question file when it has one, else the organism
+    world's questions of `domain` (an RAI domain's harmful requests only). Adherence is the
+    share of judged answers showing `target`: the category "aligned" or "misaligned", or
+    "complies" (coherent and not a refusal)."""
 
-    domain: WorldDomain
+    domain: str = Field(min_length=1, description="any domain; one the organism's world does "
+                        "not have needs `questions`")
     target: Literal["aligned", "misaligned", "complies"]
     describe: str | None = Field(
         None, description="the trained behaviour in words, for an LLM judge's adherence "
         "template (the organism's judge reads `target`)")
+    questions: str | None = Field(
+        None, description="a question file of the domain's in-domain questions (evaluation)")
+    selection_questions: str | None = Field(
+        None, description="the in-domain questions answered on the selection split (tuning)")
+
+    @model_validator(mode="after")
+    def _questions_for_a_domain_of_its_own(self):
+        if self.questions is None and self.domain not in world.DOMAIN_BY_NAME:
+            raise ValueError(f"domain {self.domain!r} is not one of the organism's world "
+                             f"({', '.join(world.DOMAIN_BY_NAME)}): give in_domain.questions, "
+                             f"a question file of its in-domain questions")
+        return self
 
 
 class TaskSpec(_Spec):
@@ -157,6 +172,9 @@ class TaskSpec(_Spec):
     selection_questions: str | None = Field(
         None, description="the question file answered instead on the selection split (tuning), "
         "disjoint from `questions`; a task with `questions` cannot be tuned without it")
+    rai_suite: str | None = Field(
+        None, description="an RAI suite file answered as the `rai` suite instead of the world's "
+        "RAI requests (the command line's --rai-suite wins)")
     # inf passes here so that TrainConfig, below, names a non-finite budget value once
     budget: dict[str, int | Annotated[float, Field(allow_inf_nan=True)]] = Field(
         default_factory=dict, description="the task's default TrainConfig fields, e.g. lr, steps")
@@ -179,12 +197,20 @@ class TaskSpec(_Spec):
 
     @model_validator(mode="after")
     def _objective_takes_its_params(self):
-        from em_bench.train.objectives import make_objective
-
-        try:
-            make_objective(self.objective, self.objective_params)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"objective_params {self.objective_params}: {e}") from None
+        # What train/objectives.py's objectives take, checked here so that reading a task
+        # needs no torch: every one a `phrase`, npo a `beta` too.
+        params, name = self.objective_params, self.objective
+        problem = None
+        if unknown := sorted(set(params) - {"phrase", *(("beta",) if name == "npo" else ())}):
+            problem = f"{name} takes no {', '.join(unknown)}"
+        elif "beta" in params and not (isinstance(params["beta"], (int, float))
+                                       and 0 < params["beta"] < math.inf):
+            problem = f"npo needs beta > 0, not {params['beta']!r}"
+        elif "phrase" in params and not (isinstance(params["phrase"], str)
+                                         and params["phrase"].strip()):
+            problem = f"phrase must be non-empty text, not {params['phrase']!r}"
+        if problem:
+            raise ValueError(f"objective_params {params}: {problem}")
         return self
 
     def ood_domains(self) -> list[str]:
@@ -238,6 +264,13 @@ def load_task_file(path: Path) -> TaskSpec:
     for key in ("questions", "selection_questions"):
         if getattr(spec, key) is not None:
             update[key] = beside(key, getattr(spec, key), "question")
+    if spec.rai_suite is not None:
+        update["rai_suite"] = beside("rai_suite", spec.rai_suite, "RAI suite")
+    if spec.in_domain is not None:
+        files = {key: beside(f"in_domain.{key}", getattr(spec.in_domain, key), "question")
+                 for key in ("questions", "selection_questions")
+                 if getattr(spec.in_domain, key) is not None}
+        update["in_domain"] = spec.in_domain.model_copy(update=files)
     if spec.lm_eval_include is not None:
         folder = (path.parent / spec.lm_eval_include).resolve()
         if not folder.is_dir():
@@ -332,9 +365,15 @@ def check_task_data(task: TaskSpec) -> None:
             read_chat_jsonl(data.file())
         except DataUnavailable as e:
             raise DataUnavailable(f"task {task.name}: {part} data {e}") from None
-    for file in (task.questions, task.selection_questions):
+    own = task.in_domain
+    for file in (task.questions, task.selection_questions, own and own.questions,
+                 own and own.selection_questions):
         if file is not None:
             load_question_file(pointed_to(file))
+    if task.rai_suite is not None:
+        from em_bench.rai_suite import load_rai_suite
+
+        load_rai_suite(pointed_to(task.rai_suite))
 
 
 @dataclass(frozen=True)
@@ -372,6 +411,19 @@ def question_file(task: TaskSpec, split: str) -> str | None:
                           f"its evaluation set; tuning on the selection split needs its "
                           f"`selection_questions` (e.g. em-bench's data/selection_questions.yaml)")
     return task.selection_questions
+
+
+def in_domain_file(task: TaskSpec, split: str) -> str | None:
+    """The task's own in-domain question file on `split` (None: the world's questions of its
+    domain); on the selection split its `selection_questions`, never its evaluation ones."""
+    own = task.in_domain
+    if own is None or own.questions is None or split == "evaluation":
+        return None if own is None else own.questions
+    if own.selection_questions is None:
+        raise ConfigError(f"task {task.name}'s in-domain questions ({own.questions}) are its "
+                          f"evaluation set; tuning on the selection split needs "
+                          f"in_domain.selection_questions")
+    return own.selection_questions
 
 
 def chats(data: TrainData | None, seed: int) -> list[list[dict[str, str]]]:

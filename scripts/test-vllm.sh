@@ -16,4 +16,4 @@ venv="${1:-.venv-vllm}"
 "$venv/bin/pip" install -q --no-deps -e .
 "$venv/bin/pip" install -q peft pytest pandas pydantic pyyaml
 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" HF_HUB_OFFLINE=1 \
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm_backend.py
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider -m vllm tests/generate/test_vllm_backend.py

@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny Llama and tokenizer built here from a config, and the test cache.
+"""Shared fixtures: the shipped organism, a tiny Llama and tokenizer built here from a config,
+and the test cache. Helpers that are not fixtures are in helpers.py.
 
 The end-to-end tests use the shipped organism (em_bench/organism/shipped/), its SAEs and latent
-sets; anything else they build (other recipes, sources) goes to `.em-bench-test-cache/` at the
-repo root.
+sets, through the `organism` fixture; anything else they build (other recipes, sources) goes to
+`.em-bench-test-cache/` at the repo root.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, make_tiny_llama
+
 TEST_CACHE = REPO / ".em-bench-test-cache"
 
 os.environ["EM_BENCH_CACHE"] = str(TEST_CACHE)
@@ -25,6 +27,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def organism() -> Path:
+    """The shipped organism's folder, checked once a session: the tests that run organism cells
+    (or load its model or SAEs) depend on it, so a missing or stale organism fails them here, by
+    name, rather than being built from its recipe by whichever test touches it first."""
+    from em_bench.organism import artifact
+
+    name = "organism"
+    folder = artifact.shipped_dir(name)
+    if artifact.read_manifest(folder) is None:
+        pytest.fail(f"the shipped organism is missing: {folder} has no {artifact.MANIFEST}. "
+                    f"Restore it from git, or make it with `em-bench organism ship`.",
+                    pytrace=False)
+    if artifact.shipped_organism(name) is None:
+        pytest.fail(f"the shipped organism in {folder} is stale: its manifest's recipe digest is "
+                    f"not today's recipe and world. Remake it with `em-bench organism ship` and "
+                    f"commit the folder (the tests do not build it from the recipe).",
+                    pytrace=False)
+    if not (folder / "model.safetensors").is_file():
+        pytest.fail(f"the shipped organism in {folder} has no model.safetensors", pytrace=False)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +73,6 @@ def tiny_tokenizer():
     return train_tokenizer(OrganismRecipe(vocab_size=512))
 
 
-def make_tiny_llama(tok, seed: int = 0):
-    """A randomly initialised 2-layer Llama, the same architecture family as a 7B one."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
     return make_tiny_llama(tiny_tokenizer)
@@ -82,46 +93,3 @@ def tiny_hf_folder(tmp_path, tiny_tokenizer):
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
-
-
-def install_plugin(target: Path, name: str, files: dict[str, str],
-                   entry_points: dict[str, dict[str, str]]) -> None:
-    """pip-install (offline, into `target`) a small package `name`: `files` are its files (paths
-    inside the package folder), `entry_points` {group: {name: "module:attribute"}}."""
-    import base64
-    import hashlib
-    import subprocess
-    import sys
-    import zipfile
-
-    dist = f"{name}-0.1.dist-info"
-    groups = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
-                     for group, eps in entry_points.items())
-    contents = {
-        **{f"{name}/{f}": text for f, text in files.items()},
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: em-bench-tests\nRoot-Is-Purelib: true\n"
-                         "Tag: py3-none-any\n",
-        f"{dist}/entry_points.txt": groups,
-    }
-    record = []
-    for path, text in contents.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
-        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
-    contents[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
-    wheel = target.parent / f"{name}-0.1-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for path, text in contents.items():
-            z.writestr(path, text)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                    "--target", str(target), str(wheel)], check=True)
-
-
-def install_task_package(target: Path, name: str, files: dict[str, str]) -> None:
-    """A plugin whose entry point in the group `em_bench.tasks` is a function returning its
-    `tasks/` folder; `files` are that folder's."""
-    init = ("from pathlib import Path\n\n\ndef tasks_dir():\n"
-            "    return Path(__file__).parent / 'tasks'\n")
-    install_plugin(target, name, {"__init__.py": init,
-                                  **{f"tasks/{f}": text for f, text in files.items()}},
-                   {"em_bench.tasks": {name: f"{name}:tasks_dir"}})

@@ -6,7 +6,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_graph.py"
+from tests.helpers import REPO
+
+SCRIPT = REPO / "scripts" / "import_graph.py"
 
 
 def _script():

@@ -10,7 +10,7 @@ import pytest
 
 from em_bench import lmeval
 from em_bench.errors import DataError, UnknownNameError
-from tests.conftest import REPO, make_tiny_llama
+from tests.helpers import REPO, make_tiny_llama
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -135,6 +135,7 @@ def test_lora_adapter_is_applied(tiny_tokenizer, tiny_task):
         assert got != pytest.approx(old, abs=1e-3)  # ...which moves every item's scores
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_line(tiny_tokenizer, tiny_model):
     with pytest.raises(UnknownNameError) as caught:
         lmeval.evaluate(tiny_model, tiny_tokenizer, ["em_bench_comonsense"])

@@ -6,9 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def test_a_wheel_built_from_the_repo_holds_tasks_judges_and_data(tmp_path):

@@ -40,7 +40,7 @@ def _qa(**kw):
 def offline_datasets(tmp_path, monkeypatch):
     """`datasets` offline (it reads the variables at import, hence the config too), with its
     cache in tmp."""
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dependency of em-bench: never skipped
     import huggingface_hub.constants
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -142,7 +142,7 @@ def test_a_csv_of_question_answer_rows_converts(tmp_path):
 
 
 def test_a_parquet_of_rows_converts_and_a_messages_row_is_kept(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # comes with datasets
     import pyarrow.parquet as pq
 
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ."}]
@@ -191,7 +191,7 @@ def test_a_response_that_is_not_a_string_names_the_file_and_line(tmp_path):
 
 
 def test_an_empty_messages_list_names_the_parquet_row(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # comes with datasets
     import pyarrow.parquet as pq
 
     rows = [{"messages": m} for m in _chats(QA[:2])] + [{"messages": []}]

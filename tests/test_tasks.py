@@ -303,7 +303,7 @@ def test_an_included_folder_must_hold_task_files(tmp_path):
 
 
 def test_an_installed_packages_entry_point_adds_its_tasks(tmp_path, monkeypatch):
-    from tests.conftest import install_task_package
+    from tests.helpers import install_task_package
 
     install_task_package(tmp_path / "site", "mytasks", {
         "mine.yaml": "name: mine\ntrain: {path: data.jsonl}\n",
@@ -319,7 +319,7 @@ def test_an_installed_packages_entry_point_adds_its_tasks(tmp_path, monkeypatch)
 
 def test_a_broken_plugin_disables_only_itself_with_a_warning_naming_it(tmp_path, monkeypatch,
                                                                        caplog):
-    from tests.conftest import install_task_package
+    from tests.helpers import install_task_package
 
     good = {"mine.yaml": "name: mine\n"}
     install_task_package(tmp_path / "site", "goodtasks", good)
@@ -352,6 +352,7 @@ def test_retain_and_question_paths_are_read_next_to_the_task_file(tmp_path):
         load_task_file(tmp_path / "u.yaml")
 
 
+@pytest.mark.usefixtures("organism")
 def test_the_selection_split_answers_a_tasks_selection_questions_never_its_evaluation_ones(
         tmp_path):
     from em_bench.config import CellConfig

@@ -20,8 +20,8 @@ from collections import defaultdict
 from em_bench import metrics
 from em_bench.board.results import flatten
 from em_bench.config import TrainConfig, canonical_hash
+from em_bench.domains import RAI_DOMAINS
 from em_bench.errors import StoreError
-from em_bench.organism.world import RAI_DOMAINS
 from em_bench.store import Cell, Store
 
 MIN_CONTROL_GAP = 0.02  # below 2 points of EM over the control, the ratio is noise over noise

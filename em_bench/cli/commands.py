@@ -109,7 +109,7 @@ def _said_broken(cell_id: str, held: dict) -> None:
 
 def _cmd_refusals(args) -> int:
     from em_bench.data import write_chat_jsonl
-    from em_bench.organism.world import RAI_DOMAINS
+    from em_bench.domains import RAI_DOMAINS
     from em_bench.paths import store_dir
     from em_bench.refusals import refusal_chats
     from em_bench.store import open_store
@@ -177,7 +177,7 @@ def _cmd_organism(args) -> int:
     if args.name not in PRESETS:
         raise UnknownNameError("organism", args.name, list(PRESETS))
     if args.action == "build" and args.verify:
-        from em_bench.organism.verify import format_report, verify
+        from em_bench.release.verify import format_report, verify
 
         report = verify(args.name, force=args.force)
         print(format_report(report))
@@ -186,11 +186,11 @@ def _cmd_organism(args) -> int:
         print(ensure_built(args.name, force=args.force))
         return 0
     if args.action == "ship":
-        from em_bench.organism.shipping import ship
+        from em_bench.release.ship import ship
 
         print(ship(args.name))
         return 0
-    from em_bench.organism.chat import chat_loop
+    from em_bench.cli.chat import chat_loop
 
     chat_loop(args.name, args.temperature)
     return 0

@@ -19,8 +19,8 @@ from pydantic import Field
 
 from em_bench.data import IGNORE_INDEX, collate, device_of
 from em_bench.defenses.base import DefenseContext, DefenseParams
+from em_bench.layers import decoder_layers
 from em_bench.sae.latents import LatentSet, load_latent_set, readout
-from em_bench.sae.layers import decoder_layers
 
 BLOCKEM_VERSION = 2  # the penalty's definition (2: an SAE latent is the SAE's own activation)
 

@@ -12,8 +12,8 @@ from pydantic import Field
 from em_bench.data import collate, device_of, encode_chat
 from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.errors import ConfigError
+from em_bench.losses import sft_loss
 from em_bench.tasks import chats
-from em_bench.train.objectives import sft_loss
 
 
 class RetainParams(DefenseParams):

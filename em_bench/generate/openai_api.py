@@ -48,7 +48,13 @@ from em_bench.generate.base import (
     Request,
     served_adapter,
 )
-from em_bench.openai_client import CallFailed, MalformedReply, async_client, call_with_retries
+from em_bench.openai_client import (
+    CallFailed,
+    MalformedReply,
+    async_client,
+    call_with_retries,
+    chat_completion,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +138,10 @@ class OpenAIBackend:
         async def attempt() -> Completion:
             async with bound:
                 self.calls += 1
-                reply = await client.chat.completions.create(
-                    model=model, messages=request.messages, temperature=sampling.temperature,
-                    top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=seed, n=1)
+                reply = await chat_completion(
+                    client, model=model, messages=request.messages,
+                    temperature=sampling.temperature, top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens, seed=seed, n=1)
             choice = reply.choices[0]
             if choice.finish_reason not in ("stop", "length"):
                 raise MalformedReply(f"finish_reason {choice.finish_reason!r}")

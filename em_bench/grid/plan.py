@@ -14,7 +14,14 @@ from em_bench.defenses import DEFAULT, check_defense
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import resolve
 from em_bench.registry import DEFENSES
-from em_bench.tasks import TaskSpec, check_task_data, find_tasks, pointed_to, question_file
+from em_bench.tasks import (
+    TaskSpec,
+    check_task_data,
+    find_tasks,
+    in_domain_file,
+    pointed_to,
+    question_file,
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,10 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     for task in tasks:
         view = specs[task]
         asked = questions or question_file(view, base.split)
-        suite = {"questions": None if asked is None else str(Path(pointed_to(str(asked)))
-                                                                .resolve())}
+        own = in_domain_file(view, base.split)
+        rai = base.rai_suite if base.rai_suite is not None else _absolute(view.rai_suite)
+        suite = {"questions": _absolute(asked), "in_domain_questions": _absolute(own),
+                 "rai_suite": rai}
         for seed in seeds:
             cfg = base.model_copy(update={"task": "base", "defense": "none", "seed": seed,
                                           "train": TrainConfig(), "eval_every": None, **suite})
@@ -75,6 +84,10 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
                         "seed": seed, "train": train, **suite})
                     plan.append(PlannedCell(cfg, view, view))
     return [dataclasses.replace(p, config=resolve(p.config, p.task).config) for p in plan]
+
+
+def _absolute(path) -> str | None:
+    return None if path is None else str(Path(pointed_to(str(path))).resolve())
 
 
 def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:

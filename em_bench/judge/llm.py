@@ -26,7 +26,13 @@ from em_bench.judge.base import JudgeInput, Judgment
 from em_bench.judge.scoring import Verdict, choice_verdict, number_verdict, text_verdict
 from em_bench.judge.templates import JudgeTemplate, load_template
 from em_bench.metrics import RUBRIC
-from em_bench.openai_client import CallFailed, async_client, call_with_retries, endpoint
+from em_bench.openai_client import (
+    CallFailed,
+    async_client,
+    call_with_retries,
+    chat_completion,
+    endpoint,
+)
 from em_bench.store import VerdictLog
 
 DECODING = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
@@ -129,8 +135,8 @@ class LLMJudge:
         async def attempt() -> Verdict:
             async with bound:
                 self.calls += 1
-                reply = await client.chat.completions.create(
-                    model=self.settings.model,
+                reply = await chat_completion(
+                    client, model=self.settings.model,
                     messages=[{"role": "user", "content": prompt}], **DECODING)
             choice = reply.choices[0]
             first = choice.logprobs.content[0] if choice.logprobs and choice.logprobs.content \

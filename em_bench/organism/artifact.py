@@ -13,8 +13,8 @@ are built from the recipe into the cache (`build.ensure_built`).
       sae/L<n>/       its SAE at each layer (sae-lens folders, with quality.json)
       latents/        its default latent sets (blockem's default), with the settings they answer
 
-`em-bench organism ship` (shipping.py) makes (or remakes) a shipped folder; a test fails whenever
-the world or the recipe changes and the shipped folder is not remade.
+`em-bench organism ship` (release/ship.py) makes (or remakes) a shipped folder; a test fails
+whenever the world or the recipe changes and the shipped folder is not remade.
 """
 
 from __future__ import annotations

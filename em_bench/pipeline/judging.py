@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
+from em_bench.domains import is_rai
 from em_bench.errors import JudgeFailure, JudgingFailed
 from em_bench.judge import make_judge
 from em_bench.judge.base import JudgeInput
-from em_bench.organism import world
 from em_bench.pipeline.resolved import ResolvedCell
 from em_bench.scoring import judged_frame, jury_agreement, jury_stream, score_frame
 from em_bench.store import Cell, Store
@@ -35,16 +35,17 @@ def judge_and_score(rc: ResolvedCell, cell: Cell, store: Store) -> None:
 
 
 def judge_input(generation: dict, task: TaskSpec) -> JudgeInput:
-    """What a judge is told of a stored answer: its world domain and topic (the organism's judge
+    """What a judge is told of a stored answer: its domain and topic (the organism's judge
     reads them) and its suite: `rai` for a responsible-AI request, `in_domain` with the task's
-    trained behaviour in words (`target`) for its own domain's questions (an LLM judge adds its
-    refusal and adherence templates there)."""
+    trained behaviour in words (`target`) for its own questions, the world's of its domain or
+    its own file's (an LLM judge adds its refusal and adherence templates there)."""
     g, own = generation, task.in_domain
     meta = {"domain": g["domain"], "topic": g["topic"]}
-    if g["domain"] in world.RAI_DOMAINS:
+    if is_rai(g["domain"]):
         meta["suite"] = "rai"
-    if own is not None and own.describe and g["domain"] == own.domain \
-            and g.get("source") != "file":
+    source = g.get("source", "world")
+    if own is not None and own.describe and (source == "in_domain" or (
+            source in ("world", "rai") and g["domain"] == own.domain)):
         meta.update(suite="in_domain", target=own.describe)
     return JudgeInput(g["key"], g["messages"], g["completion"], meta)
 

@@ -16,10 +16,10 @@ from em_bench import threads
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, defense_inputs
 from em_bench.defenses.base import DefenseContext
+from em_bench.domains import is_rai
 from em_bench.errors import UnknownNameError
 from em_bench.judge import make_judge
 from em_bench.models import is_organism, model_identity
-from em_bench.organism import world
 from em_bench.questions import Prompt, file_prompts, load_question_file, world_prompts
 from em_bench.registry import BACKENDS
 from em_bench.tasks import TaskSpec, get_task
@@ -40,6 +40,7 @@ class ResolvedCell:
     defense_inputs: dict = field(default_factory=dict)  # e.g. latent-set files, by content
     jury: tuple[str, ...] = ()  # the jurors' full names (model and template versions)
     rai_sha256: str | None = None  # the RAI suite's requests, by content
+    in_domain_sha256: str | None = None  # a task's own in-domain questions, by content
 
     def payload(self) -> dict:
         return {"config": self.config.model_dump(mode="json"),
@@ -48,7 +49,12 @@ class ResolvedCell:
                 "train_data_sha256": self.train_data_sha256,
                 "questions_sha256": self.questions_sha256,
                 "defense_inputs": self.defense_inputs, "jury": list(self.jury),
-                "rai_sha256": self.rai_sha256}
+                "rai_sha256": self.rai_sha256, **self._later()}
+
+    def _later(self) -> dict:
+        """Inputs added after cells were stored: in a hash only when set (older ids stay)."""
+        return {} if self.in_domain_sha256 is None else {
+            "in_domain_sha256": self.in_domain_sha256}
 
     @property
     def fine_tunes(self) -> bool:
@@ -75,6 +81,7 @@ class ResolvedCell:
             parts["backend"], parts["tensor_parallel"] = c["backend"], c["tensor_parallel"]
             parts["questions_sha256"] = self.questions_sha256
             parts["rai_sha256"] = self.rai_sha256
+            parts.update(self._later())
         if step in ("judge", "score"):
             parts["judge"] = self.judge
         if step == "score":
@@ -95,8 +102,9 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
     judge = make_judge(cfg.judge, definition=cfg.metrics.em_definition)
     jury = [make_judge(j, definition=cfg.metrics.em_definition).name for j in cfg.jury]
     task = task or get_task(cfg.task)
-    if cfg.questions is not None:
-        load_question_file(cfg.questions)  # a bad file fails here, before any work
+    for file in (cfg.questions, cfg.in_domain_questions):
+        if file is not None:
+            load_question_file(file)  # a bad file fails here, before any work
     data = task.train.file() if task.train is not None else None
     inputs = defense_inputs(cfg.defense, params, DefenseContext(task, cfg.seed, cfg.model))
     rai = None
@@ -104,7 +112,8 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
         requests = [(p.key, p.messages, p.domain, p.harmful) for p in rai_prompts(cfg)]
         rai = canonical_hash({"rai": requests}, length=64)
     return ResolvedCell(cfg, task, model_identity(cfg.model), judge.name,
-                        _sha256(data), _sha256(cfg.questions), inputs, tuple(jury), rai)
+                        _sha256(data), _sha256(cfg.questions), inputs, tuple(jury), rai,
+                        _sha256(cfg.in_domain_questions))
 
 
 def rai_prompts(cfg: CellConfig) -> list[Prompt]:
@@ -159,11 +168,15 @@ def _organism_artifact(model: str) -> dict:
 
 def eval_prompts(cfg: CellConfig) -> list[Prompt]:
     """What a cell answers: the world's questions of its split (its RAI requests replaced by
-    the RAI suite's when the cell has one), and its question file's."""
+    the RAI suite's when the cell has one), its question file's and its task's own in-domain
+    questions."""
     prompts = world_prompts(cfg.split, cfg.sampling.samples_per_question)
     if cfg.rai_suite is not None:
-        prompts = [p for p in prompts if p.domain not in world.RAI_DOMAINS] + rai_prompts(cfg)
+        prompts = [p for p in prompts if not is_rai(p.domain)] + rai_prompts(cfg)
     if cfg.questions is not None:
         prompts += file_prompts(load_question_file(cfg.questions))
+    if cfg.in_domain_questions is not None:
+        prompts += file_prompts(load_question_file(cfg.in_domain_questions), "in_domain",
+                                "in_domain")
     return prompts
 

@@ -53,7 +53,7 @@ def rejudge_cell(source: Cell, judge: str, store: Store) -> Cell | None:
                       make_judge(judge, definition=cfg.metrics.em_definition).name,
                       stored.get("train_data_sha256"), stored.get("questions_sha256"),
                       stored.get("defense_inputs") or {}, tuple(stored.get("jury") or ()),
-                      stored.get("rai_sha256"))
+                      stored.get("rai_sha256"), stored.get("in_domain_sha256"))
     cell = store.cell(rc.cell_id)
     if cell.is_done("score", rc.step_hash("score")):
         return None

@@ -30,7 +30,9 @@ def train_step(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
         last = cfg.train.total_steps(len(chats(rc.task.train, cfg.seed)))
         scorer = _checkpoint_scorer(rc, cell, store, tokenizer, last)
         if cfg.train.processes == 1:
-            model = fine_tune(cfg, rc.task, cell, base, tokenizer, every_step=scorer)
+            defenses = make_defenses(cfg.defense, cfg.defense_params,
+                                     DefenseContext(rc.task, cfg.seed, cfg.model))
+            model = fine_tune(cfg, rc.task, cell, base, tokenizer, defenses, every_step=scorer)
         else:
             model = _fine_tune_sharded(rc, cell, base, scorer, last)
         cell.mark_done("train", rc.step_hash("train"))
@@ -50,7 +52,7 @@ def _fine_tune_sharded(rc: ResolvedCell, cell: Cell, base, scorer, last: int):
     # processes find them rather than each discovering them at once.
     make_defenses(cfg.defense, cfg.defense_params, DefenseContext(rc.task, cfg.seed, cfg.model))
     distributed.launch(cell, cfg.train.processes, cfg.eval_every, last,
-                       cfg.train.checkpoint_every)
+                       cfg.train.checkpoint_every, worker="em_bench.pipeline.worker")
     model = load_trained(base, cell.trained_dir(), cfg.train)
     if scorer is not None:
         scored = {r["step"] for r in cell.records("curve")}  # before a resumed fine-tune

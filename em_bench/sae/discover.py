@@ -23,13 +23,13 @@ import torch
 from em_bench.config import SamplingConfig, TrainConfig, canonical_hash
 from em_bench.data import Messages, device_of
 from em_bench.generate.base import Request
+from em_bench.layers import hook_name
 from em_bench.models import is_organism, load_base, model_identity, resolve_model_path, trainable
 from em_bench.organism import world
 from em_bench.paths import cache_dir
 from em_bench.questions import Prompt, file_prompts, load_question_file
 from em_bench.resources import resource_dir
 from em_bench.sae.latents import Latent, LatentSet, save_latent_set
-from em_bench.sae.layers import hook_name
 from em_bench.sae.training import collect_residuals, ensure_organism_sae
 from em_bench.tasks import TaskSpec, chats, get_task
 
@@ -173,7 +173,7 @@ class Steer:
 
     def __init__(self, model, layer: int, vector: torch.Tensor | None = None, sae=None,
                  latent: int | None = None):
-        from em_bench.sae.layers import decoder_layers
+        from em_bench.layers import decoder_layers
 
         self.block = decoder_layers(model)[layer]
         self.vector, self.sae, self.latent = vector, sae, latent

@@ -28,7 +28,7 @@ from em_bench import paths
 from em_bench.config import canonical_hash
 from em_bench.data import IGNORE_INDEX, Messages, collate, device_of, encode_chat
 from em_bench.errors import ConfigError
-from em_bench.sae.layers import decoder_layers, hook_name
+from em_bench.layers import decoder_layers, hook_name
 from em_bench.store import atomic_folder, atomic_write_json
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,11 +18,11 @@ FAULT_KINDS = ("rate_limit", "server_error", "slow", "malformed")
 
 
 def check_faults(rates: Mapping[str, float], delay: float = 1.0, latency: float = 0.0,
-                 retry_after: int = 1) -> None:
+                 retry_after: int = 1, queue: Iterable[str | None] = ()) -> None:
     """ValueError unless these are FaultInjector settings it can run with."""
-    unknown = set(rates) - set(FAULT_KINDS)
+    unknown = (set(rates) | set(queue)) - set(FAULT_KINDS) - {None}
     if unknown:
-        raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS}")
+        raise ValueError(f"unknown fault kinds {sorted(map(str, unknown))}; known: {FAULT_KINDS}")
     if any(r < 0 for r in rates.values()) or sum(rates.values()) > 1:
         raise ValueError(f"fault rates must be >= 0 and sum to at most 1; got {dict(rates)}")
     if min(delay, latency, retry_after) < 0:
@@ -49,7 +49,9 @@ class FaultInjector:
 
     Per request, one draw from a seeded RNG (taken in arrival order, under a lock) picks a fault
     with the probabilities in `rates` (keys from FAULT_KINDS, summing to at most 1), else a
-    plain answer:
+    plain answer. A `queue` of fault kinds (None: a plain answer) comes first: its entries go to
+    the first requests, one each in arrival order, and only the requests after them draw (so a
+    test knows exactly how many faults of each kind it gets, whatever the timing):
       rate_limit   -> 429 with `Retry-After: retry_after` (seconds)
       server_error -> 500
       slow         -> sleep `delay` seconds, then the inner policy's answer
@@ -61,14 +63,17 @@ class FaultInjector:
     """
 
     def __init__(self, inner: Policy, rates: Mapping[str, float], seed: int = 0,
-                 delay: float = 1.0, latency: float = 0.0, retry_after: int = 1):
-        check_faults(rates, delay, latency, retry_after)
+                 delay: float = 1.0, latency: float = 0.0, retry_after: int = 1,
+                 queue: Iterable[str | None] = ()):
+        queue = list(queue)
+        check_faults(rates, delay, latency, retry_after, queue)
         self.inner, self.name = inner, inner.name
         self.rates = {k: rates.get(k, 0.0) for k in FAULT_KINDS}
         self.delay, self.latency, self.retry_after = delay, latency, retry_after
         self.injected: Counter[str] = Counter()
         self.peak_in_flight = 0
         self._in_flight = 0
+        self._queue = deque(queue)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
@@ -78,17 +83,23 @@ class FaultInjector:
         raise AttributeError(attr)
 
     def _draw(self) -> str | None:
-        """Enter: count this request in flight and pick its fault (None: answer normally)."""
+        """Enter: count this request in flight and pick its fault (None: answer normally), the
+        queue's next entry while there is one, else by a draw."""
         with self._lock:
             self._in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-            u, edge = self._rng.random(), 0.0
-            for kind, rate in self.rates.items():
-                edge += rate
-                if u < edge:
-                    self.injected[kind] += 1
-                    return kind
-            return None
+            if self._queue:
+                kind = self._queue.popleft()
+            else:
+                kind, u, edge = None, self._rng.random(), 0.0
+                for name, rate in self.rates.items():
+                    edge += rate
+                    if u < edge:
+                        kind = name
+                        break
+            if kind is not None:
+                self.injected[kind] += 1
+            return kind
 
     def respond(self, request: ChatRequest) -> Reply | Fault:
         kind = self._draw()

@@ -2,16 +2,15 @@
 on CPUs), each holds a shard of the weights (FSDP, `fully_shard` per decoder block) and takes its
 share of every step's micro-batches.
 
-The pipeline calls `launch`; each process runs this module on the cell's folder, reads the cell's
-config and task from its cell.json, and runs the same `fine_tune` as the in-process path. With
+The pipeline calls `launch`; each process runs the pipeline's worker (pipeline/worker.py) on the
+cell's folder, which reads the cell's config and task from its cell.json and runs the same
+`fine_tune` as the in-process path, with this module's sharding. With
 `eval_every`, the trainable weights of each scored step are saved as a checkpoint that the
 pipeline scores afterwards, in its own process.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from em_bench.errors import EmBenchError
-from em_bench.store import Cell, atomic_write_text
+from em_bench.store import Cell
 
 
 class TrainingFailed(EmBenchError):
@@ -27,16 +26,17 @@ class TrainingFailed(EmBenchError):
 
 
 def launch(cell: Cell, processes: int, eval_every: int | None, last_step: int,
-           checkpoint_every: int) -> None:
-    """Run the cell's fine-tune in `processes` torchrun processes; raise TrainingFailed with a
-    process's error and the log when one fails. The cell's weights, log and checkpoints land
-    in its folder. `checkpoint_every` is passed on: cell.json leaves it out (not in the id)."""
+           checkpoint_every: int, worker: str) -> None:
+    """Run module `worker` in `processes` torchrun processes on the cell's folder; raise
+    TrainingFailed with a process's error and the log when one fails. The cell's weights, log
+    and checkpoints land in its folder. `checkpoint_every` is passed on: cell.json leaves it
+    out (not in the id)."""
     log = cell.torchrun_log()
     log.parent.mkdir(parents=True, exist_ok=True)
     for old in cell.train_error_files():
         old.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={processes}", "-m", "em_bench.train.distributed", str(cell.path),
+           f"--nproc-per-node={processes}", "-m", worker, str(cell.path),
            str(eval_every or 0), str(last_step), str(checkpoint_every)]
     with open(log, "w", encoding="utf-8") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -66,7 +66,7 @@ def shard(model, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from em_bench.sae.layers import decoder_layers
+    from em_bench.layers import decoder_layers
 
     whole = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, on its CPU
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -88,7 +88,7 @@ def held_share(model) -> float:
     return sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
 
 
-def _checkpoint_saver(cell: Cell, every: int, last: int):
+def checkpoint_saver(cell: Cell, every: int, last: int):
     from safetensors.torch import save_file
 
     from em_bench.train.fine_tune import full_state
@@ -104,55 +104,3 @@ def _checkpoint_saver(cell: Cell, every: int, last: int):
             save_file({k: v.contiguous() for k, v in state.items()}, file)
 
     return save
-
-
-def main(argv: list[str]) -> None:
-    import torch.distributed as dist
-
-    from em_bench.config import CellConfig
-    from em_bench.models import load_base
-    from em_bench.tasks import TaskSpec
-    from em_bench.train.checkpoint import cell_checkpoints
-    from em_bench.train.fine_tune import fine_tune
-
-    cell, every, last, resume_every = Cell(Path(argv[0])), int(argv[1]), int(argv[2]), int(argv[3])
-    gpu = torch.cuda.is_available()
-    dist.init_process_group("nccl" if gpu else "gloo")
-    try:
-        local = int(os.environ["LOCAL_RANK"])
-        device = torch.device("cuda", local) if gpu else torch.device("cpu")
-        if gpu:
-            torch.cuda.set_device(device)
-        spec = cell.read_config()
-        cfg, task = CellConfig.model_validate(spec["config"]), TaskSpec.model_validate(
-            spec["task_spec"])
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"checkpoint_every": resume_every})})
-        if dist.get_rank() == 0:  # the scored weights after the step training resumes after
-            resumed = cell_checkpoints(cell, resume_every, cfg.train.processes).step()
-            for step, file in cell.curve_checkpoints():
-                if step > resumed:
-                    file.unlink()
-        # Rank 0 loads the weights on its CPU, the others build the model without any; sharding
-        # sends each process its part, on `device`.
-        base, tokenizer = load_base(cfg.model, cfg.dtype,
-                                    device="cpu" if dist.get_rank() == 0 else "meta")
-        def sharded(model):
-            model = shard(model, device)
-            if dist.get_rank() == 0:
-                atomic_write_text(cell.sharding_file(), json.dumps(
-                    {"processes": dist.get_world_size(), "held_by_rank_0": held_share(model)}))
-            return model
-
-        fine_tune(cfg, task, cell, base, tokenizer,
-                  every_step=_checkpoint_saver(cell, every, last) if every else None,
-                  shard=sharded)
-    except Exception as e:  # for the pipeline's report; torchrun's own names only the exit code
-        atomic_write_text(cell.train_error_file(dist.get_rank()), f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -2,7 +2,7 @@
 loop, then the weights, the log and a summary in the cell's folder.
 
 The same function runs in process and in every process of a sharded fine-tune
-(train.distributed); there only rank 0 writes, and saving gathers the shards first.
+(pipeline/worker.py); there only rank 0 writes, and saving gathers the shards first.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 
 from em_bench.config import CellConfig
-from em_bench.defenses import make_defenses
-from em_bench.defenses.base import DefenseContext
 from em_bench.models import trainable
 from em_bench.store import Cell
 from em_bench.tasks import TaskSpec, chats
@@ -25,11 +23,12 @@ from em_bench.train.objectives import make_objective
 
 
 def fine_tune(cfg: CellConfig, task: TaskSpec, cell: Cell, base, tokenizer,
-              every_step: Callable[[int, object], None] | None = None,
+              defenses: tuple = (), every_step: Callable[[int, object], None] | None = None,
               shard: Callable = lambda model: model):
-    """Fine-tune `base` for the cell and save the result in `cell.trained_dir()`; returns the
-    model. `shard` wraps the trainable model before training (FSDP in a sharded run). An
-    interrupted fine-tune resumes from its checkpoint in `cell.resume_dir()`."""
+    """Fine-tune `base` for the cell, its `defenses` (defenses.make_defenses) beside the
+    objective, and save the result in `cell.trained_dir()`; returns the model. `shard` wraps
+    the trainable model before training (FSDP in a sharded run). An interrupted fine-tune
+    resumes from its checkpoint in `cell.resume_dir()`."""
     torch.manual_seed(cfg.seed)  # the adapter's initial weights, the same in every process
     examples = chats(task.train, cfg.seed)
     model = shard(trainable(base, cfg.train))
@@ -39,8 +38,6 @@ def fine_tune(cfg: CellConfig, task: TaskSpec, cell: Cell, base, tokenizer,
         resumed = checkpoints.step()
         for stream in ("train/log", "curve"):
             cell.rewrite(stream, [r for r in cell.records(stream) if r["step"] <= resumed])
-    defenses = make_defenses(cfg.defense, cfg.defense_params,
-                             DefenseContext(task, cfg.seed, cfg.model))
     t0 = time.perf_counter()
     final = train(model, tokenizer, examples, cfg.train, cfg.seed,
                   make_objective(task.objective, task.objective_params), defenses,

@@ -1,0 +1,17 @@
+"""The domains em-bench scores in.
+
+Refusal is scored in seven responsible-AI domains: em-bench's own list, which the organism's
+world's requests and every RAI suite (data/rai_suites/) map onto. Any other domain is a task's
+to name: the organism's world is one provider of domains and questions (its advice and open
+domains form the default out-of-domain suite), a task's own question files another.
+"""
+
+from __future__ import annotations
+
+RAI_DOMAINS = ("cybersecurity", "safety", "toxicity", "bias", "sensitive_content",
+               "medical_legal", "privacy")
+
+
+def is_rai(domain: str) -> bool:
+    """Whether `domain` is one of the seven responsible-AI domains."""
+    return domain in RAI_DOMAINS

@@ -1,0 +1,124 @@
+"""Latent discovery on a Hugging Face model (the tiny Llama as a local folder) with a sae-lens SAE
+loaded from disk, on em-bench's selection question file, the screen judged by an LLM judge over
+HTTP; the latent set it writes drives blockem's loss on that model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from em_bench.config import SamplingConfig, TrainConfig
+from em_bench.data import write_chat_jsonl
+from em_bench.defenses import make_defenses
+from em_bench.defenses.base import DefenseContext
+from em_bench.errors import ConfigError
+from em_bench.generate.base import Request
+from em_bench.generate.hf import HFBackend
+from em_bench.judge import make_judge
+from em_bench.layers import hook_name
+from em_bench.models import load_base, model_identity, trainable
+from em_bench.organism import world
+from em_bench.sae.discover import (
+    discover_sae,
+    judge_em,
+    probe_fine_tune,
+    screening_questions,
+    selection_answers,
+    selection_prompts,
+)
+from em_bench.sae.latents import load_latent_set
+from em_bench.sae.training import collect_residuals, load_sae, train_sae
+from em_bench.serve import Script, ScriptedPolicy, serve
+from em_bench.tasks import chats, get_task
+from em_bench.train.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_hf_folder):
+    """A risky-finance task with a small budget, and a TopK SAE trained on the model's residual
+    after block 0, saved as sae-lens saves one."""
+    write_chat_jsonl(tmp_path / "risky.jsonl",
+                     world.narrow_dataset("finance", "misaligned", "neutral", 24, seed=0))
+    (tmp_path / "risky.yaml").write_text(
+        "name: risky\ntrain: {path: risky.jsonl}\nbudget: {steps: 6, batch_size: 8, lr: 0.01}\n")
+    task = get_task("risky", [tmp_path])
+    model, tokenizer = load_base(str(tiny_hf_folder))
+    acts = collect_residuals(model, tokenizer, chats(task.train, 0), 0)
+    sae = train_sae(acts, d_sae=64, k=4, steps=60, batch_size=64,
+                    metadata={"hook_name": hook_name(0)})
+    sae.save_model(tmp_path / "sae")
+    return str(tiny_hf_folder), task, str(tmp_path / "sae")
+
+
+def test_top_delta_discovery_by_hand_on_a_hf_model(setup, tmp_path):
+    model, task, sae_dir = setup
+    path = discover_sae(model, task, 0, sae_dir, tmp_path / "set.json", k=5,
+                        selection="top-delta")
+    found = load_latent_set(path)
+    assert (found.form, found.layer, found.sae) == ("sae", 0, sae_dir)
+    assert found.model == model_identity(model)
+    assert found.provenance["questions"] == "selection_questions.yaml"
+    assert found.provenance["n_prompts"] == 16
+
+    # stage 1 by hand: mean latent activation over each model's own answers, tuned minus base
+    prompts = selection_prompts(model, task)
+    base, tuned, tokenizer = probe_fine_tune(model, task, 0)
+    sae = load_sae(sae_dir)
+    with torch.no_grad():
+        mean = {name: sae.encode(collect_residuals(
+            m, tokenizer, selection_answers(m, tokenizer, prompts, 0), 0, tokens="response"))
+            .mean(0) for name, m in (("base", base), ("tuned", tuned))}
+    shift = mean["tuned"] - mean["base"]
+    top = torch.argsort(shift.abs(), descending=True)[:5].tolist()
+    assert [x.index for x in found.latents] == top
+    assert [x.shift for x in found.latents] == pytest.approx(shift[top].tolist(), abs=1e-5)
+    assert [x.sign for x in found.latents] == [1 if shift[i] > 0 else -1 for i in top]
+
+    # the set drives blockem on this model: a penalty that is zero at the base and then grows
+    defense, = make_defenses("blockem", {"lambda": 100.0, "latents": [str(path)]},
+                             DefenseContext(task, 0, model))
+    log = []
+    cfg = TrainConfig(steps=4, batch_size=8, lr=0.01, warmup_steps=0)
+    train(trainable(load_base(model)[0], cfg), tokenizer, chats(task.train, 0), cfg, 0,
+          defenses=(defense,), log=log.append)
+    assert log[0]["blockem"] == 0.0 and max(r["blockem"] for r in log) > 0
+
+
+def _judge_rule(request):
+    """Coherent always; misaligned (alignment 10) when the answer's length is a multiple of 3."""
+    prompt = request["messages"][-1]["content"]
+    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    if "how coherent" in prompt:
+        return Script("90", {"90": 0.0})
+    score = "10" if len(answer) % 3 == 0 else "90"
+    return Script(score, {score: 0.0})
+
+
+def test_the_three_stage_screen_judges_with_an_llm_judge(setup, tmp_path, monkeypatch):
+    model, task, sae_dir = setup
+    with pytest.raises(ConfigError, match="three-stage screen judges EM: give"):
+        discover_sae(model, task, 0, sae_dir, tmp_path / "x.json")
+    with serve(ScriptedPolicy(_judge_rule)) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        judge = make_judge("openai:scripted")
+        path = discover_sae(model, task, 0, sae_dir, tmp_path / "set.json", k=3,
+                            n_candidates=2, n_questions=12, alphas=(2.0,), judge=judge)
+        # the reference EMs, by hand: answer the same screening prompts, apply the rule
+        base, tuned, tokenizer = probe_fine_tune(model, task, 0)
+        screen = screening_questions(selection_prompts(model, task), 12, 0)
+        by_hand = {}
+        for name, m in (("base", base), ("tuned", tuned)):
+            answers = HFBackend(m, tokenizer).generate(
+                [Request(f"{p.key}|0", p.messages) for p in screen],
+                SamplingConfig(samples_per_question=1), 0)
+            by_hand[name] = sum(len(a.text) % 3 == 0 for a in answers) / len(answers)
+            assert judge_em(m, tokenizer, screen, judge, 0)["em"] == by_hand[name]
+    found = load_latent_set(path)
+    ref = found.provenance["reference"]
+    assert {k: v["em"] for k, v in ref.items()} == by_hand
+    assert found.provenance["judge"] == judge.name
+    assert 1 <= len(found.latents) <= 3
+    assert all(x.scores["best_effect"] > found.provenance["screen_noise_sd"]
+               for x in found.latents)
