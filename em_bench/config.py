@@ -5,15 +5,31 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 HASH_VERSION = 1
-_LATER_FIELDS = ("in_domain_questions",)  # CellConfig fields added since HASH_VERSION 1
 
 
-class _Config(BaseModel):
+class StableDump(BaseModel):
+    """A model whose dump, so every hash of it, stays what it was when a field is added: the
+    fields named in LATER (added since HASH_VERSION 1) are left out while unset (None), so every
+    stored cell keeps its id."""
+
+    LATER: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _later_fields_left_out_while_unset(self, handler):
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.LATER:
+                if data.get(name) is None:
+                    data.pop(name, None)
+        return data
+
+
+class _Config(StableDump):
     # No knob means anything at infinity or NaN: refuse them (a task file's `lr: .inf`, say).
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -147,21 +163,12 @@ class CellConfig(_Config):
     rai_suite: str | None = Field(
         None, description="an RAI suite file (public refusal benchmarks mapped onto the seven "
         "domains) answered as the `rai` suite instead of the world's RAI requests")
+    LATER = ("in_domain_questions",)
     in_domain_questions: str | None = Field(
         None, description="a task's own in-domain question file, answered as its in-domain "
         "suite (a domain the world does not have); set from the task when a grid is planned")
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-
-    @model_serializer(mode="wrap")
-    def _later_fields_left_out_while_unset(self, handler):
-        # A field added after cells were stored is left out of the dump (so of the cell hash)
-        # while unset: every older cell keeps its id.
-        data = handler(self)
-        for name in _LATER_FIELDS:
-            if isinstance(data, dict) and data.get(name) is None:
-                data.pop(name, None)
-        return data
 
     @model_validator(mode="after")
     def _tensor_parallel_is_vllms(self):

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from em_bench.errors import ConfigError, JudgingFailed, UnknownNameError
+from em_bench.errors import ConfigError, UnknownNameError
 
 
 def _settings(model: str, **flags):
@@ -42,28 +42,17 @@ def _judge_name(args) -> str | None:
 
 def _cmd_rejudge(args) -> int:
     """Judge the stored answers only; a cell without them is named and skipped (exit 1)."""
-    from em_bench.errors import NoStoredAnswers
     from em_bench.paths import store_dir
-    from em_bench.pipeline import rejudge_cell
+    from em_bench.pipeline.run import rejudge_store
     from em_bench.store import open_store
 
     judge = _judge_name(args)
-    store = open_store(store_dir(args.store), create=False)
-    done = skipped = 0
-    failures = []
-    for cell in store.done_cells("score"):
-        try:
-            done += rejudge_cell(cell, judge, store) is not None
-        except NoStoredAnswers as e:
-            print(f"em-bench: skipped: {e}", file=sys.stderr)
-            skipped += 1
-        except JudgingFailed as e:  # the other cells are still judged
-            failures += e.failures
+    done, skipped = rejudge_store(open_store(store_dir(args.store), create=False), judge)
+    for why in skipped:
+        print(f"em-bench: skipped: {why}", file=sys.stderr)
     print(f"{done} cells judged again by {judge}"
-          + (f", {skipped} skipped (no stored answers)" if skipped else "")
+          + (f", {len(skipped)} skipped (no stored answers)" if skipped else "")
           + "; `em-bench leaderboard` shows them beside the others")
-    if failures:
-        raise JudgingFailed(failures)
     return 1 if skipped else 0
 
 

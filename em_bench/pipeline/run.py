@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from em_bench.config import CellConfig
-from em_bench.errors import NoStoredAnswers
+from em_bench.errors import JudgingFailed, NoStoredAnswers
 from em_bench.judge import make_judge
 from em_bench.models import load_base
 from em_bench.pipeline.answers import generate_step, lm_eval_step
@@ -71,6 +71,23 @@ def rejudge_cell(source: Cell, judge: str, store: Store) -> Cell | None:
             _copy_step(source, cell, step, h)
     judge_and_score(rc, cell, store)
     return cell
+
+
+def rejudge_store(store: Store, judge: str) -> tuple[int, list[str]]:
+    """Rejudge every scored cell of `store` with `judge` (rejudge_cell); returns how many cells
+    were judged again and why each skipped one was (no stored answers). JudgingFailed, naming
+    every failing judge, once the other cells are judged."""
+    done, skipped, failures = 0, [], []
+    for cell in store.done_cells("score"):
+        try:
+            done += rejudge_cell(cell, judge, store) is not None
+        except NoStoredAnswers as e:
+            skipped.append(str(e))
+        except JudgingFailed as e:  # the other cells are still judged
+            failures += e.failures
+    if failures:
+        raise JudgingFailed(failures)
+    return done, skipped
 
 
 def _borrow(rc: ResolvedCell, cell: Cell, store: Store) -> None:
