@@ -202,7 +202,8 @@ def _run_json(capsys, *argv) -> dict:
 
     from em_bench.cli import main
 
-    assert main(["run", *argv, "--task", "my_legal", "--samples", "1", "--format", "json"]) == 0
+    assert main(["run", *argv, "--task", "my_legal", "--samples", "1", "--steps", "40",
+                 "--format", "json"]) == 0
     return {r["task"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
 
 
