@@ -106,8 +106,6 @@ def _text(row: dict, column: Column) -> str:
     model in points beside it where the column has a `drop` (not in the base's own rows)."""
     value = lookup(row, column.key)
     shown = fmt(value, column.format)
-    if column.format == "number" and isinstance(value, float):
-        shown = f"{value:.1f}"
     drop = None if column.drop is None or row["task"] == "base" else lookup(row, column.drop)
     return shown if drop is None else f"{shown} ({-100 * drop:+.0f})"
 
