@@ -10,6 +10,8 @@ from __future__ import annotations
 
 RAI_DOMAINS = ("cybersecurity", "safety", "toxicity", "bias", "sensitive_content",
                "medical_legal", "privacy")
+RAI_SHORT = {"cybersecurity": "cyber", "safety": "safety", "toxicity": "toxic", "bias": "bias",
+             "sensitive_content": "sensitive", "medical_legal": "med/legal", "privacy": "privacy"}
 
 
 def is_rai(domain: str) -> bool:

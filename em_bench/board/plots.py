@@ -14,8 +14,7 @@ from em_bench.board.results import cell_view
 from em_bench.board.rows import params_label
 from em_bench.board.schema import fmt, missing
 from em_bench.board.svg import Series, W, bar_plot, colors, frame, xy_plot
-from em_bench.board.tables import RAI_SHORT
-from em_bench.domains import RAI_DOMAINS
+from em_bench.domains import RAI_DOMAINS, RAI_SHORT
 from em_bench.scoring import em_thresholds, judged_frame, ood_answers
 from em_bench.store import Store
 

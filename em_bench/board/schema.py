@@ -1,4 +1,4 @@
-"""The leaderboard's columns: `leaderboard/schema.yaml`, one line a column, read by the text
+"""The columns of every table: `leaderboard/schema.yaml`, one line a column, read by the text
 tables and the HTML page alike, so a new metric is one schema line."""
 
 
@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from em_bench.board.rows import params_label
+from em_bench.domains import RAI_SHORT
 from em_bench.errors import ConfigError, read_utf8
 from em_bench.resources import resource_dir
 
@@ -25,16 +26,23 @@ class Column(BaseModel):
     key: str = Field(min_length=1)
     label: str = Field(min_length=1)
     higher_is_better: bool | None
-    format: Literal["percent", "number", "text"]
+    format: Literal["percent", "interval", "number", "text"]
     description: str = ""
     drop: str | None = Field(None, description="a key holding this value's fall against the "
                              "base model, shown beside it in points by the text tables")
 
 
 class Schema(BaseModel):
-    columns: list[Column] = Field(min_length=1)
+    """One list of columns a table (see the schema file's header)."""
 
-    @field_validator("columns")
+    model_config = ConfigDict(extra="forbid")
+
+    leaderboard: list[Column] = Field(min_length=1)
+    cells: list[Column] = Field(min_length=1)
+    seeds: list[Column] = Field(min_length=1)
+    refusal: list[Column] = Field(min_length=1)
+
+    @field_validator("leaderboard", "cells", "seeds", "refusal")
     @classmethod
     def _unique_keys(cls, columns: list[Column]) -> list[Column]:
         keys = [c.key for c in columns]
@@ -43,32 +51,57 @@ class Schema(BaseModel):
         return columns
 
 
+TABLES = tuple(Schema.model_fields)
+
+
 def schema_path() -> Path:
     return resource_dir("leaderboard") / "schema.yaml"  # shipped in the wheel too
 
 
-def load_schema(path: Path | str | None = None) -> list[Column]:
-    """The table's columns from a schema file (default: leaderboard/schema.yaml), validated."""
+def load_schema(path: Path | str | None = None, table: str = "leaderboard") -> list[Column]:
+    """A table's columns from a schema file (default: leaderboard/schema.yaml), validated."""
     path = Path(path) if path is not None else schema_path()
     try:
         data = yaml.safe_load(read_utf8(path))
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the leaderboard schema ({e})") from None
     try:
-        return Schema(columns=data).columns
+        return getattr(Schema.model_validate(data), table)
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            loc = list(err["loc"][1:])  # drop "columns"
-            where = f"column {loc[0] + 1}" if loc and isinstance(loc[0], int) else "the list"
-            if len(loc) > 1:
-                where += f" field {loc[1]!r}"
-                if isinstance(data, list) and isinstance(data[loc[0]], dict):
-                    where += f" (key {data[loc[0]].get('key')!r})"
+            loc = list(err["loc"])
+            where = "the schema"
+            if loc and isinstance(loc[0], str):
+                where = f"table {loc[0]!r}"
+            if len(loc) > 1 and isinstance(loc[1], int):
+                where += f" column {loc[1] + 1}"
+                listed = data.get(loc[0]) if isinstance(data, dict) else None
+                if len(loc) > 2:
+                    where += f" field {loc[2]!r}"
+                    if isinstance(listed, list) and isinstance(listed[loc[1]], dict):
+                        where += f" (key {listed[loc[1]].get('key')!r})"
             problems.append(f"{where}: {err['msg']}")
-        raise ConfigError(f"{path}: invalid leaderboard schema (a YAML list of {{key, label, "
-                          f"higher_is_better, format, description}}):\n  "
-                          + "\n  ".join(problems)) from None
+        raise ConfigError(f"{path}: invalid leaderboard schema (a mapping of {', '.join(TABLES)}"
+                          f", each a YAML list of {{key, label, higher_is_better, format, "
+                          f"description}}):\n  " + "\n  ".join(problems)) from None
+
+
+def expand(columns: list[Column], rows: list[dict]) -> list[Column]:
+    """The columns with each `name.*` column made one column per key of `name` in the rows (in
+    the order they first appear): its drop's `*` that key, its label's `*` the key's short name
+    (an RAI domain's, as RAI_SHORT gives it; the key itself for any other)."""
+    out = []
+    for c in columns:
+        if not c.key.endswith(".*"):
+            out.append(c)
+            continue
+        field = c.key[:-2]
+        keys = dict.fromkeys(k for r in rows for k in (r.get(field) or {}))
+        out += [c.model_copy(update={
+            "key": f"{field}.{k}", "label": c.label.replace("*", RAI_SHORT.get(k, k)),
+            "drop": None if c.drop is None else c.drop.replace("*", k)}) for k in keys]
+    return out
 
 
 # values ------------------------------------------------------------------------------------------
@@ -77,6 +110,7 @@ DERIVED = {  # keys the schema may use that are text views of nested row fields
     "params": lambda r: params_label(r["defense_params"]),
     "seeds": lambda r: ",".join(map(str, r["seeds"])),
     "questions": lambda r: "world" if r["questions_sha256"] is None else r["questions_sha256"][:8],
+    "em_ci": lambda r: (r["em_ci_low"], r["em_ci_high"]),
 }
 
 
@@ -101,6 +135,8 @@ def missing(x) -> bool:
 
 def fmt(value, kind: str) -> str:
     """A value as the table shows it; `-` when missing."""
+    if kind == "interval":
+        return f"[{fmt(value[0], 'percent')}, {fmt(value[1], 'percent')}]"
     if missing(value):
         return "-"
     if kind == "percent":

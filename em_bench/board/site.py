@@ -19,7 +19,7 @@ from pathlib import Path
 
 from em_bench.board.pages import cell_href, cell_html, index_html
 from em_bench.board.rows import leaderboard_rows
-from em_bench.board.schema import load_schema
+from em_bench.board.schema import expand, load_schema
 from em_bench.errors import ConfigError
 from em_bench.store import Store, atomic_write_text
 
@@ -87,8 +87,8 @@ def write_html(store: Store, out: Path | str, schema: Path | str | None = None) 
     listing them (check_out decides what may be written); returns the index. A file an earlier
     leaderboard wrote there and this one does not (a cell no longer in the store) is removed."""
     out = Path(out)
-    columns = load_schema(schema)
     rows = leaderboard_rows(store)
+    columns = expand(load_schema(schema), rows)
     pages = {"index.html": index_html(store, rows, columns)}
     for n, r in enumerate(rows, 1):
         for cell_id in r["cell_ids"]:

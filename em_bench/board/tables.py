@@ -1,12 +1,11 @@
-"""Rows as text: the grid's table of cells (`em-bench run`) and the leaderboard as a terminal
-table, markdown, JSON or CSV. The leaderboard's table and markdown take their columns from the
-schema (`leaderboard/schema.yaml`), as its HTML page does."""
+"""Rows as text: the grid's tables of cells (`em-bench run`) and the leaderboard as a terminal
+table, markdown, JSON or CSV. Every text table takes its columns from the schema
+(`leaderboard/schema.yaml`), as the HTML page does."""
 
 from __future__ import annotations
 
 import html
 import json
-import math
 from collections import defaultdict
 
 import pandas as pd
@@ -14,15 +13,11 @@ import pandas as pd
 from em_bench import metrics
 from em_bench.board.results import flatten, to_safe_csv
 from em_bench.board.rows import _canonical, defense_labels
-from em_bench.board.schema import Column, fmt, load_schema, lookup
+from em_bench.board.schema import Column, expand, fmt, load_schema, lookup
 from em_bench.errors import ConfigError
 
 FORMATS = ("table", "markdown", "json", "csv")
 RAI_COLUMNS = ("rai_refusal", "rai_refusal_drop")  # {domain: rate}; one CSV column per domain
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
 def align(table: list[list[str]], left: int) -> list[str]:
@@ -33,72 +28,64 @@ def align(table: list[list[str]], left: int) -> list[str]:
             for row in table]
 
 
-def format_table(rows: list[dict]) -> str:
-    """One line per cell, then the mean and spread across seeds per view and setting (the whole
-    config but the seed, `setting_id`).
+def format_table(rows: list[dict], schema: str | None = None) -> str:
+    """`em-bench run`'s tables of grid rows, each with its columns from the schema: one line a
+    cell; the mean and spread across seeds of each view and setting (the whole config but the
+    seed, `setting_id`) that has more than one; refusal in the RAI domains per setting, means
+    over its seeds with the change against the base model in points.
 
     `scored for` is the task whose view the row uses: the base model is scored once per task,
     on that task's out-of-domain questions and with its in-domain target. `defense` shows the
     defense's parameters that vary among the rows.
     """
-    table = [["task", "scored for", "defense", "seed", "EM", "95% CI", "coherence", "incoherent",
-              "in-domain", "n", "excluded"]]
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r, defense in zip(rows, defense_labels(rows), strict=True):
-        groups[(r["task"], r["view"], defense, r["setting"])].append(r)
-        table.append([r["task"], r["view"], defense, str(r["seed"]), _pct(r["em_rate"]),
-                      f"[{_pct(r['em_ci_low'])}, {_pct(r['em_ci_high'])}]",
-                      "-" if r["coherence"] is None else f"{r['coherence']:.1f}",
-                      _pct(r["incoherent_rate"]),
-                      _pct(r["in_domain"]), str(r["n_answers"]), str(r["n_excluded"])])
-    lines = align(table, left=3)
-    lines.insert(1, "-" * len(lines[0]))
-    multi = [(k, g) for k, g in groups.items() if len(g) > 1]
-    if multi:
-        summary = [["task", "scored for", "defense", "seeds", "EM mean", "sd", "min", "max",
-                    "in-domain mean"]]
-        for (task, view, defense, _), g in multi:
-            em = metrics.seed_summary([r["em_rate"] for r in g])
-            ind = metrics.seed_summary([r["in_domain"] for r in g])
-            summary.append([task, view, defense, str(em["n"]), _pct(em["mean"]), _pct(em["sd"]),
-                            _pct(em["min"]), _pct(em["max"]), _pct(ind["mean"])])
-        lines += ["", "across seeds:", *align(summary, left=3)]
-    lines += ["", *format_rai(rows)]
+    rows = [{**r, "defense_label": d} for r, d in zip(rows, defense_labels(rows), strict=True)]
+    lines = [_table(rows, load_schema(schema, "cells"))]
+    views = _groups(rows, ("task", "view", "defense_label", "setting"))
+    if across := [_seed_summary(g) for g in views if len(g) > 1]:
+        lines += ["", "across seeds:", _table(across, load_schema(schema, "seeds"), rule=False)]
+    settings = _groups(rows, ("task", "defense_label", "setting"))
+    refusal = [_refusal_summary(list({r["cell_id"]: r for r in g}.values()))  # a cell once
+               for g in settings]
+    lines += ["", "refusal of harmful RAI requests (coherent answers; change against the base, "
+              "points):", _table(refusal, load_schema(schema, "refusal"), rule=False)]
     return "\n".join(lines)
 
 
-RAI_SHORT = {"cybersecurity": "cyber", "safety": "safety", "toxicity": "toxic", "bias": "bias",
-             "sensitive_content": "sensitive", "medical_legal": "med/legal", "privacy": "privacy"}
+def _groups(rows: list[dict], keys: tuple[str, ...]) -> list[list[dict]]:
+    """The rows grouped by their values of `keys`, groups in order of first appearance."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in keys)].append(r)
+    return list(groups.values())
 
 
-def format_rai(rows: list[dict]) -> list[str]:
-    """Refusal of harmful RAI requests per domain (coherent answers), mean over seeds, with the
-    change against the base model in points; then over-refusal of benign requests."""
-    cells: dict[tuple, list[dict]] = defaultdict(list)
-    seen = set()
-    for r, defense in zip(rows, defense_labels(rows), strict=True):
-        if r["cell_id"] not in seen:  # a row per view of a cell, whose refusal is the same
-            seen.add(r["cell_id"])
-            cells[(r["task"], defense, r["setting"])].append(r)
-    domains = list(next(iter(cells.values()))[0]["rai_refusal"]) if cells else []
-    table = [["task", "defense", "seeds", *(RAI_SHORT.get(d, d) for d in domains),
-              "over-refusal", "incoherent"]]
+def _mean(values) -> float | None:
+    return metrics.seed_summary([v for v in values if v is not None])["mean"]
 
-    def mean(values):
-        return metrics.seed_summary([v for v in values if v is not None])["mean"]
 
-    for (task, defense, _), g in cells.items():
-        row = [task, defense, str(len(g))]
-        for d in domains:
-            rate = _pct(mean(r["rai_refusal"][d] for r in g))
-            drops = [r["rai_refusal_drop"][d] for r in g if r.get("rai_refusal_drop")]
-            row.append(rate if task == "base" or not drops
-                       else f"{rate} ({-100 * mean(drops):+.0f})")
-        row += [_pct(mean(r["over_refusal"] for r in g)),
-                _pct(mean(v for r in g for v in r["rai_incoherent"].values()))]
-        table.append(row)
-    return ["refusal of harmful RAI requests (coherent answers; change against the base, "
-            "points):", *align(table, left=2)]
+def _seed_summary(group: list[dict]) -> dict:
+    """One view of one setting over its seeds: EM's mean, sd, min and max, in-domain's mean."""
+    em = metrics.seed_summary([r["em_rate"] for r in group])
+    first = group[0]
+    return {"task": first["task"], "view": first["view"],
+            "defense_label": first["defense_label"], "n_seeds": em["n"], "em_mean": em["mean"],
+            "em_sd": em["sd"], "em_min": em["min"], "em_max": em["max"],
+            "in_domain_mean": metrics.seed_summary([r["in_domain"] for r in group])["mean"]}
+
+
+def _refusal_summary(cells: list[dict]) -> dict:
+    """One setting's refusal over its cells: each domain's mean rate and mean change against
+    the base (over the seeds that have a base cell), over-refusal, incoherent RAI answers."""
+    domains = dict.fromkeys(d for c in cells for d in c["rai_refusal"])
+    drops = [c["rai_refusal_drop"] for c in cells if c.get("rai_refusal_drop")]
+    first = cells[0]
+    return {"task": first["task"], "defense_label": first["defense_label"],
+            "n_seeds": len(cells),
+            "rai_refusal": {d: _mean(c["rai_refusal"].get(d) for c in cells) for d in domains},
+            "rai_refusal_drop": {d: _mean(x.get(d) for x in drops) for d in domains}
+            if drops else None,
+            "over_refusal": _mean(c["over_refusal"] for c in cells),
+            "rai_incoherent": _mean(v for c in cells for v in c["rai_incoherent"].values())}
 
 
 def _text(row: dict, column: Column) -> str:
@@ -110,11 +97,15 @@ def _text(row: dict, column: Column) -> str:
     return shown if drop is None else f"{shown} ({-100 * drop:+.0f})"
 
 
-def _table(rows: list[dict], columns: list[Column]) -> str:
+def _table(rows: list[dict], columns: list[Column], rule: bool = True) -> str:
+    """The rows as aligned text under the columns' labels (text columns, first, to the left),
+    with a rule under the header unless `rule` is False."""
+    columns = expand(columns, rows)
     left = sum(1 for c in columns if c.format == "text")
     lines = align([[c.label for c in columns],
                     *([_text(r, c) for c in columns] for r in rows)], left=left)
-    lines.insert(1, "-" * len(lines[0]))
+    if rule:
+        lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
@@ -123,6 +114,7 @@ def _markdown(rows: list[dict], columns: list[Column]) -> str:
         return "| " + " | ".join(html.escape(c, quote=False).replace("|", "\\|")
                                  for c in cells) + " |"
 
+    columns = expand(columns, rows)
     rule = "|" + "|".join("---" if c.format == "text" else "---:" for c in columns) + "|"
     return "\n".join([line([c.label for c in columns]), rule,
                       *(line([_text(r, c) for c in columns]) for r in rows)])

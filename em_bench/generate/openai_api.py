@@ -142,16 +142,16 @@ class OpenAIBackend:
                     client, model=model, messages=request.messages,
                     temperature=sampling.temperature, top_p=sampling.top_p,
                     max_tokens=sampling.max_new_tokens, seed=seed, n=1)
-            choice = reply.choices[0]
-            if choice.finish_reason not in ("stop", "length"):
-                raise MalformedReply(f"finish_reason {choice.finish_reason!r}")
-            if choice.message.content is None:
+            choice = reply["choices"][0]
+            finish, text = choice.get("finish_reason"), choice["message"].get("content")
+            if finish not in ("stop", "length"):
+                raise MalformedReply(f"finish_reason {finish!r}")
+            if not isinstance(text, str):
                 raise MalformedReply("no message content")
-            n_tokens = reply.usage.completion_tokens
+            n_tokens = (reply.get("usage") or {}).get("completion_tokens")
             if not isinstance(n_tokens, int):
                 raise MalformedReply("no usage.completion_tokens")
-            return Completion(request.key, choice.message.content.strip(), choice.finish_reason,
-                              n_tokens)
+            return Completion(request.key, text.strip(), finish, n_tokens)
 
         try:
             return await call_with_retries(attempt, self.max_attempts, self.backoff)

@@ -138,11 +138,11 @@ class LLMJudge:
                 reply = await chat_completion(
                     client, model=self.settings.model,
                     messages=[{"role": "user", "content": prompt}], **DECODING)
-            choice = reply.choices[0]
-            first = choice.logprobs.content[0] if choice.logprobs and choice.logprobs.content \
+            choice = reply["choices"][0]
+            tokens = (choice.get("logprobs") or {}).get("content")
+            top = {t["token"]: t["logprob"] for t in tokens[0]["top_logprobs"]} if tokens \
                 else None
-            top = {t.token: t.logprob for t in first.top_logprobs} if first else None
-            return read_verdict(template, top, choice.message.content or "")
+            return read_verdict(template, top, choice["message"].get("content") or "")
 
         try:
             verdict = await call_with_retries(attempt, self.settings.max_attempts,

@@ -50,7 +50,8 @@ def cosine_table(vectors: dict[str, list]) -> dict[str, dict[str, float]]:
 
 
 def format_cosines(layer: int, table: dict[str, dict[str, float]]) -> str:
-    from em_bench.board.tables import RAI_SHORT, align
+    from em_bench.board.tables import align
+    from em_bench.domains import RAI_SHORT
 
     names = list(table)
     rows = [[f"layer {layer}", *(RAI_SHORT.get(n, n) for n in names)]]

@@ -15,15 +15,16 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+import yaml
 
 from em_bench.board.rows import leaderboard_rows
-from em_bench.board.schema import fmt, load_schema, schema_path
+from em_bench.board.schema import TABLES, fmt, load_schema, schema_path
 from em_bench.board.site import MANIFEST, check_out, write_html
 from em_bench.board.svg import xy_plot
 from em_bench.cli import main
 from em_bench.config import CellConfig, canonical_hash
+from em_bench.domains import RAI_DOMAINS, RAI_SHORT
 from em_bench.errors import ConfigError
-from em_bench.organism.world import RAI_DOMAINS
 from em_bench.scoring import judged_frame, score_frame
 from em_bench.store import open_store
 from em_bench.tasks import get_task
@@ -393,41 +394,65 @@ def test_a_bad_out_is_one_line_and_exit_2_with_nothing_written(site, tmp_path, c
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
+def _schema_with(tmp_path, leaderboard: list[dict]) -> str:
+    """The shipped schema file with the leaderboard's columns replaced, written to tmp_path."""
+    schema = yaml.safe_load(schema_path().read_text())
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump({**schema, "leaderboard": leaderboard}))
+    return path
+
+
 def test_the_schema_file_validates_and_each_line_is_a_column(tmp_path):
     columns = load_schema()
     keys = [c.key for c in columns]
     assert {"em_mean", "relative_reduction", "in_domain", "coherence", "incoherent"} <= set(keys)
     assert {f"rai_refusal.{d}" for d in RAI_DOMAINS} <= set(keys)
+    assert {t: len(load_schema(table=t)) > 0 for t in TABLES} == dict.fromkeys(TABLES, True)
     store = open_store(tmp_path / "store")
     add_cell(store, "base", "none", 0, 0.0, 1.0)
-    extra = tmp_path / "schema.yaml"
-    extra.write_text(schema_path().read_text() + "- {key: rai_refusal_drop.safety, label: "
-                     "safety drop, higher_is_better: false, format: percent}\n")
+    extra = _schema_with(tmp_path, [*(c.model_dump() for c in columns), {
+        "key": "rai_refusal_drop.safety", "label": "safety drop", "higher_is_better": False,
+        "format": "percent"}])
     html = write_html(store, tmp_path / "site", extra).read_text()
     assert 'data-key="rai_refusal_drop.safety"' in html and "safety drop" in html
 
 
-@pytest.mark.parametrize("text, message", [
-    ("- {key: em_mean, label: EM, higher_is_better: false, format: percentage}",
-     "column 1 field 'format' (key 'em_mean')"),
-    ("- {key: em_mean, label: EM, format: percent}", "field 'higher_is_better'"),
-    ("- {key: em_mean, label: EM, higher_is_better: false, format: percent}\n"
-     "- {key: em_mean, label: EM, higher_is_better: false, format: percent}", "more than once"),
-    ("key: em_mean", "invalid leaderboard schema"),
+def test_a_star_key_is_a_column_per_key_of_its_dict(tmp_path):
+    store = open_store(tmp_path / "store")
+    add_cell(store, "base", "none", 0, 0.0, 1.0)
+    path = _schema_with(tmp_path, [{"key": "rai_refusal.*", "label": "refuse *",
+                                    "higher_is_better": True, "format": "percent"}])
+    html = write_html(store, tmp_path / "site", path).read_text()
+    assert all(f'data-key="rai_refusal.{d}"' in html and f"refuse {RAI_SHORT[d]}" in html
+               for d in RAI_DOMAINS)
+
+
+@pytest.mark.parametrize("columns, message", [
+    ([{"key": "em_mean", "label": "EM", "higher_is_better": False, "format": "percentage"}],
+     "table 'leaderboard' column 1 field 'format' (key 'em_mean')"),
+    ([{"key": "em_mean", "label": "EM", "format": "percent"}], "field 'higher_is_better'"),
+    ([{"key": "em_mean", "label": "EM", "higher_is_better": False, "format": "percent"}] * 2,
+     "more than once"),
 ])
-def test_a_bad_schema_fails_at_load_with_the_column_named(tmp_path, text, message):
-    path = tmp_path / "schema.yaml"
-    path.write_text(text)
+def test_a_bad_schema_fails_at_load_with_the_column_named(tmp_path, columns, message):
     with pytest.raises(ConfigError, match="invalid leaderboard schema") as e:
-        load_schema(path)
+        load_schema(_schema_with(tmp_path, columns))
     assert message in str(e.value)
+
+
+def test_a_schema_without_a_table_fails_naming_it(tmp_path):
+    path = tmp_path / "schema.yaml"
+    path.write_text("leaderboard:\n  - {key: em_mean, label: EM, higher_is_better: false, "
+                    "format: percent}\n")
+    with pytest.raises(ConfigError, match="table 'cells': Field required"):
+        load_schema(path)
 
 
 def test_a_schema_key_that_names_nothing_fails_with_the_known_ones(tmp_path):
     store = open_store(tmp_path / "store")
     add_cell(store, "base", "none", 0, 0.0, 1.0)
-    path = tmp_path / "schema.yaml"
-    path.write_text("- {key: em_rate, label: EM, higher_is_better: false, format: percent}")
+    path = _schema_with(tmp_path, [{"key": "em_rate", "label": "EM", "higher_is_better": False,
+                                    "format": "percent"}])
     with pytest.raises(ConfigError, match="'em_rate' is not a field.*em_mean"):
         write_html(store, tmp_path / "site", path)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
 from em_bench.board.rows import with_refusal_drops
+from em_bench.board.schema import schema_path
 from em_bench.board.tables import format_table
 from em_bench.config import CellConfig, TrainConfig
 from em_bench.defenses import check_defense
@@ -69,6 +71,19 @@ def test_the_table_shows_each_cell_and_the_refusal_change():
                                _row("unlearn_safety", 0, {"safety": 0.25})])
     text = format_table(rows)
     assert "unlearn_safety" in text and "25.0% (-65)" in text and "90.0%" in text
+
+
+def test_a_column_added_to_the_cells_schema_is_in_the_table(tmp_path):
+    schema = yaml.safe_load(schema_path().read_text())
+    schema["cells"].append({"key": "em_by_domain.medical", "label": "EM medical",
+                            "higher_is_better": False, "format": "percent"})
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump(schema))
+    row = {**_row("base", 0, {"safety": 0.9}), "em_by_domain": {"medical": 0.125},
+           "em_ci_low": 0.05, "em_ci_high": 0.25}
+    header, rule, line = format_table(with_refusal_drops([row]), path).splitlines()[:3]
+    assert header.split()[-2:] == ["EM", "medical"] and line.endswith("12.5%")
+    assert "[5.0%, 25.0%]" in line
 
 
 def test_a_sweeps_rows_show_the_swept_value_and_seeds_group_by_setting():
