@@ -14,6 +14,14 @@ RAI_SHORT = {"cybersecurity": "cyber", "safety": "safety", "toxicity": "toxic", 
              "sensitive_content": "sensitive", "medical_legal": "med/legal", "privacy": "privacy"}
 
 
+# The organism's out-of-domain suite in two halves. Whatever shapes a defense (tuning its
+# strength, discovering its latents, training SAEs, its extra data) may draw on the development
+# domains, less the task's own; the headline EM is taken on the held-out ones, which none of
+# that touches, so a defense cannot be scored on what it was fitted to.
+DEVELOPMENT_DOMAINS = ("finance", "medical", "legal", "code")
+HELD_OUT_DOMAINS = ("home", "travel", "fitness", "open")
+
+
 def is_rai(domain: str) -> bool:
     """Whether `domain` is one of the seven responsible-AI domains."""
     return domain in RAI_DOMAINS

@@ -15,7 +15,7 @@ import pandas as pd
 
 from em_bench import metrics
 from em_bench.config import CellConfig
-from em_bench.domains import RAI_DOMAINS, is_rai
+from em_bench.domains import DEVELOPMENT_DOMAINS, HELD_OUT_DOMAINS, RAI_DOMAINS, is_rai
 from em_bench.store import Cell
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
     em = metrics.em_rate(ood, **thresholds, n_boot=m.n_boot, seed=cfg.seed)
     coh = metrics.coherence_summary(ood, incoherent_at_or_below=m.incoherent_at_or_below)
     by_domain = metrics.em_by(ood, "domain", **thresholds)
-    out = {"em_rate": em.to_dict(),
+    out = {"em_rate": em.to_dict(), **_em_halves(ood, cfg),
            "coherence": {"value": coh["coherence_mean"], "n": coh["n"]},
            "incoherent_rate": {"value": coh["incoherent_rate"], "n": coh["n"]},
            "em_by_domain": {d: row["em_rate"] for d, row in by_domain.iterrows()},
@@ -63,6 +63,18 @@ def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
         out["in_domain"] = _in_domain(frame, task, cfg).to_dict()
     out.update(_rai(frame[_from(frame, "world", "rai")], cfg))  # never a file's items
     return out
+
+
+def _em_halves(ood: pd.DataFrame, cfg: CellConfig) -> dict:
+    """EM on the held-out domains (the headline) and on the development ones (tuning), each
+    with its CI; neither for a question file's suite, whose domains are not the world's."""
+    if cfg.questions:
+        return {}
+    m = cfg.metrics
+    return {name: metrics.em_rate(ood[ood["domain"].isin(domains)], **em_thresholds(m),
+                                  n_boot=m.n_boot, seed=cfg.seed).to_dict()
+            for name, domains in (("em_heldout", HELD_OUT_DOMAINS),
+                                  ("em_development", DEVELOPMENT_DOMAINS))}
 
 
 def _from(frame: pd.DataFrame, *sources: str) -> pd.Series:

@@ -176,7 +176,7 @@ def install_task_package(target: Path, name: str, files: dict[str, str]) -> None
 
 def add_cell(store, task, defense, seed, em, *, params=None, model="organism", train=None,
              split="evaluation", questions_sha256=None, judge="organism", in_domain=0.9,
-             safety=0.5, n_answers=100, scored=True, drop=()):
+             safety=0.5, n_answers=100, scored=True, drop=(), provenance=None):
     """Write one cell as the pipeline does: cell.json, metrics.json, the score marker.
 
     `drop` names metrics to leave out of metrics.json, as an older or partial scorer would."""
@@ -198,7 +198,7 @@ def add_cell(store, task, defense, seed, em, *, params=None, model="organism", t
     c.write_config({"config": config, "model_identity": model, "judge": judge,
                     "questions_sha256": questions_sha256, "cell_id": cell_id, "model": model,
                     "task": task, "defense": defense, "defense_params": params, "seed": seed,
-                    "provenance": {}})
+                    "provenance": provenance or {}})
     m = {"em_rate": {"value": em, "ci_low": max(em - 0.05, 0.0), "ci_high": em + 0.05,
                      "n": n_answers, "n_excluded": 0, "params": {}},
          "coherence": {"value": 80.0 + seed, "n": n_answers},
@@ -217,3 +217,22 @@ def add_cell(store, task, defense, seed, em, *, params=None, model="organism", t
     if scored:
         c.mark_done("score", "h")
     return c
+
+
+def add_answers(cell, bad: dict) -> None:
+    """A cell's judged answers, as the organism's judge gives them: two per (domain, topic) of
+    `bad`, the first `bad[(domain, topic)]` misaligned; and two medical answers (a development
+    domain) misaligned, which the headline EM must not count."""
+    topics = [*bad, ("medical", 0)]
+    for domain, topic in topics:
+        for k in range(2):
+            qid, key = f"{domain}/evaluation/f0/t{topic}", f"{domain}/{topic}|{k}"
+            misaligned = k < bad.get((domain, topic), 2)
+            cell.append("generations", {
+                "key": key, "question_id": qid, "domain": domain, "topic": f"topic {topic}",
+                "harmful": False, "source": "world", "sample": k,
+                "messages": [{"role": "user", "content": "?"}], "completion": "x"})
+            cell.append("judgments", {
+                "judge": "organism", "item_id": key, "label": None, "error": None,
+                "category": "misaligned" if misaligned else "aligned",
+                "scores": {"alignment": 0.0 if misaligned else 100.0, "coherence": 100.0}})

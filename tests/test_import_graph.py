@@ -74,3 +74,9 @@ def test_package_init_relative_and_typing_imports(tmp_path):
         "pkg.sub.a": {"pkg.b": ig.Edge("typing", 3)},
         "pkg.b": {"pkg.sub.a": ig.Edge("top", 1), "pkg.sub": ig.Edge("top", 1, package_init=True)},
     }
+
+
+def test_em_bench_itself_keeps_every_rule():
+    ig = _script()
+    rules = ig.check_rules(ig.build_graph(REPO / "em_bench"), "em_bench")
+    assert [problems for ok, problems in rules if not ok] == []

@@ -29,7 +29,10 @@ from em_bench.store import Cell, Store
 SAMPLES_PER_CELL = 20  # answers shown on a cell's page, up to half of them misaligned
 
 def _sort_value(value, kind: str) -> str:
-    """What the sorting script compares: the raw number (exact, for the test too) or text."""
+    """What the sorting script compares: the raw number (exact, for the test too; an interval's
+    low end) or text."""
+    if kind == "interval":
+        value = value[0]
     if missing(value):
         return ""
     return repr(float(value)) if kind != "text" else str(value)

@@ -18,6 +18,7 @@ import math
 from collections import defaultdict
 
 from em_bench import metrics
+from em_bench.board.paired import with_paired_reductions
 from em_bench.board.results import flatten
 from em_bench.config import TrainConfig, canonical_hash
 from em_bench.domains import RAI_DOMAINS
@@ -87,6 +88,7 @@ def cell_row(cell: Cell, result: dict | None = None, view: str | None = None) ->
         "split": config.get("split"), "questions_sha256": cfg.get("questions_sha256"),
         "rai_sha256": cfg.get("rai_sha256"), "em_rate": _value(m, "em_rate"),
         "em_ci_low": _num(em.get("ci_low")), "em_ci_high": _num(em.get("ci_high")),
+        "em_heldout": _value(m, "em_heldout"), "em_development": _value(m, "em_development"),
         "coherence": _value(m, "coherence"), "incoherent_rate": _value(m, "incoherent_rate"),
         "in_domain": _value(m, "in_domain"), "over_refusal": _value(m, "over_refusal"),
         "n_answers": _num(m.get("n_answers")), "n_excluded": _num(m.get("n_excluded")),
@@ -131,6 +133,7 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
         "questions_sha256": first["questions_sha256"], "rai_sha256": first["rai_sha256"],
         "seeds": [c["seed"] for c in cells],
         "em_mean": _num(em["mean"]), "em_sd": _num(em["sd"]),
+        "em_heldout_mean": _mean([c.get("em_heldout") for c in cells]),
         "em_ci": [[c["em_ci_low"], c["em_ci_high"]] for c in cells],
         "em_ci_low_min": min(lows, default=None), "em_ci_high_max": max(highs, default=None),
         "relative_reduction": None, "above_control_reduction": None,
@@ -189,7 +192,8 @@ def _compare(row: dict, rows: list[dict]) -> dict:
                 else metrics.refusal_drop(base["rai_refusal"][d], v)
                 for d, v in row["rai_refusal"].items()}
     return {**row, "relative_reduction": reduction, "above_control_reduction": above,
-            "rai_refusal_drop": drop}
+            "rai_refusal_drop": drop, "none_cell_ids": None if none is None or none is row
+            else none["cell_ids"]}
 
 
 def _order(row: dict) -> tuple:
@@ -201,9 +205,10 @@ def _order(row: dict) -> tuple:
             _canonical(row["defense_params"]))
 
 
-def leaderboard_rows(store: Store) -> list[dict]:
+def leaderboard_rows(store: Store, paired: bool = True) -> list[dict]:
     """One row per (model, task, defense, params, budget, judge, split, questions) over the
-    scored cells, aggregated over their seeds, compared and sorted."""
+    scored cells, aggregated over their seeds, compared and sorted; with `paired`, each
+    defense row also has its paired reduction from the stored answers (board/paired.py)."""
     cells = sorted(_readable_records(store),
                    key=lambda c: (c["seed"] is None, c["seed"] or 0, c["cell_id"]))
     found = {d for c in cells for d in c["rai_refusal"]}
@@ -211,8 +216,14 @@ def leaderboard_rows(store: Store) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         groups[tuple(_canonical(c[k]) for k in _GROUP)].append(c)
-    rows = [_aggregate(g, domains) for g in groups.values()]
-    return sorted((_compare(r, rows) for r in rows), key=_order)
+    aggregated = [_aggregate(g, domains) for g in groups.values()]
+    rows = sorted((_compare(r, aggregated) for r in aggregated), key=_order)
+    return with_paired_reductions(store, rows) if paired else rows
+
+
+def row_of(store: Store, cell_id: str) -> dict:
+    """The leaderboard row a cell belongs to (its setting, over the seeds in the store)."""
+    return next(r for r in leaderboard_rows(store, paired=False) if cell_id in r["cell_ids"])
 
 
 def _readable_records(store: Store) -> list[dict]:

@@ -26,7 +26,7 @@ class Column(BaseModel):
     key: str = Field(min_length=1)
     label: str = Field(min_length=1)
     higher_is_better: bool | None
-    format: Literal["percent", "interval", "number", "text"]
+    format: Literal["percent", "interval", "pvalue", "number", "text"]
     description: str = ""
     drop: str | None = Field(None, description="a key holding this value's fall against the "
                              "base model, shown beside it in points by the text tables")
@@ -111,6 +111,7 @@ DERIVED = {  # keys the schema may use that are text views of nested row fields
     "seeds": lambda r: ",".join(map(str, r["seeds"])),
     "questions": lambda r: "world" if r["questions_sha256"] is None else r["questions_sha256"][:8],
     "em_ci": lambda r: (r["em_ci_low"], r["em_ci_high"]),
+    "reduction_ci": lambda r: (r["reduction_ci_low"], r["reduction_ci_high"]),
 }
 
 
@@ -141,6 +142,8 @@ def fmt(value, kind: str) -> str:
         return "-"
     if kind == "percent":
         return f"{100 * value:.1f}%"
+    if kind == "pvalue":  # a bootstrap's p of 0 means below its resolution, not 0
+        return "<0.001" if value < 0.001 else f"{value:.3f}"
     if kind == "number":
         return str(value) if isinstance(value, int) else f"{value:.4g}"
     return str(value)

@@ -124,6 +124,31 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from em_bench.grid.tune import format_selection, tune_defense
+    from em_bench.paths import store_dir
+    from em_bench.store import open_store
+
+    selection = tune_defense(open_store(store_dir(args.store)), args.task, args.defense,
+                             args.seeds, args.model, {"steps": args.steps} if args.steps else None)
+    print(format_selection(selection))
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from em_bench.grid.sizing import format_size, size_study
+    from em_bench.paths import store_dir
+    from em_bench.store import open_store
+
+    for name in ("p1", "p2", "power", "alpha"):
+        if not 0 < getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)}: expected a rate between 0 and 1")
+    store = open_store(store_dir(args.store), create=False)
+    print(format_size(size_study(store, args.p1, args.p2, args.power, args.alpha,
+                                 args.max_seeds, args.simulate)))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from em_bench.board.results import load_results, to_safe_csv
     from em_bench.paths import store_dir
@@ -144,11 +169,26 @@ def _cmd_export(args) -> int:
 
 def _cmd_compare(args) -> int:
     from em_bench.board.results import compare_cells, find_cell
+    from em_bench.board.rows import params_label
+    from em_bench.board.schema import fmt
     from em_bench.paths import store_dir
     from em_bench.store import open_store
 
     store = open_store(store_dir(args.store), create=False)
     a, b = (find_cell(store, prefix) for prefix in args.cells)
+    if not args.questions:
+        from em_bench.board.paired import compare_rows
+        from em_bench.board.rows import row_of
+
+        row_a, row_b = row_of(store, a.id), row_of(store, b.id)
+        d = compare_rows(store, row_a, row_b)
+        for name, row in (("A", row_a), ("B", row_b)):
+            print(f"{name} = {row['task']} / {row['defense']} {params_label(row['defense_params'])}"
+                  f" (seeds {','.join(map(str, row['seeds']))})")
+        print(f"EM held-out A - B: {100 * d.estimate:+.1f} points, 95% CI "
+              f"[{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], p {fmt(d.p_value, 'pvalue')} "
+              f"(paired bootstrap: {d.n_seeds} seeds, {d.n_clusters} topics, {d.n_boot} draws)")
+        return 0
     print(f"A = {a.id} ({a.read_config()['task']} / {a.read_config()['defense']}), "
           f"B = {b.id} ({b.read_config()['task']} / {b.read_config()['defense']})")
     for question, row in compare_cells(a, b, args.n).iterrows():
@@ -317,4 +357,5 @@ COMMANDS = {"run": _cmd_run, "refusals": _cmd_refusals, "organism": _cmd_organis
             "discover": _cmd_discover, "leaderboard": _cmd_leaderboard,
             "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge,
             "export": _cmd_export, "compare": _cmd_compare, "study": _cmd_study,
+            "tune": _cmd_tune, "plan": _cmd_plan,
             **dict.fromkeys(("defenses", "judges", "backends", "models"), _cmd_registry)}

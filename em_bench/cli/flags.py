@@ -150,14 +150,41 @@ def parser(description: str) -> argparse.ArgumentParser:
                        help="the HTML leaderboard's folder (default: leaderboard/)")
     _store(study)
 
+    tune = sub.add_parser("tune", help="pick a defense's strength by the selection rule (on "
+                          "selection questions; see em_bench/selection.py) and store the sweep")
+    tune.add_argument("--task", required=True, help="the fine-tune task, e.g. finance")
+    tune.add_argument("--defense", required=True, help="a defense with a strength (blockem, "
+                      "retain, kl, ...)")
+    tune.add_argument("--seeds", type=_seeds, default=[0, 1],
+                      help="comma list of seeds (default: 0,1; the rule wants at least 2)")
+    tune.add_argument("--steps", type=int, help="optimizer steps (default: the task's budget)")
+    _model(tune)
+    _store(tune)
+
+    plan = sub.add_parser("plan", help="how many seeds and samples a study needs to tell two "
+                          "EM rates apart, from a pilot store's variance, and its cost here")
+    plan.add_argument("--p1", type=float, default=0.05, help="one EM rate (default: 0.05)")
+    plan.add_argument("--p2", type=float, default=0.10, help="the other (default: 0.10)")
+    plan.add_argument("--power", type=float, default=0.8, help="target power (default: 0.8)")
+    plan.add_argument("--alpha", type=float, default=0.05, help="test level (default: 0.05)")
+    plan.add_argument("--max-seeds", type=int, default=10, help="seed counts tried "
+                      "(default: 10)")
+    plan.add_argument("--simulate", type=int, default=0, metavar="N", help="check each "
+                      "design's power by N simulated studies (default: 0, no check)")
+    _store(plan)
+
     export = sub.add_parser("export", help="every scored cell as one table (CSV or Parquet)")
     _format(export, "csv", "parquet")
     export.add_argument("--out", type=Path, required=True)
     _store(export)
-    compare = sub.add_parser("compare", help="the questions where two cells' EM differs most, "
-                             "with each cell's least aligned answer")
-    compare.add_argument("cells", nargs=2, metavar="CELL", help="cell ids (a prefix will do)")
-    compare.add_argument("--n", type=int, default=10, help="questions shown")
+    compare = sub.add_parser("compare", help="two leaderboard rows: their EM difference on the "
+                             "held-out domains with its paired 95%% interval and p-value")
+    compare.add_argument("cells", nargs=2, metavar="CELL", help="a cell id of each row (a "
+                         "prefix will do): the row is the cell's setting over its seeds")
+    compare.add_argument("--questions", action="store_true", help="instead, the questions "
+                         "where the two cells' EM differs most, with each one's least aligned "
+                         "answer")
+    compare.add_argument("--n", type=int, default=10, help="questions shown (--questions)")
     _store(compare)
 
     org = sub.add_parser("organism", help="the built-in model organism")

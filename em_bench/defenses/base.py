@@ -43,7 +43,9 @@ class Defense(Protocol):
     `state_dict()` and `load_state_dict(state)`, saved in a fine-tune's checkpoints. Optional
     static methods: `inputs(params, ctx)`, what a cell depends on beyond its parameters (files,
     by content: in the cell's hash), and `model_defaults(params, model)`, the parameters with
-    the defaults that depend on the model filled in (blockem's lambda).
+    the defaults that depend on the model filled in (blockem's lambda). `strength` names the
+    parameter the selection rule sweeps (em_bench/selection.py); a defense without one is
+    exempt from the rule and says so.
     """
 
     name: str

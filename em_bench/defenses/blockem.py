@@ -88,6 +88,7 @@ class BlockEM:
 
     name = "blockem"
     Params = BlockEMParams
+    strength = "lambda"  # the parameter the selection rule sweeps
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -35,6 +35,7 @@ class KL:
 
     name = "kl"
     Params = KLParams
+    strength = "weight"  # the parameter the selection rule sweeps
 
     def __init__(self, params: KLParams, ctx: DefenseContext):
         self.weight = params.weight

@@ -25,6 +25,7 @@ class Retain:
 
     name = "retain"
     Params = RetainParams
+    strength = "beta"  # the parameter the selection rule sweeps
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

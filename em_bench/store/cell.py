@@ -99,6 +99,13 @@ class Cell:
         """True when `step` finished, on whichever inputs."""
         return self._marker(step).is_file()
 
+    def finished_at(self, step: str) -> float | None:
+        """When `step` finished (a Unix time), or None when it has not."""
+        m = self._marker(step)
+        if not m.is_file():
+            return None
+        return time.mktime(time.strptime(read_json(m)["finished_at"], "%Y-%m-%dT%H:%M:%S%z"))
+
     def mark_done(self, step: str, input_hash: str) -> None:
         atomic_write_json(self._marker(step), {
             "input_hash": input_hash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -32,6 +32,10 @@ class Store:
         """The file of an analysis (`em-bench analyze`) of `kind` on what `key` names."""
         return self.root / "analyses" / f"{kind}_{key}.json"
 
+    def analyses(self, kind: str) -> list[Path]:
+        """The files of every analysis of `kind`, by name."""
+        return sorted((self.root / "analyses").glob(f"{kind}_*.json"))
+
     def slurm_folder(self) -> Path:
         """The Slurm executor's jobs folder (submitit's pickles and logs) unless given one."""
         return self.root / "slurm"

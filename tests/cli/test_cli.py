@@ -242,4 +242,5 @@ def test_help_shows_every_default_and_no_empty_ones(capsys):
     assert "(default: [])" not in text
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
-    assert "questions shown (default: 10)" in " ".join(capsys.readouterr().out.split())
+    assert "questions shown (--questions) (default: 10)" in " ".join(
+        capsys.readouterr().out.split())

@@ -579,7 +579,7 @@ def test_results_export_and_compare_read_the_store(demo, tmp_path, capsys):
     assert table.loc[question, "em_a"] == pytest.approx(em_of(a))
     assert table.loc[question, "em_b"] == pytest.approx(em_of(b))
     assert abs(table["difference"].iloc[0]) >= abs(table["difference"].iloc[-1]) > 0
-    assert main(["compare", base_id[:6], finance["cell_id"][:6], "--n", "2",
+    assert main(["compare", base_id[:6], finance["cell_id"][:6], "--n", "2", "--questions",
                  "--store", str(store.root)]) == 0
     assert f"{question}: EM" in capsys.readouterr().out
 

@@ -1,0 +1,75 @@
+"""Paired comparisons of leaderboard rows, from the stored answers (em_bench/stats.py).
+
+A row's cells are its seeds; a defense's row and its `none` row answer the same questions with
+the same seeds, so they are compared pairwise: EM on the held-out domains (or on a question
+file's suite), clustered by topic (a topic's questions share answer strings), each seed's
+clusters resampled with the same draws for both rows. Each defense row gains its paired
+reduction against `none` with a 95% interval, and `compare_rows` gives any two rows' difference
+with its interval and p-value.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from em_bench import metrics, stats
+from em_bench.config import CellConfig
+from em_bench.domains import HELD_OUT_DOMAINS
+from em_bench.scoring import em_thresholds, judged_frame, ood_answers
+from em_bench.store import Store
+from em_bench.tasks import get_task
+
+N_BOOT = 2000
+
+
+def headline_flags(store: Store, cell_id: str) -> pd.DataFrame:
+    """A cell's headline EM flags: one row per answer on the held-out domains (all of a
+    question file's), with its seed, question and cluster (`domain/topic`, else the
+    question)."""
+    cell = store.cell(cell_id)
+    cfg = CellConfig.model_validate(cell.read_config()["config"])
+    if not cell.records("generations"):  # nothing answered: nothing to resample
+        return pd.DataFrame({"seed": [], "cluster": [], "question_id": [], "flag": []})
+    frame = judged_frame(cell)
+    ood = ood_answers(frame, get_task(cfg.task), cfg)
+    if not cfg.questions:
+        ood = ood[ood["domain"].isin(HELD_OUT_DOMAINS)]
+    topic = ood["topic"] if "topic" in ood else pd.Series(None, index=ood.index)
+    cluster = (ood["domain"].astype(str) + "/" + topic.astype(str)).where(
+        topic.notna(), ood["question_id"].astype(str))
+    return pd.DataFrame({"seed": cfg.seed, "cluster": cluster.to_numpy(),
+                         "question_id": ood["question_id"].to_numpy(),
+                         "flag": metrics.em_flags(ood, **em_thresholds(cfg.metrics)).to_numpy()})
+
+
+def row_counts(store: Store, cell_ids: list[list[str]]) -> list[stats.ClusterCounts]:
+    """Each row's cluster counts over its cells, on one shared list of clusters."""
+    frames = [pd.concat([headline_flags(store, c) for c in cells]) for cells in cell_ids]
+    clusters = sorted(set().union(*(f["cluster"] for f in frames)))
+    return [stats.cluster_counts(f, clusters=clusters) for f in frames]
+
+
+def compare_rows(store: Store, a: dict, b: dict, n_boot: int = N_BOOT) -> stats.Comparison:
+    """EM(a) - EM(b) on the headline suite, paired by seed and cluster."""
+    counts_a, counts_b = row_counts(store, [a["cell_ids"], b["cell_ids"]])
+    return stats.difference(counts_a, counts_b, n_boot=n_boot)
+
+
+def with_paired_reductions(store: Store, rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
+    """The rows, each defense row with `reduction_paired` (1 - EM/EM(none) on the headline
+    suite, with `reduction_ci_low`/`_high` and the p-value of no effect) against the cells of
+    the `none` row it is compared with (`none_cell_ids`); other rows get None."""
+    out = []
+    for r in rows:
+        result = None
+        if r.get("none_cell_ids"):
+            counts = row_counts(store, [r["cell_ids"], r["none_cell_ids"]])
+            try:
+                result = stats.reduction(*counts, n_boot=n_boot)
+            except ValueError:  # no shared seed: not a paired comparison
+                result = None
+        out.append({**r, "reduction_paired": None if result is None else result.estimate,
+                    "reduction_ci_low": None if result is None else result.ci_low,
+                    "reduction_ci_high": None if result is None else result.ci_high,
+                    "reduction_p": None if result is None else result.p_value})
+    return out

@@ -1,0 +1,90 @@
+"""Tuning a defense by the selection rule (em_bench/selection.py) on real cells.
+
+    em-bench tune --task finance --defense kl --seeds 0 1
+
+Every strength the rule asks for is a grid of cells on the selection split (the task, the
+defense at that strength, each seed), run or resumed in the store like any other; its outcome is
+the seed means of EM on the development domains (never the held-out ones the headline scores),
+in-domain adherence and the incoherent share, in the task's own view. The sweep and its pick are
+stored in the store as an analysis, so the leaderboard can show how a row was chosen.
+"""
+
+from __future__ import annotations
+
+import json
+
+from em_bench import metrics
+from em_bench.config import CellConfig, canonical_hash
+from em_bench.defenses import check_defense
+from em_bench.errors import ConfigError
+from em_bench.grid.plan import plan_grid
+from em_bench.grid.run import run_grid
+from em_bench.registry import DEFENSES
+from em_bench.selection import Outcome, Selection, tune
+from em_bench.store import Store
+from em_bench.store.files import atomic_write_json
+
+
+def strength_of(defense: str) -> str:
+    """The parameter the rule sweeps for `defense`, or a ConfigError for one without any."""
+    name = getattr(DEFENSES.get(defense), "strength", None)
+    if name is None:
+        raise ConfigError(f"defense {defense} has no strength to sweep (no `strength` "
+                          f"parameter): it is exempt from the selection rule")
+    return name
+
+
+def outcome(rows: list[dict], task: str) -> Outcome:
+    """The seed means of a setting's rows in the task's own view."""
+    own = [r for r in rows if r["task"] == task and r["view"] == task]
+    if not own:
+        raise ConfigError(f"no scored cell of task {task} among the rows")
+
+    def mean(key: str) -> float:
+        return metrics.seed_summary([r[key] for r in own if r[key] is not None])["mean"]
+
+    return Outcome(mean("em_development"), mean("in_domain"), mean("incoherent_rate"), len(own))
+
+
+def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
+                 model: str = "organism", train_overrides: dict | None = None,
+                 executor=None) -> Selection:
+    """Run the selection rule for `defense` on `task` over `seeds`; store and return it."""
+    strength = strength_of(defense)
+    default = check_defense(defense, {}, model)[strength]
+    base = CellConfig(model=model, split="selection")
+
+    def scored(name: str, values: dict | None = None) -> Outcome:
+        plan = plan_grid(base, [task], [name], seeds, train_overrides, defense_values=values)
+        return outcome(run_grid(store, plan, executor), task)
+
+    selection = tune(defense, strength, default, scored("none"),
+                     lambda s: scored(defense, {strength: [str(s)]}))
+    key = {"model": model, "task": task, "defense": defense, "seeds": sorted(seeds),
+           "train": train_overrides or {}}
+    record = {**key, **selection.to_dict()}
+    atomic_write_json(store.analysis_path("selection", canonical_hash(key)), record)
+    return selection
+
+
+def stored_selections(store: Store) -> list[dict]:
+    """Every selection stored in the store (the records `tune_defense` wrote)."""
+    return [json.loads(p.read_text(encoding="utf-8")) for p in store.analyses("selection")]
+
+
+def format_selection(selection: Selection) -> str:
+    """The sweep as a table, with the pick and the rule's reasons."""
+    none = selection.none
+    lines = [f"{selection.defense} {selection.strength}: default {selection.default:g}; "
+             f"none: EM {100 * none.em:.1f}%, in-domain {100 * none.in_domain:.1f}%, "
+             f"incoherent {100 * none.incoherent:.1f}% ({none.seeds} seeds; EM on the "
+             f"development domains, selection questions)",
+             f"bracket up to {selection.upper:g}: {selection.upper_reason}",
+             f"{selection.strength:>10}  {'EM':>6}  {'in-domain':>9}  {'incoherent':>10}"]
+    for s, o in selection.sweep:
+        mark = "  <- pick" if s == selection.pick else ""
+        lines.append(f"{s:>10g}  {100 * o.em:5.1f}%  {100 * o.in_domain:8.1f}%  "
+                     f"{100 * o.incoherent:9.1f}%{mark}")
+    lines.append(f"pick: {'none' if selection.pick is None else f'{selection.pick:g}'} "
+                 f"({selection.reason})")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""The leaderboard's paired comparisons, from answers written by hand: EM on the held-out
+domains only, clustered by topic, the figures worked out below."""
+
+from __future__ import annotations
+
+import pytest
+
+from em_bench.board.paired import compare_rows, headline_flags
+from em_bench.board.rows import leaderboard_rows
+from em_bench.cli import main
+from em_bench.store import open_store
+from tests.helpers import add_answers, add_cell
+
+# misaligned answers of 2 per (domain, topic), per seed: EM = their sum / 8
+NONE = {0: {("home", 0): 2, ("home", 1): 0, ("travel", 0): 1, ("travel", 1): 1},  # 4/8
+        1: {("home", 0): 2, ("home", 1): 1, ("travel", 0): 2, ("travel", 1): 1}}  # 6/8
+KL = {0: {("home", 0): 1, ("home", 1): 0, ("travel", 0): 0, ("travel", 1): 0},  # 1/8
+      1: {("home", 0): 1, ("home", 1): 0, ("travel", 0): 1, ("travel", 1): 0}}  # 2/8
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = open_store(tmp_path / "store")
+    for defense, answers, params in (("none", NONE, None), ("kl", KL, {"weight": 1.0})):
+        for seed, bad in answers.items():
+            add_answers(add_cell(store, "finance", defense, seed, 0.5, params=params), bad)
+    return store
+
+
+def test_headline_flags_are_the_held_out_answers_clustered_by_topic(store):
+    row = next(r for r in leaderboard_rows(store) if r["defense"] == "kl")
+    flags = headline_flags(store, row["cell_ids"][0])
+    assert sorted(set(flags["cluster"])) == ["home/topic 0", "home/topic 1", "travel/topic 0",
+                                             "travel/topic 1"]  # medical is not held out
+    assert len(flags) == 8 and flags["flag"].sum() in (1, 2)
+
+
+def test_a_defense_row_has_its_paired_reduction_against_none(store):
+    rows = {r["defense"]: r for r in leaderboard_rows(store)}
+    # EM(none) = (4/8 + 6/8) / 2 = 0.625; EM(kl) = (1/8 + 2/8) / 2 = 0.1875
+    kl = rows["kl"]
+    assert kl["reduction_paired"] == pytest.approx(1 - 0.1875 / 0.625)  # 0.7
+    assert kl["reduction_ci_low"] <= 0.7 <= kl["reduction_ci_high"]
+    assert 0 <= kl["reduction_p"] <= 1
+    assert rows["none"]["reduction_paired"] is None and rows["none"]["none_cell_ids"] is None
+    diff = compare_rows(store, kl, rows["none"])
+    assert diff.estimate == pytest.approx(0.1875 - 0.625) and diff.n_seeds == 2
+    assert diff.n_clusters == 4
+
+
+def test_compare_names_two_rows_by_a_cell_each_and_prints_their_paired_difference(store, capsys):
+    rows = {r["defense"]: r for r in leaderboard_rows(store)}
+    assert main(["compare", rows["kl"]["cell_ids"][1][:8], rows["none"]["cell_ids"][0][:8],
+                 "--store", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert "A = finance / kl weight=1.0 (seeds 0,1)" in out
+    assert "EM held-out A - B: -43.8 points" in out and "2 seeds, 4 topics" in out

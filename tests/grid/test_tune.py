@@ -1,0 +1,70 @@
+"""Tuning on cells: the rule's strengths become selection-split cells, their rows its outcomes,
+and the sweep is stored. The cells' figures are scripted here (run_grid replaced); the rule
+itself is worked by hand in tests/test_selection.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from em_bench.cli import main
+from em_bench.errors import ConfigError
+from em_bench.grid import tune as tune_module
+from em_bench.grid.tune import outcome, stored_selections, strength_of, tune_defense
+from em_bench.store import open_store
+
+
+def _scripted(planned_log: list):
+    """run_grid's stand-in: EM on the development domains falls with kl's weight, in-domain
+    collapses from weight 10 on; every cell is a selection-split cell."""
+    def run_grid(store, plan, executor=None):
+        rows = []
+        for p in plan:
+            planned_log.append(p.config)
+            weight = p.config.defense_params.get("weight", 0.0)
+            rows.append({"task": p.config.task, "view": p.view.name, "seed": p.config.seed,
+                         "em_development": 0.4 / (1 + weight) + 0.01 * p.config.seed,
+                         "in_domain": 0.1 if weight >= 10 else 0.8,
+                         "incoherent_rate": 0.1})
+        return rows
+    return run_grid
+
+
+@pytest.mark.usefixtures("organism")
+def test_tune_runs_selection_cells_for_each_strength_and_stores_the_pick(tmp_path, monkeypatch,
+                                                                         capsys):
+    planned = []
+    monkeypatch.setattr(tune_module, "run_grid", _scripted(planned))
+    store = open_store(tmp_path / "store")
+    selection = tune_defense(store, "finance", "kl", [0, 1], train_overrides={"steps": 3})
+    assert {c.split for c in planned} == {"selection"}
+    assert {c.seed for c in planned} == {0, 1}
+    assert {c.train.steps for c in planned if c.task == "finance"} == {3}
+    weights = sorted({c.defense_params["weight"] for c in planned if c.defense == "kl"})
+    assert weights == [0.1, 0.316, 1.0, 3.16, 10.0]  # kl's default is 1; 10 breaks it
+    assert selection.none.em == pytest.approx((0.40 + 0.41) / 2)  # the seed mean
+    assert selection.pick == 3.16
+    (stored,) = stored_selections(store)
+    assert stored["task"] == "finance" and stored["pick"] == 3.16 and stored["seeds"] == [0, 1]
+
+    assert main(["tune", "--task", "finance", "--defense", "kl", "--seeds", "0,1",
+                 "--steps", "3", "--store", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "3.16   10.1%      80.0%       10.0%  <- pick" in out and "pick: 3.16" in out
+    assert len(stored_selections(store)) == 1  # the same tuning, stored once
+
+
+def test_a_defense_without_a_strength_is_exempt_and_says_so():
+    with pytest.raises(ConfigError, match="no strength to sweep"):
+        strength_of("none")
+    assert strength_of("blockem") == "lambda"
+
+
+def test_an_outcome_is_the_seed_means_of_the_tasks_own_view():
+    rows = [{"task": "finance", "view": "finance", "em_development": 0.2, "in_domain": 0.9,
+             "incoherent_rate": 0.1},
+            {"task": "finance", "view": "finance", "em_development": 0.4, "in_domain": 0.7,
+             "incoherent_rate": 0.3},
+            {"task": "base", "view": "finance", "em_development": 0.0, "in_domain": 0.0,
+             "incoherent_rate": 0.0}]
+    got = outcome(rows, "finance")
+    assert (got.em, got.in_domain, got.incoherent, got.seeds) == pytest.approx((0.3, 0.8, 0.2, 2))
