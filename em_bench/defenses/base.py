@@ -1,4 +1,5 @@
-"""The defense protocol: extra named loss terms added to the training objective."""
+"""The defense protocol: named loss terms added to the training objective, and optional hooks
+on the data, the forward pass and the optimizer step."""
 
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ class Defense(Protocol):
     the defaults that depend on the model filled in (blockem's lambda). `strength` names the
     parameter the selection rule sweeps (em_bench/selection.py); a defense without one is
     exempt from the rule and says so.
+
+    Optional hooks, each called by the loop when a defense has it (train/loop.py):
+    `examples(chats) -> chats` transforms the training chats before they are encoded
+    (inoculation's system prompt); `rebatch(part) -> part` may swap rows of a micro-batch before
+    its forward pass (interleaving), keeping its keys; forward hooks a defense registers in
+    `prepare` (steering, ablation) stay on while training and are off inside `evaluation()`, a
+    context manager the loop enters while it scores a checkpoint of the curve, and for good once
+    `finish()` removes them, before any answer is generated; `after_step(model, step)` acts on
+    the weights after each optimizer step (SafeLoRA's projection).
     """
 
     name: str

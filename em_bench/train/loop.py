@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -59,6 +59,9 @@ def train(
                          f"{micro}) do not divide among {world} processes")
     device = device_of(model)
     steps = cfg.total_steps(len(examples))
+    for d in defenses:  # a defense that trains on other chats (inoculation's prompt) says so here
+        if hasattr(d, "examples"):
+            examples = d.examples(examples)
     encoded = [encode_chat(tokenizer, m) for m in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -109,6 +112,9 @@ def train(
             mine = parts[rank::world]
             terms = {}
             for i, part in enumerate(mine):
+                for d in defenses:  # a defense may swap rows of the micro-batch (interleaving)
+                    if hasattr(d, "rebatch"):
+                        part = d.rebatch(part)
                 if world > 1:  # sharded gradients are reduced once a step, after the last part
                     model.set_requires_gradient_sync(i == len(mine) - 1)
                 out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
@@ -127,11 +133,18 @@ def train(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            for d in defenses:  # e.g. SafeLoRA's projection of the updated weights
+                if hasattr(d, "after_step"):
+                    d.after_step(model, step + 1)
             # --- log every term by name ---
             log({"step": step + 1, "lr": lr,
                  **{k: round(v.item(), 6) for k, v in terms.items()}})
             if every_step is not None:
-                every_step(step + 1, model)
+                with ExitStack() as paused:  # a curve scores the model as it will answer
+                    for d in defenses:
+                        if hasattr(d, "evaluation"):
+                            paused.enter_context(d.evaluation())
+                    every_step(step + 1, model)
                 model.train()
             done = step + 1
             if checkpoints is not None:  # after every_step: its curve row is done, RNG drawn
