@@ -61,6 +61,21 @@ def params_label(params: dict) -> str:
     return _label({k: param_text(v) for k, v in params.items()}, "-")
 
 
+def method_label(row: dict) -> str:
+    """What a defense row is (`directions L0,1,2,3 K=5 principal-shift hinge=squared
+    lambda=0.002`), from the
+    method its cells recorded; its parameters for a defense that records none."""
+    m = row.get("method") or {}
+    if not m:
+        return params_label(row["defense_params"])
+    layers = m.get("layers")
+    text = [str(m.get("form", "")), f"L{','.join(map(str, layers))}" if layers else "",
+            f"K={m['k']}" if "k" in m else "", str(m.get("selection", ""))]
+    text += [f"{k}={param_text(m[k])}" for k in sorted(m)  # the store sorts them too
+             if k not in ("form", "layers", "k", "selection")]
+    return " ".join(t for t in text if t)
+
+
 def budget_label(train: dict) -> str:
     """The train settings that differ from the defaults, or `default`: what a reader needs to
     tell two budgets apart without reading the whole config."""
@@ -84,6 +99,7 @@ def cell_row(cell: Cell, result: dict | None = None, view: str | None = None) ->
         "view": view or cfg.get("task"), "defense": cfg.get("defense"),
         "defense_params": cfg.get("defense_params") or {},
         "defense_inputs": cfg.get("defense_inputs") or {}, "seed": cfg.get("seed"),
+        "method": cfg.get("method") or {},
         "train": config.get("train") or {}, "judge": stored.get("judge") or cfg.get("judge"),
         "split": config.get("split"), "questions_sha256": cfg.get("questions_sha256"),
         "rai_sha256": cfg.get("rai_sha256"), "em_rate": _value(m, "em_rate"),
@@ -128,7 +144,7 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
     return {
         "model": first["model"], "task": first["task"], "defense": first["defense"],
         "defense_params": first["defense_params"], "defense_inputs": first["defense_inputs"],
-        "budget": budget_label(first["train"]),
+        "method": first["method"], "budget": budget_label(first["train"]),
         "train": first["train"], "judge": first["judge"], "split": first["split"],
         "questions_sha256": first["questions_sha256"], "rai_sha256": first["rai_sha256"],
         "seeds": [c["seed"] for c in cells],

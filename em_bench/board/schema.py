@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from em_bench.board.rows import params_label
+from em_bench.board.rows import method_label, params_label
 from em_bench.domains import RAI_SHORT
 from em_bench.errors import ConfigError, read_utf8
 from em_bench.resources import resource_dir
@@ -108,6 +108,7 @@ def expand(columns: list[Column], rows: list[dict]) -> list[Column]:
 
 DERIVED = {  # keys the schema may use that are text views of nested row fields
     "params": lambda r: params_label(r["defense_params"]),
+    "method": method_label,
     "seeds": lambda r: ",".join(map(str, r["seeds"])),
     "questions": lambda r: "world" if r["questions_sha256"] is None else r["questions_sha256"][:8],
     "em_ci": lambda r: (r["em_ci_low"], r["em_ci_high"]),

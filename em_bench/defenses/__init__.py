@@ -45,3 +45,11 @@ def defense_inputs(name: str, params: dict[str, Any], ctx) -> dict:
     cell hash: the defense's `inputs`, if it has one."""
     cls = DEFENSES.get(name)
     return cls.inputs(params, ctx) if hasattr(cls, "inputs") else {}
+
+
+def describe_defense(name: str, params: dict[str, Any], ctx) -> dict:
+    """What a cell of the defense is, for a reader of its row (blockem: form, layers,
+    selection, K, lambda): the defense's `describe`, if it has one; stored beside the cell,
+    never in its hash."""
+    cls = DEFENSES.get(name)
+    return cls.describe(params, ctx) if hasattr(cls, "describe") else {}

@@ -98,6 +98,10 @@ class BlockEM:
     def model_defaults(params: dict, model: str) -> dict:
         return blockem_defaults(params, model)
 
+    @staticmethod
+    def describe(params: dict, ctx: DefenseContext) -> dict:
+        return blockem_method(params, ctx)
+
     def __init__(self, params: BlockEMParams, ctx: DefenseContext):
         self.lam, self.hinge = params.lam or default_lambda(ctx.model), params.hinge
         files = params.latents or default_latent_files(ctx)
@@ -166,6 +170,24 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
         load_latent_set(Path(f))  # a malformed file fails before any work
         digests[f] = hashlib.sha256(Path(f).read_bytes()).hexdigest()
     return {"latents_sha256": digests, **version}
+
+
+def blockem_method(params: dict, ctx: DefenseContext) -> dict:
+    """What a blockem cell is, for a reader: the latents' form (SAE latents or directions),
+    their layers, how they were selected, how many a layer (K), and lambda."""
+    if params["latents"]:
+        sets = [load_latent_set(Path(f)) for f in params["latents"]]
+        form = "+".join(sorted({s.form for s in sets}))
+        selection = "+".join(sorted({s.selection for s in sets}))
+        layers, k = [s.layer for s in sets], sorted({len(s.latents) for s in sets})
+    else:
+        from em_bench.sae.discover import default_settings
+
+        settings = default_settings(ctx.model)
+        form, selection = settings["form"], "principal-shift"
+        layers, k = settings["layers"], [settings["k"]]
+    return {"form": form, "layers": layers, "selection": selection,
+            "k": k[0] if len(k) == 1 else k, "lambda": params["lambda"], "hinge": params["hinge"]}
 
 
 def blockem_defaults(params: dict, model: str) -> dict:

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from em_bench.board.rows import method_label
 from em_bench.config import LoraSettings, TrainConfig
 from em_bench.data import IGNORE_INDEX, collate, encode_chat
-from em_bench.defenses import check_defense, defense_inputs
+from em_bench.defenses import check_defense, defense_inputs, describe_defense
 from em_bench.defenses.base import DefenseContext
 from em_bench.defenses.blockem import BlockEM, BlockEMParams
 from em_bench.defenses.kl import KL, KLParams
@@ -185,3 +186,24 @@ def test_blockem_params_and_inputs(tmp_path):
         check_defense("blockem", {"latents": [str(path)]}, "tiny")
     with pytest.raises(ConfigError, match="latents has no default for tiny"):
         defense_inputs("blockem", {"lambda": 1.0, "latents": []}, CTX)
+
+
+def test_a_blockem_cell_says_its_form_layers_selection_k_and_lambda(tmp_path):
+    files = [str(_directions(tmp_path, layer, [[1.0, 0.0], [0.0, 1.0]], name=f"L{layer}.json"))
+             for layer in (0, 2)]
+    method = describe_defense("blockem", {"lambda": 0.5, "latents": files, "hinge": "squared"},
+                              CTX)
+    assert method == {"form": "directions", "layers": [0, 2], "selection": "test", "k": 2,
+                      "lambda": 0.5, "hinge": "squared"}
+    row = {"method": method, "defense_params": {}}
+    assert method_label(row) == "directions L0,2 K=2 test hinge=squared lambda=0.5"
+    assert method_label({"method": {}, "defense_params": {"beta": 1.0}}) == "beta=1.0"
+    assert describe_defense("kl", {"weight": 1.0}, CTX) == {}
+
+
+@pytest.mark.usefixtures("organism")
+def test_the_default_blockem_is_named_as_the_organisms_default_directions():
+    ctx = DefenseContext(TaskSpec(name="t"), seed=0, model="organism")
+    method = describe_defense("blockem", check_defense("blockem", {}, "organism"), ctx)
+    assert method == {"form": "directions", "layers": [0, 1, 2, 3], "selection": "principal-shift",
+                      "k": 5, "lambda": 0.002, "hinge": "squared"}

@@ -36,10 +36,14 @@ def test_a_study_names_its_problems(tmp_path):
 @pytest.mark.usefixtures("organism")
 def test_a_small_study_runs_and_writes_its_leaderboard(tmp_path):
     study = tmp_path / "small.yaml"
-    study.write_text("name: small\nruns:\n  - {tasks: [medical], steps: 6, samples: 1}\n")
+    study.write_text("name: small\nruns:\n  - {tasks: [medical], defenses: [none, blockem], "
+                     "steps: 6, samples: 1}\n")
     store = open_store(tmp_path / "store")
     index = run_study(load_study(study), store, tmp_path / "site")
     rows = leaderboard_rows(store)
-    assert [(r["task"], r["defense"]) for r in rows] == [("base", "none"), ("medical", "none")]
+    assert [(r["task"], r["defense"]) for r in rows] == [
+        ("base", "none"), ("medical", "none"), ("medical", "blockem")]
     page = index.read_text()
+    # each cell records what its defense is: the row says it
+    assert "directions L0,1,2,3 K=5 principal-shift hinge=squared lambda=0.002" in page
     assert index.name == "index.html" and all(r["cell_ids"][0] in page for r in rows)
