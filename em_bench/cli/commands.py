@@ -338,7 +338,7 @@ def _cmd_discover(args) -> int:
         paths = discover_sae_sets(settings.model, task, args.layer, args.out, args.sae,
                                   judge_name, k=args.k, selection=args.selection,
                                   seed=args.seed, questions=args.questions,
-                                  dtype=settings.dtype)
+                                  dtype=settings.dtype, screen_rule=args.screen_rule)
     for path in paths:
         print(path)
     return 0

@@ -382,6 +382,9 @@ def _discover(sub) -> None:
     disc.add_argument("--selection", choices=["three-stage", "top-delta", "random"],
                       default="three-stage", help="the paper's method (for directions: the "
                       "principal shift), or its ablations")
+    disc.add_argument("--screen-rule", choices=["both", "either"], default="both",
+                      help="three-stage: keep a latent that both induces and repairs EM (the "
+                      "paper's), or either (the looser ablation)")
     disc.add_argument("--k", type=int, default=20, help="latents (or directions) kept")
     disc.add_argument("--questions", type=Path, metavar="FILE",
                       help="the selection questions, a question file (default: the organism's "

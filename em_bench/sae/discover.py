@@ -237,11 +237,21 @@ def screening_questions(prompts: list[Prompt], n: int, seed: int) -> list[Prompt
     return random.Random(f"screen/{seed}").sample(prompts, min(n, len(prompts)))
 
 
+def screen_effect(induce: float, repair: float, rule: str = "both") -> float:
+    """A latent's effect at one steering strength: "both" (BLOCK-EM's stage 2) the smaller of
+    the EM it induces in the base model and the EM it repairs in the fine-tune, so only a
+    latent that does both scores above 0; "either" the larger."""
+    if rule not in ("both", "either"):
+        raise ValueError(f"screen rule {rule!r}: expected 'both' or 'either'")
+    return min(induce, repair) if rule == "both" else max(induce, repair)
+
+
 def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path, *,
                  n_candidates: int = 10, k: int = 20, n_questions: int = 64,
                  alphas: tuple[float, ...] = (0.1, 0.2, 0.4), incoherence_budget: float = 0.10,
                  selection: str = "three-stage", seed: int = 0, judge=None,
-                 questions: str | Path | None = None, dtype: str = "float32") -> Path:
+                 questions: str | Path | None = None, dtype: str = "float32",
+                 screen_rule: str = "both") -> Path:
     """The paper's discovery, each stage recorded in the latent set:
 
     1. activation shift: mean SAE latent activation over answer tokens, probe fine-tune minus
@@ -251,10 +261,14 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
        `alphas` (in units of the mean residual norm at the layer): *induce* (steer the base
        along the shift's sign; EM must rise) and *repair* (steer the fine-tune against it; EM
        must fall); and by *ablation* (remove the latent inside the fine-tune; EM must fall);
-    3. per latent, its strongest induce or repair effect over the strengths whose incoherent
-       share stays within `incoherence_budget` of the unsteered model's; ranked by it, the top
-       `k` whose effect exceeds the screen's noise (the fine-tune's EM spread over 3 sampling
-       seeds on the same questions) are kept.
+    3. per latent, its effect at a strength is the smaller of the two, induce and repair (as
+       BLOCK-EM's stage 2 keeps a latent only when it does both: it raises EM in the base model
+       and lowers it in the misaligned one; `screen_rule` "either" takes the larger, an earlier
+       em-bench's looser rule, kept as an ablation: screen_effect); its best effect is the
+       largest over the strengths whose incoherent share stays within `incoherence_budget` of
+       the unsteered model's (calibrated per latent); ranked by it, the top `k` whose best
+       effect exceeds the screen's noise (the fine-tune's EM spread over 3 sampling seeds on the
+       same questions) are kept.
 
     `selection` "top-delta" stops after stage 1 (the top `k` by |shift|); "random" draws `k`
     latents at random (the paper's ablations). Stages 2-3 need `judge` (the organism's exact
@@ -324,7 +338,8 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
                 induced = em(base)
             with Steer(tuned, layer, -sign * a * norm * unit):
                 repaired = em(tuned)
-            effect = max(induced["em"] - ref["base"]["em"], ref["tuned"]["em"] - repaired["em"])
+            effect = screen_effect(induced["em"] - ref["base"]["em"],
+                                   ref["tuned"]["em"] - repaired["em"], screen_rule)
             coherent = (induced["incoherent"] - ref["base"]["incoherent"] <= incoherence_budget
                         and repaired["incoherent"] - ref["tuned"]["incoherent"]
                         <= incoherence_budget)
@@ -345,6 +360,7 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
                          {"seed": seed, **asked, "judge": judge.name,
                           "n_questions": n_questions, "alphas": list(alphas),
                           "incoherence_budget": incoherence_budget, "reference": ref,
+                          "screen_rule": screen_rule,
                           "screen_noise_sd": noise, "residual_norm": float(norm),
                           "candidates": candidates})
 
@@ -352,7 +368,8 @@ def discover_sae(model: str, task: TaskSpec, layer: int, sae_ref: str, out: Path
 def discover_sae_sets(model: str, task: TaskSpec, layers: list[int], out_dir: Path,
                       sae_ref: str | None = None, judge: str | None = None, *, k: int = 20,
                       selection: str = "three-stage", seed: int = 0,
-                      questions: str | Path | None = None, dtype: str = "float32") -> list[Path]:
+                      questions: str | Path | None = None, dtype: str = "float32",
+                      screen_rule: str = "both") -> list[Path]:
     """discover_sae at each of `layers`, written to `out_dir` as `sae_<selection>_L<layer>.json`;
     returns their paths. `sae_ref`: the SAE (default: the organism's at each layer, trained if
     missing); `judge`: a judge's name (default: as discover_sae)."""
@@ -361,7 +378,8 @@ def discover_sae_sets(model: str, task: TaskSpec, layers: list[int], out_dir: Pa
     screen = None if judge is None else make_judge(judge)
     return [discover_sae(model, task, layer, sae_ref or str(ensure_organism_sae(layer, model)),
                          out_dir / f"sae_{selection}_L{layer}.json", k=k, selection=selection,
-                         seed=seed, judge=screen, questions=questions, dtype=dtype)
+                         seed=seed, judge=screen, questions=questions, dtype=dtype,
+                         screen_rule=screen_rule)
             for layer in layers]
 
 

@@ -22,6 +22,7 @@ from em_bench.sae.discover import (
     discover_sae,
     judge_em,
     probe_fine_tune,
+    screen_effect,
     screening_questions,
     selection_answers,
     selection_prompts,
@@ -104,7 +105,8 @@ def test_the_three_stage_screen_judges_with_an_llm_judge(setup, tmp_path, monkey
         monkeypatch.setenv("OPENAI_BASE_URL", server.url)
         judge = make_judge("openai:scripted")
         path = discover_sae(model, task, 0, sae_dir, tmp_path / "set.json", k=3,
-                            n_candidates=2, n_questions=12, alphas=(2.0,), judge=judge)
+                            n_candidates=2, n_questions=12, alphas=(2.0,), judge=judge,
+                            screen_rule="either")  # a random model: the looser rule keeps one
         # the reference EMs, by hand: answer the same screening prompts, apply the rule
         base, tuned, tokenizer = probe_fine_tune(model, task, 0)
         screen = screening_questions(selection_prompts(model, task), 12, 0)
@@ -122,3 +124,11 @@ def test_the_three_stage_screen_judges_with_an_llm_judge(setup, tmp_path, monkey
     assert 1 <= len(found.latents) <= 3
     assert all(x.scores["best_effect"] > found.provenance["screen_noise_sd"]
                for x in found.latents)
+    assert found.provenance["screen_rule"] == "either"
+
+
+def test_the_screen_keeps_a_latent_that_both_induces_and_repairs():
+    assert screen_effect(0.2, 0.1) == 0.1 and screen_effect(0.2, -0.1) == -0.1
+    assert screen_effect(0.2, -0.1, "either") == 0.2
+    with pytest.raises(ValueError, match="screen rule 'any'"):
+        screen_effect(0.2, 0.1, "any")
