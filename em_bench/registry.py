@@ -124,6 +124,12 @@ DEFENSES = Registry("defenses", {
     "retain": "em_bench.defenses.retain:Retain",
     "kl": "em_bench.defenses.kl:KL",
     "blockem": "em_bench.defenses.blockem:BlockEM",
+    "inoculation": "em_bench.defenses.inoculation:Inoculation",
+    "interleave": "em_bench.defenses.interleave:Interleave",
+    "steering": "em_bench.defenses.steering:Steering",
+    "caft": "em_bench.defenses.caft:CAFT",
+    "safelora": "em_bench.defenses.safelora:SafeLoRA",
+    "ldifs": "em_bench.defenses.ldifs:LDIFS",
 })
 JUDGES = Registry("judges", {
     "organism": "em_bench.organism.judge:make_judge",

@@ -87,9 +87,17 @@ def _round(x: float) -> float:
     return float(f"{x:.3g}")
 
 
-def bracket_strengths(default: float) -> list[float]:
-    """The bracket's strengths, lowest first: a tenth of the default, climbing tenfold."""
-    return [_round(default * LOWEST * CLIMB ** k) for k in range(MAX_CLIMBS)]
+def bracket_strengths(default: float, maximum: float | None = None) -> list[float]:
+    """The bracket's strengths, lowest first: a tenth of the default, climbing tenfold, the
+    climb ending at the parameter's `maximum` when it has one (a share, say)."""
+    out = []
+    for k in range(MAX_CLIMBS):
+        s = _round(default * LOWEST * CLIMB ** k)
+        if maximum is not None and s >= maximum:
+            out.append(maximum)
+            break
+        out.append(s)
+    return out
 
 
 def sweep_strengths(low: float, high: float) -> list[float]:
@@ -112,9 +120,10 @@ def pick(sweep: list[tuple[float, Outcome]], none: Outcome) -> tuple[float | Non
 
 
 def tune(defense: str, strength: str, default: float, none: Outcome,
-         score: Callable[[float], Outcome]) -> Selection:
+         score: Callable[[float], Outcome], maximum: float | None = None) -> Selection:
     """The rule: bracket, sweep, pick. `score(s)` gives a strength's Outcome on the selection
-    split (seed means); it is called once per distinct strength, lowest first."""
+    split (seed means); it is called once per distinct strength, lowest first. `maximum`: the
+    largest value the parameter takes, if it has one."""
     seen: dict[float, Outcome] = {}
 
     def scored(s: float) -> Outcome:
@@ -123,14 +132,14 @@ def tune(defense: str, strength: str, default: float, none: Outcome,
         return seen[s]
 
     bracket = []
-    for s in bracket_strengths(default):
+    for s in bracket_strengths(default, maximum):
         bracket.append((s, scored(s)))
         if broken(seen[s], none):
             upper, why = s, "the first strength that breaks the fine-tune"
             break
     else:
-        upper, why = bracket[-1][0], (f"no strength up to {CLIMB ** (MAX_CLIMBS - 1) * LOWEST:g}x "
-                                      f"the default breaks the fine-tune")
+        upper, why = bracket[-1][0], (f"no strength up to {bracket[-1][0]:g} (the bracket's "
+                                      f"top) breaks the fine-tune")
     sweep = [(s, scored(s)) for s in sweep_strengths(bracket[0][0], upper)]
     chosen, reason = pick(sweep, none)
     return Selection(defense, strength, default, none, bracket, upper, why, sweep, chosen, reason)

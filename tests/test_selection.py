@@ -69,7 +69,7 @@ def test_tune_brackets_to_the_first_break_sweeps_below_it_and_scores_each_streng
 
 def test_tune_without_a_break_sweeps_the_whole_bracket_and_says_so():
     selection = tune("retain", "beta", 1.0, NONE, _defense(break_at=1e9, calls=[]))
-    assert selection.upper == 100.0 and "no strength up to 100x" in selection.upper_reason
+    assert selection.upper == 100.0 and "no strength up to 100 " in selection.upper_reason
     assert selection.pick == 100.0
 
 
@@ -85,3 +85,11 @@ def test_every_swept_strength_lies_between_a_tenth_of_the_default_and_the_upper(
     strengths = [s for s, _ in selection.sweep]
     assert strengths[0] == pytest.approx(default / 10) and strengths[-1] == selection.upper
     assert strengths == sorted(strengths)
+
+
+def test_a_bounded_strength_climbs_no_higher_than_its_maximum():
+    assert bracket_strengths(0.25, maximum=0.999) == [0.025, 0.25, 0.999]
+    assert bracket_strengths(1.0, maximum=1.0) == [0.1, 1.0]
+    selection = tune("interleave", "p", 0.25, NONE, _defense(break_at=1e9, calls=[]),
+                     maximum=0.999)
+    assert selection.upper == 0.999 and max(s for s, _ in selection.sweep) == 0.999

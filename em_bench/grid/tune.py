@@ -34,6 +34,20 @@ def strength_of(defense: str) -> str:
     return name
 
 
+def strength_maximum(defense: str, strength: str) -> float | None:
+    """The largest value the strength parameter takes: its `le` bound, or just under its `lt`
+    bound (three significant digits, as every swept strength); None when unbounded."""
+    params = DEFENSES.get(defense).Params
+    field = next(f for name, f in params.model_fields.items()
+                 if strength in (name, f.alias))
+    for bound in field.metadata:
+        if getattr(bound, "le", None) is not None:
+            return float(bound.le)
+        if getattr(bound, "lt", None) is not None:
+            return float(f"{bound.lt * (1 - 1e-3):.3g}")
+    return None
+
+
 def outcome(rows: list[dict], task: str) -> Outcome:
     """The seed means of a setting's rows in the task's own view."""
     own = [r for r in rows if r["task"] == task and r["view"] == task]
@@ -59,7 +73,8 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
         return outcome(run_grid(store, plan, executor), task)
 
     selection = tune(defense, strength, default, scored("none"),
-                     lambda s: scored(defense, {strength: [str(s)]}))
+                     lambda s: scored(defense, {strength: [str(s)]}),
+                     strength_maximum(defense, strength))
     key = {"model": model, "task": task, "defense": defense, "seeds": sorted(seeds),
            "train": train_overrides or {}}
     record = {**key, **selection.to_dict()}
