@@ -130,6 +130,7 @@ DEFENSES = Registry("defenses", {
     "caft": "em_bench.defenses.caft:CAFT",
     "safelora": "em_bench.defenses.safelora:SafeLoRA",
     "ldifs": "em_bench.defenses.ldifs:LDIFS",
+    "early_stop": "em_bench.defenses.early_stop:EarlyStop",
 })
 JUDGES = Registry("judges", {
     "organism": "em_bench.organism.judge:make_judge",

@@ -55,7 +55,9 @@ class Defense(Protocol):
     `prepare` (steering, ablation) stay on while training and are off inside `evaluation()`, a
     context manager the loop enters while it scores a checkpoint of the curve, and for good once
     `finish()` removes them, before any answer is generated; `after_step(model, step)` acts on
-    the weights after each optimizer step (SafeLoRA's projection).
+    the weights after each optimizer step (SafeLoRA's projection); `finish()` may also put
+    another step's weights in place (early stopping); `report() -> dict`, what the defense
+    says of its run, goes to the fine-tune's summary (train/summary.json).
     """
 
     name: str
