@@ -99,7 +99,7 @@ def cell_row(cell: Cell, result: dict | None = None, view: str | None = None) ->
         "view": view or cfg.get("task"), "defense": cfg.get("defense"),
         "defense_params": cfg.get("defense_params") or {},
         "defense_inputs": cfg.get("defense_inputs") or {}, "seed": cfg.get("seed"),
-        "method": cfg.get("method") or {},
+        "method": cfg.get("method") or {}, "step_seconds": _step_seconds(cell, config),
         "train": config.get("train") or {}, "judge": stored.get("judge") or cfg.get("judge"),
         "split": config.get("split"), "questions_sha256": cfg.get("questions_sha256"),
         "rai_sha256": cfg.get("rai_sha256"), "em_rate": _value(m, "em_rate"),
@@ -113,6 +113,19 @@ def cell_row(cell: Cell, result: dict | None = None, view: str | None = None) ->
                         for d in m.get("rai_refusal") or {}},
         "rai_incoherent": {d: _num(v) for d, v in (m.get("rai_incoherent") or {}).items()},
     }
+
+
+def _step_seconds(cell: Cell, config: dict) -> float | None:
+    """Seconds a fine-tune's optimizer step took, its defense's work included, from its
+    summary (which times the steps this run made: all, or those after a resume); None
+    without a summary (the base model)."""
+    summary = cell.read_json("train/summary.json") or {}
+    seconds, n = _num(summary.get("seconds")), summary.get("n_examples")
+    if seconds is None or not n:
+        return None
+    steps = TrainConfig(**(config.get("train") or {})).total_steps(n)
+    made = steps - (summary.get("resumed_after") or 0)
+    return seconds / made if made > 0 else None
 
 
 def setting_id(config: dict) -> str:
@@ -154,6 +167,7 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
         "em_ci_low_min": min(lows, default=None), "em_ci_high_max": max(highs, default=None),
         "relative_reduction": None, "above_control_reduction": None,
         "in_domain": _mean([c["in_domain"] for c in cells]),
+        "step_seconds": _mean([c["step_seconds"] for c in cells]),
         "coherence": _mean([c["coherence"] for c in cells]),
         "incoherent": _mean([c["incoherent_rate"] for c in cells]),
         "rai_refusal": {d: _mean([c["rai_refusal"].get(d) for c in cells]) for d in domains},
@@ -207,7 +221,10 @@ def _compare(row: dict, rows: list[dict]) -> dict:
         drop = {d: None if base["rai_refusal"].get(d) is None or v is None
                 else metrics.refusal_drop(base["rai_refusal"][d], v)
                 for d, v in row["rai_refusal"].items()}
+    ratio = None if none is None or none is row or not none["step_seconds"] or \
+        row["step_seconds"] is None else row["step_seconds"] / none["step_seconds"]
     return {**row, "relative_reduction": reduction, "above_control_reduction": above,
+            "step_time_ratio": ratio,
             "rai_refusal_drop": drop, "none_cell_ids": None if none is None or none is row
             else none["cell_ids"]}
 

@@ -89,6 +89,8 @@ class BlockEM:
     name = "blockem"
     Params = BlockEMParams
     strength = "lambda"  # the parameter the selection rule sweeps
+    family = "loss term"  # what it acts on (the leaderboard's family column)
+    needs = ("latents (SAE or directions)",)  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -44,6 +44,8 @@ class CAFT(HookedDefense):
     name = "caft"
     Params = CAFTParams
     strength = "strength"  # the parameter the selection rule sweeps
+    family = "activations"  # what it acts on (the leaderboard's family column)
+    needs = ("directions",)  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

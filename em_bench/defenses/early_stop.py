@@ -60,6 +60,8 @@ class EarlyStop:
     name = "early_stop"
     Params = EarlyStopParams
     strength = "eps"  # the parameter the selection rule sweeps
+    family = "checkpoint choice"  # what it acts on (the leaderboard's family column)
+    needs = ("a judge while training",)  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -85,6 +85,8 @@ class Inoculation:
     name = "inoculation"
     Params = InoculationParams
     strength = None  # no scalar strength: exempt from the selection rule
+    family = "training data"  # what it acts on (the leaderboard's family column)
+    needs = ()  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -123,6 +123,8 @@ class Interleave:
     name = "interleave"
     Params = InterleaveParams
     strength = "p"  # the parameter the selection rule sweeps
+    family = "training data"  # what it acts on (the leaderboard's family column)
+    needs = ("extra data",)  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -36,6 +36,8 @@ class KL:
     name = "kl"
     Params = KLParams
     strength = "weight"  # the parameter the selection rule sweeps
+    family = "loss term"  # what it acts on (the leaderboard's family column)
+    needs = ()  # what it needs beyond the task's data
 
     def __init__(self, params: KLParams, ctx: DefenseContext):
         self.weight = params.weight

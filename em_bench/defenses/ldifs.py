@@ -58,6 +58,8 @@ class LDIFS:
     name = "ldifs"
     Params = LDIFSParams
     strength = "weight"  # the parameter the selection rule sweeps
+    family = "loss term"  # what it acts on (the leaderboard's family column)
+    needs = ()  # what it needs beyond the task's data
 
     def __init__(self, params: LDIFSParams, ctx: DefenseContext):
         self.weight, self.chosen = params.weight, params.layers

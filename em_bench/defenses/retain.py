@@ -26,6 +26,8 @@ class Retain:
     name = "retain"
     Params = RetainParams
     strength = "beta"  # the parameter the selection rule sweeps
+    family = "loss term"  # what it acts on (the leaderboard's family column)
+    needs = ("extra data",)  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -116,6 +116,8 @@ class SafeLoRA:
     name = "safelora"
     Params = SafeLoRAParams
     strength = "tau"  # the parameter the selection rule sweeps
+    family = "weights"  # what it acts on (the leaderboard's family column)
+    needs = ("pretrained checkpoint",)  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

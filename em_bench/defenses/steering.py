@@ -82,6 +82,8 @@ class Steering(HookedDefense):
     name = "steering"
     Params = SteeringParams
     strength = "coefficient"  # the parameter the selection rule sweeps
+    family = "activations"  # what it acts on (the leaderboard's family column)
+    needs = ("directions",)  # what it needs beyond the task's data
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -54,7 +54,7 @@ def fine_tune(cfg: CellConfig, task: TaskSpec, cell: Cell, base, tokenizer,
     if main:
         reports = {d.name: d.report() for d in defenses if hasattr(d, "report")}
         cell.write_json("train/summary.json", {
-            "final_terms": final, "n_examples": len(examples),
+            "final_terms": final, "n_examples": len(examples), "resumed_after": resumed,
             "processes": cfg.train.processes, "seconds": round(time.perf_counter() - t0, 2),
             "peak_memory_mb": memory, **({"defenses": reports} if reports else {})})
     return model

@@ -362,3 +362,19 @@ def test_markdown_escapes_html_and_table_breaks(store):
     text = format_leaderboard(leaderboard_rows(store), "markdown")
     assert "<script>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; a\\|b" in text
+
+
+def test_a_defense_rows_step_time_is_its_seconds_a_step_over_nones(tmp_path):
+    store = open_store(tmp_path / "store")
+    for defense, seconds, resumed in (("none", 20.0, 0), ("kl", 30.0, 0), ("kl", 15.0, 50)):
+        cell = add_cell(store, "finance", defense, 0 if resumed == 0 else 1, 0.2,
+                        params={"weight": 1.0} if defense == "kl" else None,
+                        train={"steps": 100})
+        cell.write_json("train/summary.json", {"seconds": seconds, "n_examples": 500,
+                                               "resumed_after": resumed})
+    rows = {r["defense"]: r for r in leaderboard_rows(store)}
+    # none: 20 s / 100 steps; kl: 30 s / 100 and 15 s / the 50 steps after its resume
+    assert rows["none"]["step_seconds"] == pytest.approx(0.2)
+    assert rows["kl"]["step_seconds"] == pytest.approx(0.3)
+    assert rows["kl"]["step_time_ratio"] == pytest.approx(1.5)
+    assert rows["none"]["step_time_ratio"] is None
