@@ -63,11 +63,19 @@ def params_label(params: dict) -> str:
 
 def method_label(row: dict) -> str:
     """What a defense row is (`directions L0,1,2,3 K=5 principal-shift hinge=squared
-    lambda=0.002`), from the
-    method its cells recorded; its parameters for a defense that records none."""
+    lambda=0.002`), from the method its cells recorded; its parameters for a defense that
+    records none; a combination's, component by component (`blockem: ...; retain.beta=1.0`)."""
     m = row.get("method") or {}
     if not m:
         return params_label(row["defense_params"])
+    if all(isinstance(v, dict) for v in m.values()):  # a combination: {component: method}
+        described = [f"{c}: {_method_text(d)}" for c, d in m.items()]
+        others = {k: v for k, v in row["defense_params"].items() if k.split(".")[0] not in m}
+        return "; ".join([*described, *([params_label(others)] if others else [])])
+    return _method_text(m)
+
+
+def _method_text(m: dict) -> str:
     layers = m.get("layers")
     text = [str(m.get("form", "")), f"L{','.join(map(str, layers))}" if layers else "",
             f"K={m['k']}" if "k" in m else "", str(m.get("selection", ""))]
@@ -99,7 +107,8 @@ def cell_row(cell: Cell, result: dict | None = None, view: str | None = None) ->
         "view": view or cfg.get("task"), "defense": cfg.get("defense"),
         "defense_params": cfg.get("defense_params") or {},
         "defense_inputs": cfg.get("defense_inputs") or {}, "seed": cfg.get("seed"),
-        "method": cfg.get("method") or {}, "step_seconds": _step_seconds(cell, config),
+        "method": cfg.get("method") or {}, "card": cfg.get("card") or {},
+        "step_seconds": _step_seconds(cell, config),
         "train": config.get("train") or {}, "judge": stored.get("judge") or cfg.get("judge"),
         "split": config.get("split"), "questions_sha256": cfg.get("questions_sha256"),
         "rai_sha256": cfg.get("rai_sha256"), "em_rate": _value(m, "em_rate"),
@@ -157,7 +166,7 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
     return {
         "model": first["model"], "task": first["task"], "defense": first["defense"],
         "defense_params": first["defense_params"], "defense_inputs": first["defense_inputs"],
-        "method": first["method"], "budget": budget_label(first["train"]),
+        "method": first["method"], "card": first["card"], "budget": budget_label(first["train"]),
         "train": first["train"], "judge": first["judge"], "split": first["split"],
         "questions_sha256": first["questions_sha256"], "rai_sha256": first["rai_sha256"],
         "seeds": [c["seed"] for c in cells],

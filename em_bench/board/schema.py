@@ -109,6 +109,8 @@ def expand(columns: list[Column], rows: list[dict]) -> list[Column]:
 DERIVED = {  # keys the schema may use that are text views of nested row fields
     "params": lambda r: params_label(r["defense_params"]),
     "method": method_label,
+    "family": lambda r: (r.get("card") or {}).get("family"),
+    "needs": lambda r: ", ".join((r.get("card") or {}).get("needs") or []) or "-",
     "seeds": lambda r: ",".join(map(str, r["seeds"])),
     "questions": lambda r: "world" if r["questions_sha256"] is None else r["questions_sha256"][:8],
     "em_ci": lambda r: (r["em_ci_low"], r["em_ci_high"]),

@@ -265,10 +265,14 @@ def _run(sub) -> None:
                      "files, to load each cell's LoRA adapter")
     run.add_argument("--task", type=_csv, default=["finance"], help="comma list of tasks")
     run.add_argument("--defense", type=_csv, default=["none"],
-                     help="comma list of defenses (`em-bench defenses` lists them)")
+                     help="comma list of defenses (`em-bench defenses` lists them); "
+                     "defenses joined by '+' are one combination, each at its own parameters, "
+                     "e.g. blockem+retain")
     run.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=V1,V2",
                      help="a defense parameter and its values (a sweep; repeatable); a list "
-                     "value joins its items with '+', e.g. latents=a.json+b.json")
+                     "value joins its items with '+', e.g. latents=a.json+b.json; a "
+                     "combination's parameter is prefixed by its component, e.g. "
+                     "blockem.lambda=0.005")
     run.add_argument("--seeds", type=_seeds, default=[0], help="comma list of seeds")
     run.add_argument("--steps", type=int, help=f"optimizer steps of the fine-tune (default: "
                      f"{budget} {train.steps}; a preset's one epoch)")

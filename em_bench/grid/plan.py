@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from em_bench.config import CellConfig, TrainConfig
-from em_bench.defenses import DEFAULT, check_defense
+from em_bench.defenses import COMBINE, DEFAULT, PREFIX, check_defense, components, parameter_fields
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import resolve
-from em_bench.registry import DEFENSES
 from em_bench.tasks import (
     TaskSpec,
     check_task_data,
@@ -46,12 +45,13 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     question file: `questions` (the command line's), else the task's own for the split
     (tasks.question_file). Tasks are found among the built-ins, the entry points and the
     `include` folders. A defense's cells are the product of the `defense_values` it takes
-    (name -> values, the command line's `--set`). Every cell is resolved here, so a typo in a
-    name, a parameter or a file fails before any work starts, and its config holds the values it
-    runs with (a defense's defaults filled in: `lambda=default` is blockem's lambda).
+    (name -> values, the command line's `--set`; a combination's names are prefixed by their
+    component: `blockem.lambda`). Every cell is resolved here, so a typo in a name, a parameter
+    or a file fails before any work starts, and its config holds the values it runs with (a
+    defense's defaults filled in: `lambda=default` is blockem's lambda).
     """
     for defense in defenses:  # an unknown name fails first, with the known ones
-        DEFENSES.get(defense)
+        components(defense)
     check_defense_values(defenses, defense_values or {})
     found = find_tasks(include)
     specs = {}
@@ -94,8 +94,7 @@ def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
     """Every combination of the values `defense` takes (its defaults filled in, validated).
 
     A name no chosen defense takes is caught by `check_defense_values`."""
-    cls = DEFENSES.get(defense)
-    fields = {} if cls is None else {f.alias or n: f for n, f in cls.Params.model_fields.items()}
+    fields = parameter_fields(defense)
     mine = {k: v for k, v in values.items() if k in fields}
     for k, f in fields.items():  # a list parameter's items are joined by "+" on the command line
         if k in mine and typing.get_origin(f.annotation) in (list, tuple):
@@ -106,8 +105,11 @@ def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
 
 
 def check_defense_values(defenses: list[str], values: dict[str, list]) -> None:
-    known = {f.alias or n for d in defenses if DEFENSES.get(d) is not None
-             for n, f in DEFENSES.get(d).Params.model_fields.items()}
+    known = {k for d in defenses for k in parameter_fields(d)}
     if unknown := sorted(set(values) - known):
+        hint = (f"; a COMPONENT{PREFIX}NAME parameter is a combination's (blockem{COMBINE}retain"
+                f" takes blockem{PREFIX}lambda), a single defense's has no prefix"
+                if any(PREFIX in k for k in unknown) else "")
         raise ConfigError(f"--set {', '.join(unknown)}: no chosen defense "
-                          f"({', '.join(defenses)}) takes it; they take {sorted(known) or 'none'}")
+                          f"({', '.join(defenses)}) takes it; they take {sorted(known) or 'none'}"
+                          f"{hint}")

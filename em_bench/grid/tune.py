@@ -15,7 +15,7 @@ import json
 
 from em_bench import metrics
 from em_bench.config import CellConfig, canonical_hash
-from em_bench.defenses import check_defense
+from em_bench.defenses import check_defense, components, is_combination
 from em_bench.errors import ConfigError
 from em_bench.grid.plan import plan_grid
 from em_bench.grid.run import run_grid
@@ -26,7 +26,12 @@ from em_bench.store.files import atomic_write_json
 
 
 def strength_of(defense: str) -> str:
-    """The parameter the rule sweeps for `defense`, or a ConfigError for one without any."""
+    """The parameter the rule sweeps for `defense`, or a ConfigError for one without any (a
+    combination is exempt: each component runs at its own pick)."""
+    if is_combination(defense):
+        raise ConfigError(f"defense {defense} is a combination: each component at its own pick, "
+                          f"not tuned jointly, so it is exempt from the selection rule; tune "
+                          f"{' and '.join(components(defense))} one by one and set their picks")
     name = getattr(DEFENSES.get(defense), "strength", None)
     if name is None:
         raise ConfigError(f"defense {defense} has no strength to sweep (no `strength` "

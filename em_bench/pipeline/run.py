@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from em_bench.config import CellConfig
-from em_bench.defenses import describe_defense
+from em_bench.defenses import defense_card, describe_defense
 from em_bench.defenses.base import DefenseContext
 from em_bench.errors import JudgingFailed, NoStoredAnswers
 from em_bench.judge import make_judge
@@ -29,6 +29,7 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
         cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(rc.config),
                            "method": describe_defense(cfg.defense, rc.config.defense_params,
                                                       DefenseContext(rc.task, cfg.seed, cfg.model)),
+                           "card": defense_card(cfg.defense),
                            "provenance": provenance(cfg.model, (cfg.judge, *cfg.jury))})
     if cell.is_done("score", rc.step_hash("score")):
         return cell

@@ -46,4 +46,5 @@ def test_a_small_study_runs_and_writes_its_leaderboard(tmp_path):
     page = index.read_text()
     # each cell records what its defense is: the row says it
     assert "directions L0,1,2,3 K=5 principal-shift hinge=squared lambda=0.002" in page
+    assert 'data-key="needs" data-value="latents (SAE or directions)"' in page
     assert index.name == "index.html" and all(r["cell_ids"][0] in page for r in rows)
