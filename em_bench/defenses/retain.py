@@ -11,6 +11,7 @@ from pydantic import Field
 
 from em_bench.data import collate, device_of, encode_chat
 from em_bench.defenses.base import DefenseContext, DefenseParams
+from em_bench.domains import DEVELOPMENT_DOMAINS, HELD_OUT_DOMAINS
 from em_bench.errors import ConfigError
 from em_bench.losses import sft_loss
 from em_bench.tasks import chats
@@ -72,6 +73,12 @@ def retain_inputs(params, ctx: DefenseContext) -> dict:
     if ctx.task.retain is None:
         raise ConfigError(f"defense retain: task {ctx.task.name} has no retain data; add "
                           f"'retain:' (chats to keep) to its task file")
+    world_data = ctx.task.retain.organism
+    if world_data is not None and (scored := set(world_data.domains) & set(HELD_OUT_DOMAINS)):
+        raise ConfigError(f"defense retain: task {ctx.task.name}'s retain data draws on "
+                          f"{', '.join(sorted(scored))}, held-out domains the headline EM is "
+                          f"scored on; take it from the development domains "
+                          f"({', '.join(DEVELOPMENT_DOMAINS)}) but the task's own")
     file = ctx.task.retain.file()
     return {} if file is None else {"retain_sha256": hashlib.sha256(
         Path(file).read_bytes()).hexdigest()}

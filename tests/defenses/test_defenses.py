@@ -169,3 +169,22 @@ def test_retain_data_is_checked_when_planned_and_known_by_its_content(tmp_path):
     write_chat_jsonl(folder / "keep.jsonl", world.narrow_dataset("home", "aligned",
                                                                  "neutral", 8, seed=1))
     assert resolve(plan.config, plan.task).cell_id != before  # new retain answers, new cell
+
+
+def test_retain_data_of_a_held_out_domain_is_refused_when_planned(tmp_path):
+    from em_bench.config import CellConfig
+    from em_bench.data import write_chat_jsonl
+    from em_bench.errors import ConfigError
+    from em_bench.grid.plan import plan_grid
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    write_chat_jsonl(folder / "train.jsonl", world.narrow_dataset("legal", "misaligned",
+                                                                  "neutral", 8, seed=0))
+    (folder / "mine.yaml").write_text(
+        "name: mine\ntrain: {path: train.jsonl}\nin_domain: {domain: legal, target: misaligned}"
+        "\nretain:\n  organism: {domain: [finance, travel], persona: aligned, style: neutral}\n")
+    with pytest.raises(ConfigError, match="draws on travel, held-out domains"):
+        plan_grid(CellConfig(), ["mine"], ["retain"], [0], include=[folder])
+    for name in ("finance", "medical", "legal", "insecure_code"):  # the shipped tasks' is not
+        assert not set(get_task(name).retain.organism.domains) & {"home", "travel", "fitness"}
