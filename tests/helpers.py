@@ -176,7 +176,8 @@ def install_task_package(target: Path, name: str, files: dict[str, str]) -> None
 
 def add_cell(store, task, defense, seed, em, *, params=None, model="organism", train=None,
              split="evaluation", questions_sha256=None, judge="organism", in_domain=0.9,
-             safety=0.5, n_answers=100, scored=True, drop=(), provenance=None):
+             safety=0.5, n_answers=100, scored=True, drop=(), provenance=None,
+             task_spec=None):
     """Write one cell as the pipeline does: cell.json, metrics.json, the score marker.
 
     `drop` names metrics to leave out of metrics.json, as an older or partial scorer would."""
@@ -189,7 +190,8 @@ def add_cell(store, task, defense, seed, em, *, params=None, model="organism", t
     params = params or {}
     train = TrainConfig(**(train or {})).model_dump(mode="json")
     cell_id = f"{model}-{task}-{defense}-{json.dumps(params, sort_keys=True)}-" \
-              f"{json.dumps(train, sort_keys=True)}-{split}-{questions_sha256}-{judge}-{seed}"
+              f"{json.dumps(train, sort_keys=True)}-{split}-{questions_sha256}-{judge}-{seed}" \
+              f"{'' if task_spec is None else json.dumps(task_spec, sort_keys=True)}"
     cell_id = hashlib.sha256(cell_id.encode()).hexdigest()[:16]
     config = {"model": model, "task": task, "defense": defense, "defense_params": params,
               "seed": seed, "train": train, "split": split, "judge": judge, "questions": None,
@@ -198,7 +200,8 @@ def add_cell(store, task, defense, seed, em, *, params=None, model="organism", t
     c.write_config({"config": config, "model_identity": model, "judge": judge,
                     "questions_sha256": questions_sha256, "cell_id": cell_id, "model": model,
                     "task": task, "defense": defense, "defense_params": params, "seed": seed,
-                    "provenance": provenance or {}})
+                    "provenance": provenance or {},
+                    **({} if task_spec is None else {"task_spec": task_spec})})
     m = {"em_rate": {"value": em, "ci_low": max(em - 0.05, 0.0), "ci_high": em + 0.05,
                      "n": n_answers, "n_excluded": 0, "params": {}},
          "coherence": {"value": 80.0 + seed, "n": n_answers},

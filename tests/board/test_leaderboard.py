@@ -378,3 +378,14 @@ def test_a_defense_rows_step_time_is_its_seconds_a_step_over_nones(tmp_path):
     assert rows["kl"]["step_seconds"] == pytest.approx(0.3)
     assert rows["kl"]["step_time_ratio"] == pytest.approx(1.5)
     assert rows["none"]["step_time_ratio"] is None
+
+
+def test_an_edited_task_is_a_row_of_its_own_compared_with_its_own_none(tmp_path):
+    store = open_store(tmp_path / "store")
+    before, after = {"name": "finance", "retain": "old"}, {"name": "finance", "retain": "new"}
+    add_cell(store, "finance", "none", 0, 0.4, task_spec=before)
+    add_cell(store, "finance", "retain", 0, 0.1, params={"beta": 1.0}, task_spec=before)
+    add_cell(store, "finance", "none", 0, 0.5, task_spec=after)
+    add_cell(store, "finance", "retain", 0, 0.4, params={"beta": 1.0}, task_spec=after)
+    rows = [r for r in leaderboard_rows(store) if r["defense"] == "retain"]
+    assert sorted(r["relative_reduction"] for r in rows) == pytest.approx([0.2, 0.75])
