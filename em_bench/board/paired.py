@@ -73,3 +73,30 @@ def with_paired_reductions(store: Store, rows: list[dict], n_boot: int = N_BOOT)
                     "reduction_ci_high": None if result is None else result.ci_high,
                     "reduction_p": None if result is None else result.p_value})
     return out
+
+
+def with_best_comparisons(store: Store, rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
+    """The rows, each defense row with its held-out EM difference from the best defense row
+    of its comparison (the same `none` cells): the best is the one with the largest paired
+    reduction among those that keep the learning (`keeps_learning`); `diff_best` (its estimate,
+    `diff_best_ci_low`/`_high`, `diff_best_p`) and `ties_best`: the interval holds 0."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.get("none_cell_ids") and r.get("reduction_paired") is not None:
+            groups.setdefault(tuple(r["none_cell_ids"]), []).append(i)
+    best_of: dict[int, int] = {}  # row -> the best row of its comparison
+    for members in groups.values():
+        kept = [i for i in members if rows[i].get("keeps_learning")]
+        if kept:
+            best = max(kept, key=lambda i: rows[i]["reduction_paired"])
+            best_of.update(dict.fromkeys(members, best))
+    out = []
+    for i, r in enumerate(rows):
+        best = best_of.get(i)
+        d = None if best in (None, i) else compare_rows(store, r, rows[best], n_boot)
+        out.append({**r, "diff_best": None if d is None else d.estimate,
+                    "diff_best_ci_low": None if d is None else d.ci_low,
+                    "diff_best_ci_high": None if d is None else d.ci_high,
+                    "diff_best_p": None if d is None else d.p_value,
+                    "ties_best": None if best is None else best == i or stats.ties_with_best(d)})
+    return out

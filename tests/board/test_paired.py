@@ -55,3 +55,24 @@ def test_compare_names_two_rows_by_a_cell_each_and_prints_their_paired_differenc
     out = capsys.readouterr().out
     assert "A = finance / kl weight=1.0 (seeds 0,1)" in out
     assert "EM held-out A - B: -43.8 points" in out and "2 seeds, 4 topics" in out
+
+
+def test_rows_that_keep_learning_come_first_and_each_is_compared_with_the_best(tmp_path):
+    store = open_store(tmp_path / "store")
+    # none, kl as above; steering cuts EM further but loses in-domain (0.5 < 0.9 x 0.9)
+    for defense, answers, params, in_domain in (
+            ("none", NONE, None, 0.9), ("kl", KL, {"weight": 1.0}, 0.9),
+            ("steering", {s: dict.fromkeys(b, 0) for s, b in KL.items()}, {"coefficient": 1.0},
+             0.5)):
+        for seed, bad in answers.items():
+            add_answers(add_cell(store, "finance", defense, seed, 0.5, params=params,
+                                 in_domain=in_domain), bad)
+    rows = [r for r in leaderboard_rows(store) if r["defense"] != "none"]
+    assert [(r["defense"], r["keeps_learning"]) for r in rows] == [("kl", True),
+                                                                    ("steering", False)]
+    kl, steering = rows
+    assert kl["ties_best"] is True and kl["diff_best"] is None  # the best itself
+    # steering: EM 0 against kl's 0.1875, paired over the same seeds and topics
+    assert steering["diff_best"] == pytest.approx(-0.1875)
+    assert steering["diff_best_ci_low"] <= -0.1875 <= steering["diff_best_ci_high"]
+    assert steering["ties_best"] is (steering["diff_best_ci_high"] >= 0)
