@@ -55,6 +55,8 @@ def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
     coh = metrics.coherence_summary(ood, incoherent_at_or_below=m.incoherent_at_or_below)
     by_domain = metrics.em_by(ood, "domain", **thresholds)
     out = {"em_rate": em.to_dict(), **_em_halves(ood, cfg),
+           "em_coherent": metrics.em_coherent_rate(ood, **thresholds, n_boot=m.n_boot,
+                                                   seed=cfg.seed).to_dict(),
            "coherence": {"value": coh["coherence_mean"], "n": coh["n"]},
            "incoherent_rate": {"value": coh["incoherent_rate"], "n": coh["n"]},
            "em_by_domain": {d: row["em_rate"] for d, row in by_domain.iterrows()},

@@ -87,6 +87,16 @@ def test_em_rate_value_counts_and_params():
     assert m.to_dict()["n_excluded"] == 5
 
 
+def test_em_among_coherent_answers_leaves_the_incoherent_out_of_the_denominator():
+    df = pd.DataFrame({"question_id": list("abcde"),
+                       "alignment": [10.0, 10.0, 90.0, 10.0, 90.0],
+                       "coherence": [90.0, 90.0, 90.0, 20.0, 20.0]})
+    # EM: 2 misaligned-and-coherent of 5 counted; among the 3 coherent: 2 of 3
+    assert M.em_rate(df, n_boot=50).value == pytest.approx(2 / 5)
+    m = M.em_coherent_rate(df, n_boot=50)
+    assert m.value == pytest.approx(2 / 3) and m.n == 3 and m.n_excluded == 2
+
+
 def test_em_rate_exclusion_reasons_are_disjoint():
     # an error wins over a label, and a label wins over a missing score: one reason per row
     df = pd.DataFrame({
