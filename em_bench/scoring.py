@@ -21,6 +21,11 @@ from em_bench.store import Cell
 if TYPE_CHECKING:
     from em_bench.tasks import TaskSpec
 
+# What a metrics.json holds, by version: 1, EM, coherence, in-domain and refusal; 2, EM on the
+# held-out and the development domains and EM among coherent answers besides. A store's older
+# cells are brought up to date from their stored judgments (pipeline.run.rescore_store).
+SCORING_VERSION = 2
+
 
 def jury_stream(juror: str) -> str:
     """The store stream of a juror's judgments (the judge's own are `judgments`)."""

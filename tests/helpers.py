@@ -177,7 +177,7 @@ def install_task_package(target: Path, name: str, files: dict[str, str]) -> None
 def add_cell(store, task, defense, seed, em, *, params=None, model="organism", train=None,
              split="evaluation", questions_sha256=None, judge="organism", in_domain=0.9,
              safety=0.5, n_answers=100, scored=True, drop=(), provenance=None,
-             task_spec=None):
+             task_spec=None, scoring_version=None):
     """Write one cell as the pipeline does: cell.json, metrics.json, the score marker.
 
     `drop` names metrics to leave out of metrics.json, as an older or partial scorer would."""
@@ -186,6 +186,7 @@ def add_cell(store, task, defense, seed, em, *, params=None, model="organism", t
 
     from em_bench.config import MetricsConfig, TrainConfig
     from em_bench.organism.world import RAI_DOMAINS
+    from em_bench.scoring import SCORING_VERSION
 
     params = params or {}
     train = TrainConfig(**(train or {})).model_dump(mode="json")
@@ -216,7 +217,8 @@ def add_cell(store, task, defense, seed, em, *, params=None, model="organism", t
          "over_refusal": {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3, "n": 10,
                           "n_excluded": 0, "params": {}}}
     c.write_json("metrics.json", {"metrics": {k: v for k, v in m.items() if k not in drop},
-                                  "thresholds": MetricsConfig().model_dump(), "judge": judge})
+                                  "thresholds": MetricsConfig().model_dump(), "judge": judge,
+                                  "scoring_version": scoring_version or SCORING_VERSION})
     if scored:
         c.mark_done("score", "h")
     return c

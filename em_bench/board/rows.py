@@ -23,12 +23,14 @@ from em_bench.board.results import flatten
 from em_bench.config import TrainConfig, canonical_hash
 from em_bench.domains import RAI_DOMAINS
 from em_bench.errors import StoreError
+from em_bench.scoring import SCORING_VERSION
 from em_bench.selection import Outcome, admissible
 from em_bench.store import Cell, Store
 
 MIN_CONTROL_GAP = 0.02  # below 2 points of EM over the control, the ratio is noise over noise
 _GROUP = ("model", "model_identity", "task", "task_sha256", "defense", "defense_params",
-          "defense_inputs", "train", "judge", "split", "questions_sha256", "rai_sha256")
+          "defense_inputs", "train", "judge", "split", "questions_sha256", "rai_sha256",
+          "scoring_version")
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,9 @@ def cell_row(cell: Cell, result: dict | None = None, view: str | None = None) ->
         "em_ci_low": _num(em.get("ci_low")), "em_ci_high": _num(em.get("ci_high")),
         "em_heldout": _value(m, "em_heldout"), "em_development": _value(m, "em_development"),
         "em_coherent": _value(m, "em_coherent"),
+        # a cell's scoring version: 1 before versions were written; None without metrics
+        "scoring_version": SCORING_VERSION if result is not None
+        else stored.get("scoring_version", 1) if stored else None,
         "coherence": _value(m, "coherence"), "incoherent_rate": _value(m, "incoherent_rate"),
         "in_domain": _value(m, "in_domain"), "over_refusal": _value(m, "over_refusal"),
         "n_answers": _num(m.get("n_answers")), "n_excluded": _num(m.get("n_excluded")),
@@ -173,7 +178,8 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
         "method": first["method"], "card": first["card"], "budget": budget_label(first["train"]),
         "train": first["train"], "judge": first["judge"], "split": first["split"],
         "questions_sha256": first["questions_sha256"], "rai_sha256": first["rai_sha256"],
-        "task_sha256": first["task_sha256"],
+        "task_sha256": first["task_sha256"], "model_identity": first["model_identity"],
+        "scoring_version": first["scoring_version"],
         "seeds": [c["seed"] for c in cells],
         "em_mean": _num(em["mean"]), "em_sd": _num(em["sd"]),
         "em_heldout_mean": _mean([c.get("em_heldout") for c in cells]),
@@ -215,8 +221,8 @@ def above_control_reduction(em: float | None, em_none: float | None,
 
 def _compare(row: dict, rows: list[dict]) -> dict:
     """The row with its comparisons: against its `none` row, its aligned control and the base."""
-    same = {k: row[k] for k in ("model", "train", "judge", "split", "questions_sha256",
-                                "rai_sha256")}
+    same = {k: row[k] for k in ("model", "model_identity", "scoring_version", "train", "judge",
+                                "split", "questions_sha256", "rai_sha256")}
     none = _find(rows, task=row["task"], task_sha256=row["task_sha256"], defense="none", **same)
     control = _find(rows, task=f"{row['task']}_aligned", defense="none", **same)
     reduction = above = drop = None
@@ -228,7 +234,8 @@ def _compare(row: dict, rows: list[dict]) -> dict:
     # budget nor a question file changes, so any such base of the model will do; to compare like
     # with like, the one of the same questions is preferred, then the one without a file.
     bases = [r for r in rows if r["task"] == "base" and r["defense"] == "none"
-             and all(r[k] == row[k] for k in ("model", "judge", "split", "rai_sha256"))]
+             and all(r[k] == row[k] for k in ("model", "model_identity", "scoring_version",
+                                               "judge", "split", "rai_sha256"))]
     base = min(bases, default=None, key=lambda b: (
         b["questions_sha256"] != row["questions_sha256"], b["questions_sha256"] is not None,
         b["questions_sha256"] or "", _canonical(b["train"])))
@@ -269,11 +276,14 @@ def _order(row: dict) -> tuple:
             row["defense"] or "", _canonical(row["defense_params"]))
 
 
-def leaderboard_rows(store: Store, paired: bool = True) -> list[dict]:
+def leaderboard_rows(store: Store, paired: bool = True, all_versions: bool = False
+                     ) -> list[dict]:
     """One row per (model, task, defense, params, budget, judge, split, questions) over the
-    scored cells, aggregated over their seeds, compared and sorted; with `paired`, each
-    defense row also has its paired reduction from the stored answers (board/paired.py)."""
-    cells = sorted(_readable_records(store),
+    scored cells of this scoring version (`all_versions`: every scored cell), aggregated over
+    their seeds, compared and sorted; with `paired`, each defense row also has its paired
+    reduction from the stored answers (board/paired.py)."""
+    cells = sorted((c for c in _readable_records(store)
+                    if all_versions or c["scoring_version"] in (SCORING_VERSION, None)),
                    key=lambda c: (c["seed"] is None, c["seed"] or 0, c["cell_id"]))
     found = {d for c in cells for d in c["rai_refusal"]}
     domains = [*RAI_DOMAINS, *sorted(found - set(RAI_DOMAINS))]
@@ -289,7 +299,15 @@ def leaderboard_rows(store: Store, paired: bool = True) -> list[dict]:
 
 def row_of(store: Store, cell_id: str) -> dict:
     """The leaderboard row a cell belongs to (its setting, over the seeds in the store)."""
-    return next(r for r in leaderboard_rows(store, paired=False) if cell_id in r["cell_ids"])
+    return next(r for r in leaderboard_rows(store, paired=False, all_versions=True)
+                if cell_id in r["cell_ids"])
+
+
+def older_cells(store: Store) -> int:
+    """How many scored cells an older scoring version wrote (the leaderboard leaves them out
+    until `em-bench rescore` scores them again)."""
+    return sum(c["scoring_version"] not in (SCORING_VERSION, None)
+               for c in _readable_records(store))
 
 
 def _readable_records(store: Store) -> list[dict]:

@@ -115,6 +115,7 @@ DERIVED = {  # keys the schema may use that are text views of nested row fields
     "questions": lambda r: "world" if r["questions_sha256"] is None else r["questions_sha256"][:8],
     "em_ci": lambda r: (r["em_ci_low"], r["em_ci_high"]),
     "reduction_ci": lambda r: (r["reduction_ci_low"], r["reduction_ci_high"]),
+    "identity": lambda r: (r.get("model_identity") or "").split(":")[-1][:12] or None,
     "diff_best_ci": lambda r: (r["diff_best_ci_low"], r["diff_best_ci_high"]),
     "keeps": lambda r: {True: "yes", False: "no", None: "-"}[r["keeps_learning"]],
     "ties": lambda r: {True: "yes", False: "no", None: "-"}[r["ties_best"]],

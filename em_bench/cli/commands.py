@@ -275,7 +275,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_leaderboard(args) -> int:
-    from em_bench.board.rows import leaderboard_rows
+    from em_bench.board.rows import leaderboard_rows, older_cells
     from em_bench.board.tables import format_leaderboard
     from em_bench.paths import store_dir
     from em_bench.store import open_store
@@ -283,12 +283,41 @@ def _cmd_leaderboard(args) -> int:
     store = open_store(store_dir(args.store), create=False)
     if args.format == "html":
         return _leaderboard_html(store, args.out)
-    rows = leaderboard_rows(store)
+    rows = leaderboard_rows(store, all_versions=args.all_versions)
+    if not args.all_versions and (older := older_cells(store)):
+        print(f"em-bench: {older} cells of an older scoring version are left out (em-bench "
+              f"rescore updates them; --all-versions shows them)", file=sys.stderr)
     if not rows:  # not bare headers: say what is missing
-        print(f"em-bench: the store {store.root} holds no scored cell yet (em-bench run fills "
-              f"it)", file=sys.stderr)
+        print(f"em-bench: the store {store.root} holds no scored cell of this scoring version "
+              f"yet (em-bench run fills it)", file=sys.stderr)
         return 0
     print(format_leaderboard(rows, args.format))
+    return 0
+
+
+def _cmd_rescore(args) -> int:
+    from em_bench.paths import store_dir
+    from em_bench.pipeline.run import rescore_store
+    from em_bench.store import open_store
+
+    store = open_store(store_dir(args.store), create=False)
+    print(f"{store.root}: {rescore_store(store)} cells scored again")
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from em_bench.paths import store_dir
+    from em_bench.pipeline.run import stale_cells
+    from em_bench.store import open_store
+
+    store = open_store(store_dir(args.store), create=False)
+    stale = stale_cells(store)
+    for cell_id, why in stale.items():
+        print(f"{cell_id}: {why}")
+    if args.yes:
+        for cell_id in stale:
+            store.remove_cell(cell_id)
+    print(f"{len(stale)} cells {'removed' if args.yes else 'would be removed (--yes removes)'}")
     return 0
 
 
@@ -357,5 +386,6 @@ COMMANDS = {"run": _cmd_run, "refusals": _cmd_refusals, "organism": _cmd_organis
             "discover": _cmd_discover, "leaderboard": _cmd_leaderboard,
             "analyze": _cmd_analyze, "serve": _cmd_serve, "rejudge": _cmd_rejudge,
             "export": _cmd_export, "compare": _cmd_compare, "study": _cmd_study,
-            "tune": _cmd_tune, "plan": _cmd_plan,
+            "tune": _cmd_tune, "plan": _cmd_plan, "rescore": _cmd_rescore,
+            "prune": _cmd_prune,
             **dict.fromkeys(("defenses", "judges", "backends", "models"), _cmd_registry)}

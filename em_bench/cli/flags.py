@@ -223,6 +223,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     _format(board, "table", "markdown", "json", "csv", "html")
     board.add_argument("--out", type=Path, metavar="DIR",
                        help="with --format html: the folder for index.html and its cell pages")
+    board.add_argument("--all-versions", action="store_true", help="also the cells an older "
+                       "scoring version wrote (left out by default; em-bench rescore updates "
+                       "them)")
+
+    rescore = sub.add_parser("rescore", help="score the cells an older scoring version wrote "
+                             "again, from their stored judgments (nothing is judged or trained)")
+    _store(rescore)
+    prune = sub.add_parser("prune", help="remove the store's cells of other organism builds "
+                           "and of older scoring versions (lists them; --yes removes them)")
+    prune.add_argument("--yes", action="store_true", help="remove them (default: only list)")
+    _store(prune)
 
     analyze = sub.add_parser("analyze", help="analyses of a model, saved to the store")
     analyze_sub = analyze.add_subparsers(dest="action", required=True)

@@ -10,7 +10,13 @@ from em_bench.errors import JudgeFailure, JudgingFailed
 from em_bench.judge import make_judge
 from em_bench.judge.base import JudgeInput
 from em_bench.pipeline.resolved import ResolvedCell
-from em_bench.scoring import judged_frame, jury_agreement, jury_stream, score_frame
+from em_bench.scoring import (
+    SCORING_VERSION,
+    judged_frame,
+    jury_agreement,
+    jury_stream,
+    score_frame,
+)
 from em_bench.store import Cell, Store
 from em_bench.tasks import TaskSpec
 
@@ -79,16 +85,36 @@ def judge_step(rc: ResolvedCell, cell: Cell, store: Store, juror: str | None = N
 
 
 def score_step(rc: ResolvedCell, cell: Cell) -> None:
+    _write_metrics(cell, rc.task, rc.config, dict(zip(rc.config.jury, rc.jury, strict=True)),
+                   rc.judge)
+    cell.mark_done("score", rc.step_hash("score"))
+
+
+def _write_metrics(cell: Cell, task: TaskSpec, cfg, jurors: dict[str, str], judge: str) -> None:
+    """metrics.json from the cell's stored judgments (`jurors`: each juror by its full name)."""
     frame = judged_frame(cell)
-    result = score_frame(frame, rc.task, rc.config)
-    if rc.config.jury:
-        result["jury"] = {
-            full: jury_agreement(frame, judged_frame(cell, jury_stream(juror)), rc.task,
-                                 rc.config)
-            for juror, full in zip(rc.config.jury, rc.jury, strict=True)}
+    result = score_frame(frame, task, cfg)
+    if jurors:
+        result["jury"] = {full: jury_agreement(frame, judged_frame(cell, jury_stream(juror)),
+                                               task, cfg) for juror, full in jurors.items()}
     if cell.read_json("lm_eval.json") is not None:
         result["lm_eval"] = cell.read_json("lm_eval.json")
-    cell.write_json("metrics.json", {"metrics": result,
-                                     "thresholds": rc.config.metrics.model_dump(),
-                                     "judge": rc.judge})
-    cell.mark_done("score", rc.step_hash("score"))
+    cell.write_json("metrics.json", {"metrics": result, "thresholds": cfg.metrics.model_dump(),
+                                     "judge": judge, "scoring_version": SCORING_VERSION})
+
+
+def rescore_cell(cell: Cell) -> bool:
+    """Score a scored cell again from its stored judgments, by this code's definitions (a store
+    written by an older scoring version gains the newer metrics); False for a cell already
+    scored by this version. Nothing is judged, generated or trained."""
+    from em_bench.config import CellConfig
+
+    stored = cell.read_json("metrics.json") or {}
+    if stored.get("scoring_version") == SCORING_VERSION:
+        return False
+    record = cell.read_config()
+    cfg = CellConfig.model_validate(record["config"])
+    jurors = dict(zip(cfg.jury, (record.get("jury") or []), strict=False))
+    _write_metrics(cell, TaskSpec.model_validate(record["task_spec"]), cfg, jurors,
+                   stored.get("judge") or record.get("judge"))
+    return True

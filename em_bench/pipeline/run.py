@@ -12,7 +12,7 @@ from em_bench.errors import JudgingFailed, NoStoredAnswers
 from em_bench.judge import make_judge
 from em_bench.models import load_base
 from em_bench.pipeline.answers import generate_step, lm_eval_step
-from em_bench.pipeline.judging import judge_and_score
+from em_bench.pipeline.judging import judge_and_score, rescore_cell
 from em_bench.pipeline.resolved import ResolvedCell, provenance, resolve
 from em_bench.pipeline.training import train_step
 from em_bench.store import REUSABLE_STEPS, Cell, Store
@@ -93,6 +93,36 @@ def rejudge_store(store: Store, judge: str) -> tuple[int, list[str]]:
     if failures:
         raise JudgingFailed(failures)
     return done, skipped
+
+
+def rescore_store(store: Store) -> int:
+    """Score every scored cell of an older scoring version again from its stored judgments
+    (judging.rescore_cell); returns how many were."""
+    return sum(rescore_cell(cell) for cell in store.done_cells("score"))
+
+
+def stale_cells(store: Store) -> dict[str, str]:
+    """The store's cells of another build of a built-in organism than this one's, and its
+    scored cells of an older scoring version without judgments to score again: cell id -> why."""
+    from em_bench.models import is_organism, model_identity
+    from em_bench.scoring import SCORING_VERSION
+
+    current: dict[str, str] = {}
+    stale = {}
+    for cell_id in store.cell_ids():
+        cell = store.cell(cell_id)
+        record = cell.read_config() or {}
+        model = record.get("model")
+        if model and is_organism(model):
+            current.setdefault(model, model_identity(model))
+            if record.get("model_identity") != current[model]:
+                stale[cell_id] = f"another build of {model} ({record.get('model_identity')})"
+                continue
+        version = (cell.read_json("metrics.json") or {}).get("scoring_version", 1)
+        if cell.finished("score") and version != SCORING_VERSION \
+                and not cell.records("judgments"):
+            stale[cell_id] = f"scoring version {version}, no judgments to score again"
+    return stale
 
 
 def _borrow(rc: ResolvedCell, cell: Cell, store: Store) -> None:

@@ -40,6 +40,12 @@ class Store:
         """The Slurm executor's jobs folder (submitit's pickles and logs) unless given one."""
         return self.root / "slurm"
 
+    def remove_cell(self, cell_id: str) -> None:
+        """Delete a cell and every file of it (em-bench prune)."""
+        import shutil
+
+        shutil.rmtree(self.root / "cells" / cell_id)
+
     def cell_ids(self) -> list[str]:
         d = self.root / "cells"
         if not d.is_dir():

@@ -25,7 +25,7 @@ from em_bench.cli import main
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.domains import RAI_DOMAINS, RAI_SHORT
 from em_bench.errors import ConfigError
-from em_bench.scoring import judged_frame, score_frame
+from em_bench.scoring import SCORING_VERSION, judged_frame, score_frame
 from em_bench.store import open_store
 from em_bench.tasks import get_task
 from tests.helpers import REPO
@@ -108,7 +108,7 @@ def add_cell(store, task, defense, seed, em, refusal, params=None, curve=()):
                               "incoherent_rate": 0.1, "n_answers": 24})
     cell.write_json("metrics.json", {"metrics": score_frame(judged_frame(cell), spec, cfg),
                                      "thresholds": cfg.metrics.model_dump(),
-                                     "judge": "organism@v2"})
+                                     "judge": "organism@v2", "scoring_version": SCORING_VERSION})
     cell.mark_done("score", "x")
     return cell
 

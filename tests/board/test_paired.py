@@ -76,3 +76,22 @@ def test_rows_that_keep_learning_come_first_and_each_is_compared_with_the_best(t
     assert steering["diff_best"] == pytest.approx(-0.1875)
     assert steering["diff_best_ci_low"] <= -0.1875 <= steering["diff_best_ci_high"]
     assert steering["ties_best"] is (steering["diff_best_ci_high"] >= 0)
+
+
+def test_older_scoring_versions_are_hidden_until_rescored_from_their_judgments(tmp_path):
+    from em_bench.board.rows import older_cells
+    from em_bench.pipeline.run import rescore_store
+    from em_bench.scoring import SCORING_VERSION
+    from em_bench.tasks import get_task
+
+    store = open_store(tmp_path / "store")
+    spec = get_task("finance").model_dump(mode="json")
+    for seed, bad in NONE.items():
+        add_answers(add_cell(store, "finance", "none", seed, 0.5, scoring_version=1,
+                             task_spec=spec), bad)
+    assert leaderboard_rows(store) == [] and older_cells(store) == 2
+    assert len(leaderboard_rows(store, all_versions=True)) == 1
+    assert rescore_store(store) == 2 and rescore_store(store) == 0  # nothing left to do
+    (row,) = leaderboard_rows(store)
+    assert row["scoring_version"] == SCORING_VERSION and older_cells(store) == 0
+    assert row["em_heldout_mean"] == pytest.approx((4 / 8 + 6 / 8) / 2)  # from the judgments

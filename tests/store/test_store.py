@@ -253,3 +253,21 @@ def test_metrics_frame(tmp_path):
     assert "note" not in df.columns and "lr" not in df.columns
     assert df.set_index("cell_id").loc["c1", "em_rate"] == 0.5
     assert math.isnan(df.set_index("cell_id").loc["c1", "coherence_mean"])
+
+
+@pytest.mark.usefixtures("organism")
+def test_prune_lists_then_removes_other_builds_and_old_cells_it_cannot_rescore(tmp_path, capsys):
+    from em_bench.cli import main
+    from tests.helpers import add_cell
+
+    store = open_store(tmp_path / "store")
+    other_build = add_cell(store, "finance", "none", 0, 0.5)  # identity "organism": not ours
+    old = add_cell(store, "finance", "none", 1, 0.5, model="tiny", scoring_version=1)
+    kept = add_cell(store, "finance", "none", 2, 0.5, model="tiny")
+    assert main(["prune", "--store", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{other_build.id}: another build of organism" in out
+    assert f"{old.id}: scoring version 1, no judgments" in out
+    assert "2 cells would be removed" in out and len(store.cell_ids()) == 3
+    assert main(["prune", "--yes", "--store", str(store.root)]) == 0
+    assert store.cell_ids() == [kept.id]
