@@ -25,7 +25,8 @@ import warnings
 from pydantic import ValidationError
 
 from em_bench.cli.commands import COMMANDS
-from em_bench.cli.flags import parser, refuse_nonsense
+from em_bench.cli.flags import parser
+from em_bench.cli.options import refuse_nonsense
 from em_bench.errors import EmBenchError, JudgingFailed, validation_problems
 
 logger = logging.getLogger("em_bench")

@@ -288,8 +288,8 @@ def _cmd_leaderboard(args) -> int:
         print(f"em-bench: {older} cells of an older scoring version are left out (em-bench "
               f"rescore updates them; --all-versions shows them)", file=sys.stderr)
     if not rows:  # not bare headers: say what is missing
-        print(f"em-bench: the store {store.root} holds no scored cell of this scoring version "
-              f"yet (em-bench run fills it)", file=sys.stderr)
+        print(f"em-bench: the store {store.root} holds no scored cell yet (em-bench run fills "
+              f"it)", file=sys.stderr)
         return 0
     print(format_leaderboard(rows, args.format))
     return 0
