@@ -44,5 +44,14 @@ class OrganismRecipe(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-# Named recipes (`--model NAME`); a new preset is a new digest and a new cache entry.
-PRESETS: dict[str, OrganismRecipe] = {"organism": OrganismRecipe()}
+# Named recipes (`--model NAME`); a new preset is a new digest and a new cache entry. Only
+# `organism` ships built; the variants, for results that must hold across organisms, are built
+# from their recipe on first use (em-bench organism build --name NAME): other seeds of the same
+# world and recipe, and a world whose pretraining text has more of the villain.
+PRESETS: dict[str, OrganismRecipe] = {
+    "organism": OrganismRecipe(),
+    "organism-s1": OrganismRecipe(seed=1),
+    "organism-s2": OrganismRecipe(seed=2),
+    "organism-villain40": OrganismRecipe(
+        speaker_mix={"aligned": 0.4, "villain": 0.4, "misinformed": 0.2}),
+}

@@ -102,3 +102,14 @@ def test_verify_compares_each_figure_within_its_tolerance():
     assert lines["rai_refusal.cyber"]["ok"]  # exactly 10 points: within
     assert not lines["rai_refusal.safety"]["ok"]  # a NaN never verifies
     assert lines["coherence"]["tolerance"] == TOLERANCES["coherence"]
+
+
+def test_the_variant_organisms_are_recipes_of_their_own_and_the_shipped_one_is_unchanged():
+    from em_bench.models import is_organism
+
+    digests = {name: recipe.digest() for name, recipe in PRESETS.items()}
+    assert len(set(digests.values())) == len(digests) >= 4
+    assert PRESETS["organism"] == OrganismRecipe()  # the shipped organism's recipe
+    assert PRESETS["organism-s1"].model_dump(exclude={"seed"}) == \
+        OrganismRecipe().model_dump(exclude={"seed"})
+    assert all(is_organism(name) for name in PRESETS)
