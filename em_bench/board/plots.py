@@ -20,28 +20,46 @@ from em_bench.store import Store
 
 TOP_QUESTIONS = 30  # per-question bars: more than this is a barcode, not a plot
 
-def _short_params(params: dict) -> str:
+def short_params(params: dict) -> str:
     """Parameters without the unset ones, or empty: short enough for a legend."""
     label = params_label({k: v for k, v in params.items() if v not in (None, [])})
     return "" if label == "-" else f" ({label})"
 
 
 def row_label(n: int, row: dict) -> str:
-    return f"#{n} {row['task']} / {row['defense']}{_short_params(row['defense_params'])}"
+    return f"#{n} {row['task']} / {row['defense']}{short_params(row['defense_params'])}"
+
+def _headline_em(r: dict) -> float | None:
+    """A row's headline EM: on the held-out domains, else (an older or file suite) the whole."""
+    return r["em_mean"] if missing(r.get("em_heldout_mean")) else r["em_heldout_mean"]
+
+
+def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (in-domain, EM) points no other point beats on both (higher in-domain and lower EM,
+    one of them strictly): the Pareto frontier, by in-domain."""
+    return sorted(p for p in points if not any(
+        q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points))
+
 
 def tradeoff_plot(rows: list[dict]) -> str:
-    """(a) EM against in-domain adherence, a point per row coloured by defense: the trade-off."""
+    """(a) EM (held-out) against in-domain adherence, a point per row coloured by defense, and
+    the Pareto frontier of the fine-tune rows: the trade-off."""
     color = colors(r["defense"] for r in rows)
     series: dict[str, Series] = {}
+    tuned = []
     for n, r in enumerate(rows, 1):
-        if missing(r["em_mean"]) or missing(r["in_domain"]):
+        em = _headline_em(r)
+        if missing(em) or missing(r["in_domain"]):
             continue
         s = series.setdefault(r["defense"], Series(r["defense"], [], color[r["defense"]],
                                                    line=False, labels=True))
-        s.points.append((r["in_domain"], r["em_mean"], row_label(n, r)))
-    return xy_plot("plot-tradeoff", "EM against in-domain adherence", "in-domain adherence",
-                   "EM rate", list(series.values()), "no row has both EM and in-domain",
-                   xpct=True)
+        s.points.append((r["in_domain"], em, row_label(n, r)))
+        if r["task"] != "base":
+            tuned.append((r["in_domain"], em, row_label(n, r)))
+    line = Series("Pareto frontier", frontier(tuned), "#888888", dashed=True, counted=False)
+    return xy_plot("plot-tradeoff", "EM (held-out) against in-domain adherence",
+                   "in-domain adherence", "EM rate", [*series.values(), line],
+                   "no row has both EM and in-domain", xpct=True)
 
 
 def _setting(r: dict) -> tuple:
@@ -63,7 +81,7 @@ def lambda_plot(rows: list[dict]) -> str:
         other = {k: v for k, v in params.items() if k != "lambda"}
         key = (_setting(r), r["defense"], json.dumps(other, sort_keys=True, default=str))
         budget = "" if r["budget"] == "default" else f", {r['budget']}"
-        name = f"{r['task']} / {r['defense']}{_short_params(other)}{budget}"
+        name = f"{r['task']} / {r['defense']}{short_params(other)}{budget}"
         lines.setdefault(key, Series(name, [], "")).points.append(
             (float(lam), r["em_mean"], row_label(n, r)))
     series = list(lines.values())

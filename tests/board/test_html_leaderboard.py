@@ -465,3 +465,12 @@ def test_the_cli_writes_the_site_and_needs_out(site, tmp_path, capsys):
     assert len(list((tmp_path / "site" / "cells").glob("*.html"))) == 5
     assert main(["leaderboard", "--store", str(store.root), "--format", "html"]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+def test_the_frontier_keeps_the_points_no_other_beats_on_both():
+    from em_bench.board.plots import frontier
+
+    points = [(0.9, 0.10, "a"), (0.8, 0.05, "b"), (0.85, 0.20, "c"), (0.7, 0.05, "d"),
+              (0.95, 0.30, "e")]
+    # c is beaten by a (more in-domain, less EM); d by b (same EM, more in-domain)
+    assert frontier(points) == [(0.8, 0.05, "b"), (0.9, 0.10, "a"), (0.95, 0.30, "e")]
