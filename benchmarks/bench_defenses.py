@@ -7,8 +7,9 @@ and with every registered defense at its default parameters (blockem: the organi
 latent sets, its base anchors computed once and timed apart; kl and ldifs: a base forward per
 step; retain: a retain batch per step; early_stop: its adherence checks every 10 steps). A
 step's time is taken between the first and the last step, so a defense's one-off preparation
-is not in it. The runs are interleaved `repeats` times and each figure is the median, so a
-noisy neighbour slows all of them alike. `--defenses` picks some.
+is not in it. An untimed fine-tune first warms the process up (the first one runs slower,
+whatever its defense). The runs are interleaved `repeats` times and each figure is the median,
+so a noisy neighbour slows all of them alike. `--defenses` picks some.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> None:
     names = args.defenses.split(",") if args.defenses else DEFENSES.names()
     params = {name: check_defense(name, {}, "organism") for name in ["none", *names]}
     times: dict[str, list[float]] = {name: [] for name in params}
+    base, tokenizer = load_base("organism")  # a first fine-tune warms the process up, untimed
+    train(trainable(base, cfg), tokenizer, examples, cfg.model_copy(update={"steps": 5}), 0)
     prepare: list[float] = []
     for _ in range(args.repeats):
         for name, p in params.items():
