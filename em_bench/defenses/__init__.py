@@ -37,6 +37,12 @@ def components(name: str) -> tuple[str, ...]:
         if twice := sorted({p for p in parts if parts.count(p) > 1}):
             raise ConfigError(f"defense {name}: {', '.join(twice)} is named more than once "
                               f"(a combination takes each defense once, at its own parameters)")
+        swaps = [p for p in parts if getattr(DEFENSES.get(p), "swaps_rows", False)]
+        reads = [p for p in parts if getattr(DEFENSES.get(p), "reads_index", False)]
+        if swaps and reads:
+            raise ConfigError(f"defense {name}: {', '.join(swaps)} swaps training rows, which "
+                              f"{', '.join(reads)} looks up by their index: they cannot be "
+                              f"combined")
     return parts
 
 

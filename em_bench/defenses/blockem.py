@@ -91,6 +91,7 @@ class BlockEM:
     strength = "lambda"  # the parameter the selection rule sweeps
     family = "loss term"  # what it acts on (the leaderboard's family column)
     needs = ("latents (SAE or directions)",)  # what it needs beyond the task's data
+    reads_index = True  # its base anchors are looked up by a batch's example index
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -125,6 +125,7 @@ class Interleave:
     strength = "p"  # the parameter the selection rule sweeps
     family = "training data"  # what it acts on (the leaderboard's family column)
     needs = ("extra data",)  # what it needs beyond the task's data
+    swaps_rows = True  # a swapped row's index is -1: no defense may look it up
 
     @staticmethod
     def inputs(params: dict, ctx: DefenseContext) -> dict:

@@ -183,6 +183,10 @@ class SafeLoRA:
     def finish(self) -> None:
         self.projectors, self.layers = {}, {}
 
+    def report(self) -> dict:
+        """How often a layer's update was projected (the training summary's record)."""
+        return {"projected": self.projected, "tau": self.tau}
+
 
 def lora_layers(model) -> dict[str, tuple[torch.nn.Module, str]]:
     """The LoRA-adapted linear layers of a (peft) model: their names in the wrapped model's

@@ -206,3 +206,9 @@ def test_a_cards_family_and_needs_are_its_components():
                                                               "retain.beta": 1.0}}
     assert method_label(row) == ("blockem: directions L0 K=5 principal-shift lambda=0.002; "
                                  "retain.beta=1.0")
+
+
+def test_a_defense_that_swaps_rows_is_not_combined_with_one_that_reads_their_index():
+    with pytest.raises(ConfigError, match="interleave swaps training rows, which blockem looks"):
+        components("blockem+interleave")
+    assert components("kl+interleave") == ("kl", "interleave")

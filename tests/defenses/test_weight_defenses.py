@@ -242,6 +242,7 @@ def test_safelora_runs_in_the_training_loop(tiny_tokenizer, aligned_basis):
     assert len(records) == 2 and all(math.isfinite(r["sft"]) for r in records)
     assert set(records[0]) == {"step", "lr", "sft"}  # no loss term of its own
     assert d.projected == 2 * 4  # every layer at both steps: no cosine reached 0.99
+    assert d.report() == {"projected": 8, "tau": 0.99}
     for name, (module, adapter) in lora_layers(model).items():  # so B = U U^T B at the end
         B, U = module.lora_B[adapter].weight.detach(), bases[name][0]
         assert d.last_cosines[name] < 0.99
