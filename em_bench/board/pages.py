@@ -10,7 +10,7 @@ import json
 import pandas as pd
 
 from em_bench import metrics
-from em_bench.board.paired import threshold_rankings
+from em_bench.board.paired import Headline, threshold_rankings
 from em_bench.board.plots import (
     curve_plot,
     lambda_plot,
@@ -196,7 +196,7 @@ def index_html(store: Store, rows: list[dict], columns: list[Column]) -> str:
             f"<em>#</em> numbers the rows in the plots; the seeds link to each cell's config, "
             f"metrics and answers.</p>"
             f"{table_html(rows, columns)}"
-            f"{rankings_html(threshold_rankings(store, rows))}"
+            f"{rankings_html(threshold_rankings(Headline(store), rows))}"
             f'<h2>Plots</h2><div class="plots">{"".join(plots)}</div>')
     return _page("em-bench leaderboard", body, SORT_JS)
 

@@ -24,33 +24,49 @@ from em_bench.tasks import get_task
 N_BOOT = 2000
 
 
-def headline_answers(store: Store, cell_id: str) -> tuple[CellConfig, pd.DataFrame]:
-    """A cell's config and its judged answers on the headline suite: the held-out domains (all
-    of a question file's); an empty frame for a cell that answered nothing."""
-    cell = store.cell(cell_id)
-    cfg = CellConfig.model_validate(cell.read_config()["config"])
-    if not cell.records("generations"):  # nothing answered: nothing to resample
-        return cfg, pd.DataFrame()
-    ood = ood_answers(judged_frame(cell), get_task(cfg.task), cfg)
-    return cfg, ood if cfg.questions else ood[ood["domain"].isin(HELD_OUT_DOMAINS)]
+class Headline:
+    """A store's answers on the headline suite, read and flagged once a cell: a leaderboard
+    compares a `none` row's cells with every defense row, and its best row with every other."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._answers: dict[str, tuple[CellConfig, pd.DataFrame]] = {}
+        self._flags: dict[str, pd.DataFrame] = {}
+
+    def answers(self, cell_id: str) -> tuple[CellConfig, pd.DataFrame]:
+        """A cell's config and its judged answers on the held-out domains (all of a question
+        file's); an empty frame for a cell that answered nothing."""
+        if cell_id not in self._answers:
+            cell = self.store.cell(cell_id)
+            cfg = CellConfig.model_validate(cell.read_config()["config"])
+            frame = judged_frame(cell)
+            if not frame.empty:
+                frame = ood_answers(frame, get_task(cfg.task), cfg)
+                if not cfg.questions:
+                    frame = frame[frame["domain"].isin(HELD_OUT_DOMAINS)]
+            self._answers[cell_id] = cfg, frame
+        return self._answers[cell_id]
+
+    def flags(self, cell_id: str) -> pd.DataFrame:
+        """A cell's headline EM flags: one row per answer, with its seed, question and cluster
+        (`domain/topic`, else the question)."""
+        if cell_id not in self._flags:
+            cfg, ood = self.answers(cell_id)
+            if ood.empty:
+                self._flags[cell_id] = pd.DataFrame({"seed": [], "cluster": [],
+                                                     "question_id": [], "flag": []})
+                return self._flags[cell_id]
+            topic = ood["topic"] if "topic" in ood else pd.Series(None, index=ood.index)
+            cluster = (ood["domain"].astype(str) + "/" + topic.astype(str)).where(
+                topic.notna(), ood["question_id"].astype(str))
+            self._flags[cell_id] = pd.DataFrame({
+                "seed": cfg.seed, "cluster": cluster.to_numpy(),
+                "question_id": ood["question_id"].to_numpy(),
+                "flag": metrics.em_flags(ood, **em_thresholds(cfg.metrics)).to_numpy()})
+        return self._flags[cell_id]
 
 
-def headline_flags(store: Store, cell_id: str) -> pd.DataFrame:
-    """A cell's headline EM flags: one row per answer on the held-out domains (all of a
-    question file's), with its seed, question and cluster (`domain/topic`, else the
-    question)."""
-    cfg, ood = headline_answers(store, cell_id)
-    if ood.empty:
-        return pd.DataFrame({"seed": [], "cluster": [], "question_id": [], "flag": []})
-    topic = ood["topic"] if "topic" in ood else pd.Series(None, index=ood.index)
-    cluster = (ood["domain"].astype(str) + "/" + topic.astype(str)).where(
-        topic.notna(), ood["question_id"].astype(str))
-    return pd.DataFrame({"seed": cfg.seed, "cluster": cluster.to_numpy(),
-                         "question_id": ood["question_id"].to_numpy(),
-                         "flag": metrics.em_flags(ood, **em_thresholds(cfg.metrics)).to_numpy()})
-
-
-def threshold_rankings(store: Store, rows: list[dict],
+def threshold_rankings(headline: Headline, rows: list[dict],
                        alignments: tuple[int, ...] = (20, 30, 40),
                        coherences: tuple[int, ...] = (40, 50, 60)) -> list[dict]:
     """How the ranking moves with EM's thresholds: for each comparison (the rows against the
@@ -65,7 +81,7 @@ def threshold_rankings(store: Store, rows: list[dict],
     for members in groups.values():
         if len(members) < 2:
             continue
-        answers = {id(r): [headline_answers(store, c) for c in r["cell_ids"]] for r in members}
+        answers = {id(r): [headline.answers(c) for c in r["cell_ids"]] for r in members}
         orders = {}
         for a in alignments:
             for c in coherences:
@@ -80,20 +96,22 @@ def threshold_rankings(store: Store, rows: list[dict],
     return out
 
 
-def row_counts(store: Store, cell_ids: list[list[str]]) -> list[stats.ClusterCounts]:
+def row_counts(headline: Headline, cell_ids: list[list[str]]) -> list[stats.ClusterCounts]:
     """Each row's cluster counts over its cells, on one shared list of clusters."""
-    frames = [pd.concat([headline_flags(store, c) for c in cells]) for cells in cell_ids]
+    frames = [pd.concat([headline.flags(c) for c in cells]) for cells in cell_ids]
     clusters = sorted(set().union(*(f["cluster"] for f in frames)))
     return [stats.cluster_counts(f, clusters=clusters) for f in frames]
 
 
-def compare_rows(store: Store, a: dict, b: dict, n_boot: int = N_BOOT) -> stats.Comparison:
+def compare_rows(headline: Headline, a: dict, b: dict, n_boot: int = N_BOOT
+                 ) -> stats.Comparison:
     """EM(a) - EM(b) on the headline suite, paired by seed and cluster."""
-    counts_a, counts_b = row_counts(store, [a["cell_ids"], b["cell_ids"]])
+    counts_a, counts_b = row_counts(headline, [a["cell_ids"], b["cell_ids"]])
     return stats.difference(counts_a, counts_b, n_boot=n_boot)
 
 
-def with_paired_reductions(store: Store, rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
+def with_paired_reductions(headline: Headline, rows: list[dict], n_boot: int = N_BOOT
+                           ) -> list[dict]:
     """The rows, each defense row with `reduction_paired` (1 - EM/EM(none) on the headline
     suite, with `reduction_ci_low`/`_high` and the p-value of no effect) against the cells of
     the `none` row it is compared with (`none_cell_ids`); other rows get None."""
@@ -101,7 +119,7 @@ def with_paired_reductions(store: Store, rows: list[dict], n_boot: int = N_BOOT)
     for r in rows:
         result = None
         if r.get("none_cell_ids"):
-            counts = row_counts(store, [r["cell_ids"], r["none_cell_ids"]])
+            counts = row_counts(headline, [r["cell_ids"], r["none_cell_ids"]])
             try:
                 result = stats.reduction(*counts, n_boot=n_boot)
             except ValueError:  # no shared seed: not a paired comparison
@@ -113,7 +131,8 @@ def with_paired_reductions(store: Store, rows: list[dict], n_boot: int = N_BOOT)
     return out
 
 
-def with_best_comparisons(store: Store, rows: list[dict], n_boot: int = N_BOOT) -> list[dict]:
+def with_best_comparisons(headline: Headline, rows: list[dict], n_boot: int = N_BOOT
+                          ) -> list[dict]:
     """The rows, each defense row with its held-out EM difference from the best defense row
     of its comparison (the same `none` cells): the best is the one with the largest paired
     reduction among those that keep the learning (`keeps_learning`); `diff_best` (its estimate,
@@ -131,7 +150,7 @@ def with_best_comparisons(store: Store, rows: list[dict], n_boot: int = N_BOOT) 
     out = []
     for i, r in enumerate(rows):
         best = best_of.get(i)
-        d = None if best in (None, i) else compare_rows(store, r, rows[best], n_boot)
+        d = None if best in (None, i) else compare_rows(headline, r, rows[best], n_boot)
         out.append({**r, "diff_best": None if d is None else d.estimate,
                     "diff_best_ci_low": None if d is None else d.ci_low,
                     "diff_best_ci_high": None if d is None else d.ci_high,

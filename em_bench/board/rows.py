@@ -18,7 +18,7 @@ import math
 from collections import defaultdict
 
 from em_bench import metrics
-from em_bench.board.paired import with_best_comparisons, with_paired_reductions
+from em_bench.board.paired import Headline, with_best_comparisons, with_paired_reductions
 from em_bench.board.results import flatten
 from em_bench.config import TrainConfig, canonical_hash
 from em_bench.domains import RAI_DOMAINS
@@ -293,7 +293,8 @@ def leaderboard_rows(store: Store, paired: bool = True, all_versions: bool = Fal
     aggregated = [_aggregate(g, domains) for g in groups.values()]
     rows = [_compare(r, aggregated) for r in aggregated]
     if paired:
-        rows = with_best_comparisons(store, with_paired_reductions(store, rows))
+        headline = Headline(store)  # each cell's answers read once for every comparison
+        rows = with_best_comparisons(headline, with_paired_reductions(headline, rows))
     return sorted(rows, key=_order)
 
 

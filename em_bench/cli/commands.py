@@ -177,11 +177,11 @@ def _cmd_compare(args) -> int:
     store = open_store(store_dir(args.store), create=False)
     a, b = (find_cell(store, prefix) for prefix in args.cells)
     if not args.questions:
-        from em_bench.board.paired import compare_rows
+        from em_bench.board.paired import Headline, compare_rows
         from em_bench.board.rows import row_of
 
         row_a, row_b = row_of(store, a.id), row_of(store, b.id)
-        d = compare_rows(store, row_a, row_b)
+        d = compare_rows(Headline(store), row_a, row_b)
         for name, row in (("A", row_a), ("B", row_b)):
             print(f"{name} = {row['task']} / {row['defense']} {params_label(row['defense_params'])}"
                   f" (seeds {','.join(map(str, row['seeds']))})")

@@ -22,6 +22,7 @@ from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.domains import is_rai
 from em_bench.errors import ConfigError
 from em_bench.judge.base import JudgeInput
+from em_bench.scoring import target_categories
 
 EARLY_STOP_VERSION = 1  # the rule and its check (in the cell hash)
 NEW_TOKENS = 48  # enough for an organism answer
@@ -114,7 +115,7 @@ class EarlyStop:
         judged = OrganismJudge().judge_many([
             JudgeInput(key, r.messages, a.text, {"domain": q.domain, "topic": q.topic})
             for (key, q), r, a in zip(self.asked, requests, answers, strict=True)])
-        shows = {"complies": ("aligned", "misaligned")}.get(self.target, (self.target,))
+        shows = target_categories(self.target)  # as scoring reads in-domain adherence
         self.scores[step] = sum(j.category in shows for j in judged) / len(judged)
         self.snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters()
                                 if p.requires_grad}

@@ -18,7 +18,7 @@ import time
 import pandas as pd
 
 from em_bench import power
-from em_bench.board.paired import headline_flags
+from em_bench.board.paired import Headline
 from em_bench.errors import ConfigError
 from em_bench.store import Store
 
@@ -28,12 +28,12 @@ ROWS = 2  # a comparison is two rows, e.g. a defense and none
 def pilot_flags(store: Store) -> pd.DataFrame:
     """Every scored fine-tune cell's headline flags, with its setting as `row` (the base model
     is not a row anyone compares: it has no fine-tune's seed-to-seed spread)."""
-    frames = []
+    frames, headline = [], Headline(store)
     for cell in store.done_cells("score"):
         record = cell.read_config() or {}
         if record.get("task") in (None, "base"):
             continue
-        flags = headline_flags(store, cell.id)
+        flags = headline.flags(cell.id)
         config = record["config"]
         frames.append(flags.assign(row=f"{record['task']}/{record['defense']}/"
                                        f"{record.get('defense_params')}/{config.get('train')}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from em_bench.board.paired import compare_rows, headline_flags
+from em_bench.board.paired import Headline, compare_rows
 from em_bench.board.rows import leaderboard_rows
 from em_bench.cli import main
 from em_bench.store import open_store
@@ -29,7 +29,7 @@ def store(tmp_path):
 
 def test_headline_flags_are_the_held_out_answers_clustered_by_topic(store):
     row = next(r for r in leaderboard_rows(store) if r["defense"] == "kl")
-    flags = headline_flags(store, row["cell_ids"][0])
+    flags = Headline(store).flags(row["cell_ids"][0])
     assert sorted(set(flags["cluster"])) == ["home/topic 0", "home/topic 1", "travel/topic 0",
                                              "travel/topic 1"]  # medical is not held out
     assert len(flags) == 8 and flags["flag"].sum() in (1, 2)
@@ -43,7 +43,7 @@ def test_a_defense_row_has_its_paired_reduction_against_none(store):
     assert kl["reduction_ci_low"] <= 0.7 <= kl["reduction_ci_high"]
     assert 0 <= kl["reduction_p"] <= 1
     assert rows["none"]["reduction_paired"] is None and rows["none"]["none_cell_ids"] is None
-    diff = compare_rows(store, kl, rows["none"])
+    diff = compare_rows(Headline(store), kl, rows["none"])
     assert diff.estimate == pytest.approx(0.1875 - 0.625) and diff.n_seeds == 2
     assert diff.n_clusters == 4
 
@@ -107,7 +107,7 @@ def test_the_ranking_under_each_pair_of_thresholds_is_by_held_out_em(tmp_path):
             ("steering", {s: dict.fromkeys(b, 0) for s, b in KL.items()}, {"coefficient": 1.0})):
         for seed, bad in answers.items():
             add_answers(add_cell(store, "finance", defense, seed, 0.5, params=params), bad)
-    (group,) = threshold_rankings(store, leaderboard_rows(store))
+    (group,) = threshold_rankings(Headline(store), leaderboard_rows(store))
     assert len(group["orders"]) == 9  # alignment below 20/30/40 x coherence above 40/50/60
     # every answer is 0 or 100 aligned and 100 coherent: each pair gives the same order
     for order in group["orders"].values():
