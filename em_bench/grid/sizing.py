@@ -68,7 +68,11 @@ def size_study(store: Store, p1: float, p2: float, target: float = 0.8, alpha: f
     its cells and minutes here; with `simulate` > 0, each design's power checked by that many
     simulated studies (power.simulate_power)."""
     flags = pilot_flags(store)
-    components = power.variance_components(flags)
+    try:
+        components = power.variance_components(flags)
+    except ValueError as e:  # e.g. a single seed: no spread between seeds to measure
+        raise ConfigError(f"{store.root}: the pilot {e}; run a setting over a few seeds first "
+                          f"(em-bench run --seeds 0,1,2)") from None
     clusters = flags["cluster"].nunique()
     questions = flags.groupby("cluster")["question_id"].nunique().min()  # per topic
     cell_s, answer_s = pilot_costs(store)

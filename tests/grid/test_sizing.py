@@ -67,3 +67,6 @@ def test_a_pilot_without_fine_tunes_or_a_rate_out_of_range_is_one_clear_error(tm
     with pytest.raises(ConfigError, match="no scored fine-tune cell"):
         size_study(store, 0.05, 0.1)
     assert main(["plan", "--store", str(store.root), "--p1", "5"]) == 2
+    add_answers(add_cell(store, "finance", "none", 0, 0.5), {t: 1 for t in TOPICS})
+    with pytest.raises(ConfigError, match="need two seeds in a row; run a setting over a few"):
+        size_study(store, 0.05, 0.1)  # one seed: no spread between seeds to measure
