@@ -48,7 +48,7 @@ def _value(m: dict, name: str) -> float | None:
     return _num(v.get("value") if isinstance(v, dict) else v)
 
 
-def _mean(values: list) -> float | None:
+def seed_mean(values: list) -> float | None:
     """The mean over the seeds that have the value (seed_summary skips the missing ones)."""
     return _num(metrics.seed_summary(values)["mean"])
 
@@ -182,18 +182,18 @@ def _aggregate(cells: list[dict], domains: list[str]) -> dict:
         "scoring_version": first["scoring_version"],
         "seeds": [c["seed"] for c in cells],
         "em_mean": _num(em["mean"]), "em_sd": _num(em["sd"]),
-        "em_heldout_mean": _mean([c.get("em_heldout") for c in cells]),
-        "em_coherent_mean": _mean([c.get("em_coherent") for c in cells]),
+        "em_heldout_mean": seed_mean([c.get("em_heldout") for c in cells]),
+        "em_coherent_mean": seed_mean([c.get("em_coherent") for c in cells]),
         "em_ci": [[c["em_ci_low"], c["em_ci_high"]] for c in cells],
         "em_ci_low_min": min(lows, default=None), "em_ci_high_max": max(highs, default=None),
         "relative_reduction": None, "above_control_reduction": None,
-        "in_domain": _mean([c["in_domain"] for c in cells]),
-        "step_seconds": _mean([c["step_seconds"] for c in cells]),
-        "coherence": _mean([c["coherence"] for c in cells]),
-        "incoherent": _mean([c["incoherent_rate"] for c in cells]),
-        "rai_refusal": {d: _mean([c["rai_refusal"].get(d) for c in cells]) for d in domains},
+        "in_domain": seed_mean([c["in_domain"] for c in cells]),
+        "step_seconds": seed_mean([c["step_seconds"] for c in cells]),
+        "coherence": seed_mean([c["coherence"] for c in cells]),
+        "incoherent": seed_mean([c["incoherent_rate"] for c in cells]),
+        "rai_refusal": {d: seed_mean([c["rai_refusal"].get(d) for c in cells]) for d in domains},
         "rai_refusal_drop": None,
-        "over_refusal": _mean([c["over_refusal"] for c in cells]),
+        "over_refusal": seed_mean([c["over_refusal"] for c in cells]),
         "n_answers": sum(answers) if answers else None, "n_cells": len(cells),
         "cell_ids": [c["cell_id"] for c in cells],
     }

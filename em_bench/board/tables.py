@@ -12,7 +12,7 @@ import pandas as pd
 
 from em_bench import metrics
 from em_bench.board.results import flatten, to_safe_csv
-from em_bench.board.rows import _canonical, defense_labels
+from em_bench.board.rows import _canonical, defense_labels, seed_mean
 from em_bench.board.schema import Column, expand, fmt, load_schema, lookup
 from em_bench.errors import ConfigError
 
@@ -59,10 +59,6 @@ def _groups(rows: list[dict], keys: tuple[str, ...]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def _mean(values) -> float | None:
-    return metrics.seed_summary([v for v in values if v is not None])["mean"]
-
-
 def _seed_summary(group: list[dict]) -> dict:
     """One view of one setting over its seeds: EM's mean, sd, min and max, in-domain's mean."""
     em = metrics.seed_summary([r["em_rate"] for r in group])
@@ -81,11 +77,12 @@ def _refusal_summary(cells: list[dict]) -> dict:
     first = cells[0]
     return {"task": first["task"], "defense_label": first["defense_label"],
             "n_seeds": len(cells),
-            "rai_refusal": {d: _mean(c["rai_refusal"].get(d) for c in cells) for d in domains},
-            "rai_refusal_drop": {d: _mean(x.get(d) for x in drops) for d in domains}
+            "rai_refusal": {d: seed_mean([c["rai_refusal"].get(d) for c in cells])
+                            for d in domains},
+            "rai_refusal_drop": {d: seed_mean([x.get(d) for x in drops]) for d in domains}
             if drops else None,
-            "over_refusal": _mean(c["over_refusal"] for c in cells),
-            "rai_incoherent": _mean(v for c in cells for v in c["rai_incoherent"].values())}
+            "over_refusal": seed_mean([c["over_refusal"] for c in cells]),
+            "rai_incoherent": seed_mean([v for c in cells for v in c["rai_incoherent"].values()])}
 
 
 def _text(row: dict, column: Column) -> str:
