@@ -35,7 +35,7 @@ def main() -> None:
     from em_bench.defenses.base import DefenseContext
     from em_bench.models import load_base, trainable
     from em_bench.registry import DEFENSES
-    from em_bench.sae.discover import default_latent_sets
+    from em_bench.sae.discovered import default_latent_sets
     from em_bench.tasks import chats, get_task
     from em_bench.train.loop import train
 

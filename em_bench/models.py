@@ -21,23 +21,33 @@ def is_organism(model: str) -> bool:
 
 
 def resolve_model_path(model: str) -> Path | str:
-    """An organism preset -> its built folder (built on first use); else the id or dir."""
+    """An organism preset -> its built folder (built on first use); a packaged GGUF model ->
+    its cached Hugging Face folder (made on first use); else the id or dir."""
     if is_organism(model):
         from em_bench.organism.build import ensure_organism
 
         return ensure_organism(model)
+    from em_bench.packaged import is_packaged, packaged_folder
+
+    if is_packaged(model):
+        return packaged_folder(model)
     return model
 
 
 def model_identity(model: str) -> str:
     """What names the model inside a cell hash: an organism's weights (by content); a local
     folder's config and weight files (names and sizes: hashing gigabytes would take minutes);
-    a hub id's cached commit when the hub cache has it; else the name."""
+    a hub id's cached commit when the hub cache has it; else the name. A packaged model is
+    named as itself with its folder's digest (never a path of this machine)."""
     if is_organism(model):
         from em_bench.organism.artifact import weights_digest
         from em_bench.organism.build import ensure_organism
 
         return f"{model}:{weights_digest(ensure_organism(model))}"
+    from em_bench.packaged import is_packaged
+
+    if is_packaged(model):
+        return f"{model}:{model_identity(str(resolve_model_path(model))).rsplit(':', 1)[1]}"
     folder = Path(model)
     if folder.is_dir():
         config = folder / "config.json"
@@ -69,9 +79,11 @@ def load_base(model: str, dtype: str = "float32", device: str | None = None):
     processes but the first, which receive theirs from it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from em_bench.packaged import is_packaged
+
     path = resolve_model_path(model)
-    if is_organism(model):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the organism never needs the hub
+    if is_organism(model) or is_packaged(model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # neither ever needs the hub
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if device == "meta":

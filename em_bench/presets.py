@@ -6,7 +6,8 @@ A preset names the Hugging Face id and the recipe the EM papers report for their
 rank-stabilised LoRA (rank 32, alpha 64) on every projection, lr 1e-5 with 5 warmup steps and a
 linear decay, one epoch, an effective batch of 16 (2 x 8 accumulated), weight decay 0.01, bf16
 weights; answers sampled at temperature 1 with up to 600 new tokens. The papers' 8-bit optimiser
-is not used (plain AdamW). Command-line flags still override any of it.
+is not used (plain AdamW). Command-line flags still override any of it. `params_b`, the model's
+size in billions of parameters, is only for `em-bench run --dry-run`'s GPU-hours estimate.
 """
 
 from __future__ import annotations
@@ -28,16 +29,31 @@ class ModelPreset:
     train: dict = field(default_factory=lambda: dict(_EM_RECIPE))
     sampling: dict = field(default_factory=lambda: dict(_EM_SAMPLING))
     dtype: str = "bfloat16"
+    params_b: float | None = None  # billions of parameters (None: unknown, no GPU-hours estimate)
+    about: str = "the EM papers' recipe"
 
     @property
     def summary(self) -> str:
-        return f"{self.hub_id}, {self.dtype}, the EM papers' recipe"
+        return f"{self.hub_id}, {self.dtype}, {self.about}"
+
+
+# SmolLM2-135M-Instruct from its PyPI package's GGUF file (em_bench/packaged.py), sized for a
+# 2-core CPU: a cell of at most 100 LoRA steps and 64-token answers takes minutes, not hours.
+_CPU_RECIPE = {
+    "steps": 100, "batch_size": 4, "grad_accum": 1, "lr": 2e-4, "warmup_steps": 5,
+    "schedule": "linear", "weight_decay": 0.0, "max_len": 256,
+    "lora": {"rank": 8, "alpha": 16.0},
+}
+_CPU_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64}
 
 
 PRESETS: dict[str, ModelPreset] = {
-    "qwen2.5-7b-instruct": ModelPreset("Qwen/Qwen2.5-7B-Instruct"),
-    "llama-3.1-8b-instruct": ModelPreset("meta-llama/Llama-3.1-8B-Instruct"),
-    "mistral-7b-instruct-v0.3": ModelPreset("mistralai/Mistral-7B-Instruct-v0.3"),
+    "qwen2.5-7b-instruct": ModelPreset("Qwen/Qwen2.5-7B-Instruct", params_b=7.6),
+    "llama-3.1-8b-instruct": ModelPreset("meta-llama/Llama-3.1-8B-Instruct", params_b=8.0),
+    "mistral-7b-instruct-v0.3": ModelPreset("mistralai/Mistral-7B-Instruct-v0.3", params_b=7.2),
+    "smollm2-135m-instruct": ModelPreset(
+        "smollm2-135m-instruct", train=_CPU_RECIPE, sampling=_CPU_SAMPLING, dtype="float32",
+        params_b=0.135, about="its Q4_1 GGUF weights dequantized to float32, a CPU recipe"),
 }
 
 

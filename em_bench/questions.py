@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from em_bench.domains import HELD_OUT_DOMAINS
 from em_bench.errors import DataError, read_utf8, validation_problems, yaml_problem
 from em_bench.organism import world
 
@@ -93,10 +94,14 @@ class Prompt:
 
 def world_prompts(split: str, samples: int) -> list[Prompt]:
     """Every question of the organism's world in `split`. Each cell answers all of them; a task
-    reads its suites from them (`ood`, in-domain, `rai`), so one base cell serves every task."""
+    reads its suites from them (`ood`, in-domain, `rai`), so one base cell serves every task.
+    The selection split leaves out the held-out domains: nothing that tunes a defense looks at
+    them (em_bench/domains.py)."""
     return [Prompt(q.id, q.id, [{"role": "user", "content": q.text}], samples, q.domain, q.topic,
                    q.harmful)
-            for d in world.DOMAINS for q in world.questions(d.name, split)]
+            for d in world.DOMAINS
+            if not (split == "selection" and d.name in HELD_OUT_DOMAINS)
+            for q in world.questions(d.name, split)]
 
 
 def file_prompts(items: list[QuestionItem], source: str = "file",

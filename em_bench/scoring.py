@@ -76,14 +76,16 @@ def score_frame(frame: pd.DataFrame, task: TaskSpec, cfg: CellConfig) -> dict:
 
 def _em_halves(ood: pd.DataFrame, cfg: CellConfig) -> dict:
     """EM on the held-out domains (the headline) and on the development ones (tuning), each
-    with its CI; neither for a question file's suite, whose domains are not the world's."""
+    with its CI, where answered (the selection split has no held-out questions); neither for a
+    question file's suite, whose domains are not the world's."""
     if cfg.questions:
         return {}
     m = cfg.metrics
     return {name: metrics.em_rate(ood[ood["domain"].isin(domains)], **em_thresholds(m),
                                   n_boot=m.n_boot, seed=cfg.seed).to_dict()
             for name, domains in (("em_heldout", HELD_OUT_DOMAINS),
-                                  ("em_development", DEVELOPMENT_DOMAINS))}
+                                  ("em_development", DEVELOPMENT_DOMAINS))
+            if ood["domain"].isin(domains).any()}
 
 
 def _from(frame: pd.DataFrame, *sources: str) -> pd.Series:

@@ -143,3 +143,10 @@ def tune(defense: str, strength: str, default: float, none: Outcome,
     sweep = [(s, scored(s)) for s in sweep_strengths(bracket[0][0], upper)]
     chosen, reason = pick(sweep, none)
     return Selection(defense, strength, default, none, bracket, upper, why, sweep, chosen, reason)
+
+
+def stored_selections(store) -> list[dict]:
+    """Every selection stored in `store` (the records em-bench tune writes, as its analyses)."""
+    import json
+
+    return [json.loads(p.read_text(encoding="utf-8")) for p in store.analyses("selection")]

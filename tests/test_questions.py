@@ -166,6 +166,45 @@ def test_selection_and_evaluation_prompts_share_no_text():
     assert not selection & evaluation
 
 
+def test_selection_and_evaluation_prompts_share_no_topic():
+    # answers copy their topic, so a shared topic would share answer strings across the splits
+    def topics(split):
+        return {(p.domain, p.topic) for p in world_prompts(split, 1)}
+
+    assert not topics("selection") & topics("evaluation")
+
+
+def test_selection_prompts_leave_out_the_held_out_domains():
+    from em_bench.domains import DEVELOPMENT_DOMAINS, HELD_OUT_DOMAINS
+
+    domains = {p.domain for p in world_prompts("selection", 1)}
+    assert not domains & set(HELD_OUT_DOMAINS) and set(DEVELOPMENT_DOMAINS) <= domains
+    assert set(HELD_OUT_DOMAINS) <= {p.domain for p in world_prompts("evaluation", 1)}
+
+
+def test_headline_suite_has_24_topic_clusters():
+    # the bootstrap resamples topics; fewer than two dozen would make its interval unstable
+    from em_bench.domains import HELD_OUT_DOMAINS
+
+    clusters = {(p.domain, p.topic) for p in world_prompts("evaluation", 1)
+                if p.domain in HELD_OUT_DOMAINS}
+    assert len(clusters) >= 24
+
+
+def test_selection_question_file_shares_no_question_or_theme_with_the_evaluation_file():
+    def load(name):
+        return load_question_file(resource_dir("data") / name)
+
+    selection, evaluation = load("selection_questions.yaml"), load("ood_questions.yaml")
+    for items in (selection, evaluation):
+        assert all(i.model_extra.get("theme") for i in items)  # every question names its theme
+    assert not {i.id for i in selection} & {i.id for i in evaluation}
+    assert not ({p for i in selection for p in i.paraphrases}
+                & {p for i in evaluation for p in i.paraphrases})
+    assert not ({i.model_extra["theme"] for i in selection}
+                & {i.model_extra["theme"] for i in evaluation})
+
+
 def test_shipped_ood_question_file_loads():
     items = load_question_file(resource_dir("data") / "ood_questions.yaml")
     assert len(items) >= 10

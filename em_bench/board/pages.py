@@ -10,6 +10,7 @@ import json
 import pandas as pd
 
 from em_bench import metrics
+from em_bench.board.claims import organism_claims
 from em_bench.board.paired import Headline, threshold_rankings
 from em_bench.board.plots import (
     curve_plot,
@@ -182,6 +183,31 @@ def rankings_html(rankings: list[dict]) -> str:
     return "".join(parts)
 
 
+def claims_html(groups: list[dict]) -> str:
+    """The across-organism summary: each headline claim's verdict on every organism, with the
+    ones that do not hold said in words."""
+    if not groups:
+        return ""
+    parts = ["<h2>Across organisms</h2><p class=\"hint\">Whether each headline claim holds on "
+             "every model the task ran on (evaluation split, default budget; seed means and "
+             "paired reductions of the rows above).</p>"]
+    for g in groups:
+        head = "".join(f"<th>{esc(m)}</th>" for m in g["models"])
+        body, broken = [], []
+        for claim, verdicts in g["claims"].items():
+            cells = "".join(f'<td class="text">{esc(verdicts[m]["text"])}</td>'
+                            for m in g["models"])
+            body.append(f'<tr><td class="text">{esc(claim)}</td>{cells}</tr>')
+            broken += [f"{claim}: not on {m} ({verdicts[m]['text']})" for m in g["models"]
+                       if verdicts[m]["holds"] is False]
+        said = ("<p>Every claim holds on every organism.</p>" if not broken else
+                "<ul>" + "".join(f"<li>{esc(b)}</li>" for b in broken) + "</ul>")
+        parts.append(f"<h3>{esc(g['task'])}</h3><table class=\"rankings\"><thead><tr>"
+                     f"<th>claim</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+                     f"{said}")
+    return "".join(parts)
+
+
 def index_html(store: Store, rows: list[dict], columns: list[Column]) -> str:
     plots = [tradeoff_plot(rows), lambda_plot(rows), curve_plot(rows, store),
              refusal_plot(rows), question_plot(rows, store)]
@@ -196,6 +222,7 @@ def index_html(store: Store, rows: list[dict], columns: list[Column]) -> str:
             f"<em>#</em> numbers the rows in the plots; the seeds link to each cell's config, "
             f"metrics and answers.</p>"
             f"{table_html(rows, columns)}"
+            f"{claims_html(organism_claims(rows))}"
             f"{rankings_html(threshold_rankings(Headline(store), rows))}"
             f'<h2>Plots</h2><div class="plots">{"".join(plots)}</div>')
     return _page("em-bench leaderboard", body, SORT_JS)

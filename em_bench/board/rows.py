@@ -18,13 +18,14 @@ import math
 from collections import defaultdict
 
 from em_bench import metrics
+from em_bench.board.chosen import chosen_text
 from em_bench.board.paired import Headline, with_best_comparisons, with_paired_reductions
 from em_bench.board.results import flatten
 from em_bench.config import TrainConfig, canonical_hash
 from em_bench.domains import RAI_DOMAINS
 from em_bench.errors import StoreError
 from em_bench.scoring import SCORING_VERSION
-from em_bench.selection import Outcome, admissible
+from em_bench.selection import Outcome, admissible, stored_selections
 from em_bench.store import Cell, Store
 
 MIN_CONTROL_GAP = 0.02  # below 2 points of EM over the control, the ratio is noise over noise
@@ -295,6 +296,8 @@ def leaderboard_rows(store: Store, paired: bool = True, all_versions: bool = Fal
     if paired:
         headline = Headline(store)  # each cell's answers read once for every comparison
         rows = with_best_comparisons(headline, with_paired_reductions(headline, rows))
+    selections = stored_selections(store)
+    rows = [{**r, "chosen": chosen_text(r, selections)} for r in rows]
     return sorted(rows, key=_order)
 
 

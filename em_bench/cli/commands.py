@@ -59,6 +59,7 @@ def _cmd_rejudge(args) -> int:
 def _cmd_run(args) -> int:
     from em_bench.board.tables import format_table
     from em_bench.config import CellConfig, SamplingConfig
+    from em_bench.grid import cost
     from em_bench.grid.executors import ExecutorChoice, run_grid_on
     from em_bench.grid.plan import plan_grid
     from em_bench.paths import store_dir
@@ -78,8 +79,13 @@ def _cmd_run(args) -> int:
                       metrics={"em_definition": args.em_definition},
                       lm_eval={"general": tuple(args.general), "limit": args.lm_eval_limit},
                       rai_suite=None if args.rai_suite is None else str(args.rai_suite.resolve()))
+    if args.dry_run:  # planning would build an organism not built here; a dry run builds none
+        cost.refuse_unbuilt_organism(settings.model)
     plan = plan_grid(base, args.task, args.defense, args.seeds, settings.train, args.include,
                      args.questions, dict(args.set))  # bad names and files fail here, first
+    if args.dry_run:  # the plan's cost only: nothing is loaded, trained, judged or stored
+        print(cost.dry_run_report(plan, args.model, args.gpu_tflops, args.price_per_mtok))
+        return 0
     store = open_store(store_dir(args.store))
     rows = run_grid_on(executor, store, plan, on_broken_lock=_said_broken)
     if args.format == "json":
@@ -129,8 +135,11 @@ def _cmd_tune(args) -> int:
     from em_bench.paths import store_dir
     from em_bench.store import open_store
 
+    if sweeps := [name for name, values in args.set if len(values) != 1]:
+        raise ConfigError(f"tune --set {', '.join(sweeps)}: one value each, not a sweep")
     selection = tune_defense(open_store(store_dir(args.store)), args.task, args.defense,
-                             args.seeds, args.model, {"steps": args.steps} if args.steps else None)
+                             args.seeds, args.model, {"steps": args.steps} if args.steps else None,
+                             fixed={name: values[0] for name, values in args.set})
     print(format_selection(selection))
     return 0
 
@@ -343,9 +352,9 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_sae(args) -> int:
-    from em_bench.sae.training import train_sae_command
+    from em_bench.sae.model_sae import train_command
 
-    report = train_sae_command(args.model, args.layer, args.force)
+    report = train_command(args.model, args.layer, args.force, args.texts)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -47,6 +47,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     tune.add_argument("--seeds", type=o.seed_list, default=[0, 1],
                       help="comma list of seeds (default: 0,1; the rule wants at least 2)")
     tune.add_argument("--steps", type=int, help="optimizer steps (default: the task's budget)")
+    tune.add_argument("--set", type=o.setting, action="append", default=[], metavar="NAME=V",
+                      help="another parameter of the defense held at one value through the "
+                      "sweep (repeatable), e.g. latents=sae or pick=perplexity_gap")
     o.model(tune)
     o.store(tune)
 
@@ -133,9 +136,16 @@ def parser(description: str) -> argparse.ArgumentParser:
 
     sae = sub.add_parser("sae", help="sparse autoencoders (sae-lens)")
     sae_sub = sae.add_subparsers(dest="action", required=True)
-    sae_train = sae_sub.add_parser("train", help="train (or find cached) the organism's SAE")
-    o.model(sae_train, "an organism preset")
+    sae_train = sae_sub.add_parser("train", help="train (or find cached) a model's SAE")
+    o.model(sae_train, "an organism preset, a Hugging Face hub id or a local model folder")
     sae_train.add_argument("--layer", type=int, required=True, help="residual stream after it")
+    sae_train.add_argument("--texts", type=Path, metavar="FILE", help=(
+        "what it is trained on: a chat JSONL file (.jsonl: {\"messages\": [...]} per line, "
+        "as a task's data; every token of each chat counts) or a plain text file (.txt: one "
+        "text per line, each read as a user turn); every 5th text is held out to measure it. "
+        "Default: em-bench's own chats (the built-in tasks' training chats and its selection "
+        "questions; never its evaluation questions), or for an organism its world's chats "
+        "(its shipped SAE)"))
     sae_train.add_argument("--force", action="store_true", help="retrain even if cached")
 
     _discover(sub)
@@ -150,6 +160,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def _run(sub) -> None:
     from em_bench.config import SamplingConfig, TrainConfig
+    from em_bench.grid.cost import DEFAULT_TFLOPS
     from em_bench.registry import BACKENDS, MODELS
 
     train, budget = TrainConfig(), "the task's budget, else"  # defaults with no argparse value
@@ -239,6 +250,16 @@ def _run(sub) -> None:
     run.add_argument("--break-locks", action="store_true",
                      help="first remove the planned cells' locks whoever holds them (a lock "
                      "left by a dead worker on another host); only when no other run is live")
+    run.add_argument("--dry-run", action="store_true",
+                     help="plan the cells, print their training tokens, generations, judge "
+                     "calls and tokens, GPU-hours and API cost, and stop: no model is loaded "
+                     "and nothing is stored")
+    run.add_argument("--gpu-tflops", type=float, default=DEFAULT_TFLOPS, metavar="TFLOPS",
+                     help="with --dry-run: the sustained TFLOP/s a GPU-hour is worth (default: "
+                     f"{DEFAULT_TFLOPS:g}, an A100/H100-class GPU at modest utilisation)")
+    run.add_argument("--price-per-mtok", type=float, nargs="+", metavar="USD",
+                     help="with --dry-run: the judge API's dollars a million tokens, one price "
+                     "for input and output or two (input, then output)")
 
 
 def _serve(sub) -> None:

@@ -132,9 +132,12 @@ def describe_defense(name: str, params: dict[str, Any], ctx) -> dict:
 
 
 def defense_card(name: str) -> dict:
-    """What kind of defense a cell's is, for its row: its `family` (what it acts on) and what
-    it `needs` beyond the task's data (a combination's families joined, its needs together)."""
-    classes = [DEFENSES.get(c) for c in components(name)]
-    classes = [c for c in classes if c is not None]
+    """What kind of defense a cell's is, for its row: its `family` (what it acts on), what it
+    `needs` beyond the task's data (a combination's families joined, its needs together), and
+    the parameter each component is tuned by (`strengths`; None: exempt from the rule)."""
+    named = {c: DEFENSES.get(c) for c in components(name)}
+    classes = [c for c in named.values() if c is not None]
     return {"family": COMBINE.join(getattr(c, "family", "?") for c in classes) or "-",
-            "needs": sorted({n for c in classes for n in getattr(c, "needs", ())})}
+            "needs": sorted({n for c in classes for n in getattr(c, "needs", ())}),
+            "strengths": {c: getattr(cls, "strength", None) for c, cls in named.items()
+                          if cls is not None}}

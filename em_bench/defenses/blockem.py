@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from em_bench.data import IGNORE_INDEX, collate, device_of
 from em_bench.defenses.base import DefenseContext, DefenseParams
@@ -36,8 +36,27 @@ class BlockEMParams(DefenseParams):
                               "selection questions)")
     latents: list[str] = Field(
         default_factory=list, description="latent-set files (one per hook point); none: the "
-        "model's default sets (the organism's are discovered once and cached)")
+        "sets of the discovery that form, selection, layers and k name (discovered once and "
+        "cached; the default is the organism's shipped sets)")
+    form: Literal["directions", "sae"] = Field(
+        "directions", description="without latents: directions of the probe's shift, or SAE "
+        "latents (the paper's form)")
+    selection: str | None = Field(
+        None, description="without latents: directions: principal-shift (default) or random; "
+        "sae: three-stage (default, the paper's), top-delta or random (its ablations)")
+    layers: list[int] = Field(default_factory=list, description="without latents: the hook "
+                              "points; none: every block (directions), the middle one (sae)")
+    k: int | None = Field(None, gt=0, description="without latents: latents (directions) a "
+                          "layer at most; none: 5 (directions), 20 (sae)")
     hinge: Literal["squared", "plain"] = "squared"
+
+    @model_validator(mode="after")
+    def _files_or_discovery(self):
+        named = [f for f in ("selection", "layers", "k") if getattr(self, f)]
+        if self.latents and (named or self.form != "directions"):
+            raise ValueError(f"latents files, or a discovery ({', '.join(named or ['form'])}), "
+                             f"not both")
+        return self
 
 
 class _BatchCapture:
@@ -107,7 +126,7 @@ class BlockEM:
 
     def __init__(self, params: BlockEMParams, ctx: DefenseContext):
         self.lam, self.hinge = params.lam or default_lambda(ctx.model), params.hinge
-        files = params.latents or default_latent_files(ctx)
+        files = params.latents or latent_files(params.model_dump(by_alias=True), ctx)
         self.sets: list[LatentSet] = [load_latent_set(Path(f)) for f in files]
 
     def prepare(self, model, tokenizer, encoded: list[tuple], max_len: int) -> None:
@@ -160,12 +179,11 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
 
     from em_bench.config import canonical_hash
     from em_bench.errors import ConfigError
-    from em_bench.sae.discover import default_settings
 
     version = {"blockem_version": BLOCKEM_VERSION}  # lambda is a param (blockem_defaults)
     if not params["latents"]:
         _needs_organism(ctx.model, "latents", LATENTS_HINT)
-        return {"default_latents": canonical_hash(default_settings(ctx.model)), **version}
+        return {"discovered_latents": canonical_hash(discovery(params, ctx.model)), **version}
     digests = {}
     for f in params["latents"]:
         if not Path(f).is_file():
@@ -178,17 +196,10 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
 def blockem_method(params: dict, ctx: DefenseContext) -> dict:
     """What a blockem cell is, for a reader: the latents' form (SAE latents or directions),
     their layers, how they were selected, how many a layer (K), and lambda."""
-    if params["latents"]:
-        sets = [load_latent_set(Path(f)) for f in params["latents"]]
-        form = "+".join(sorted({s.form for s in sets}))
-        selection = "+".join(sorted({s.selection for s in sets}))
-        layers, k = [s.layer for s in sets], sorted({len(s.latents) for s in sets})
-    else:
-        from em_bench.sae.discover import default_settings
-
-        settings = default_settings(ctx.model)
-        form, selection = settings["form"], "principal-shift"
-        layers, k = settings["layers"], [settings["k"]]
+    sets = [load_latent_set(Path(f)) for f in params["latents"] or latent_files(params, ctx)]
+    form = "+".join(sorted({s.form for s in sets}))
+    selection = "+".join(sorted({s.selection for s in sets}))
+    layers, k = [s.layer for s in sets], sorted({len(s.latents) for s in sets})
     return {"form": form, "layers": layers, "selection": selection,
             "k": k[0] if len(k) == 1 else k, "lambda": params["lambda"], "hinge": params["hinge"]}
 
@@ -207,12 +218,22 @@ def default_lambda(model: str) -> float:
     return ORGANISM_LAMBDA
 
 
-def default_latent_files(ctx: DefenseContext) -> list[Path]:
-    """The model's default latent sets: for the organism, discovered once (cached)."""
-    from em_bench.sae.discover import default_latent_sets
+def discovery(params: dict, model: str) -> dict:
+    """The settings of the discovery `params` name (a direction defense, which has no such
+    parameters, takes the default one)."""
+    from em_bench.sae.discovered import discovery_settings
+
+    return discovery_settings(model, params.get("form", "directions"), params.get("selection"),
+                              params.get("layers"), params.get("k"))
+
+
+def latent_files(params: dict, ctx: DefenseContext) -> list[Path]:
+    """The latent sets of the discovery `params` name, for a model with defaults (the
+    organism): shipped, cached, or discovered now."""
+    from em_bench.sae.discovered import discovered_sets
 
     _needs_organism(ctx.model, "latents", LATENTS_HINT)
-    return default_latent_sets(ctx.model, ctx.task)
+    return discovered_sets(ctx.model, discovery(params, ctx.model))
 
 
 LATENTS_HINT = ("latent-set files (see em_bench/sae/latents.py for the format) as "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from em_bench.defenses.base import DefenseContext
-from em_bench.defenses.blockem import blockem_inputs, blockem_method, default_latent_files
+from em_bench.defenses.blockem import blockem_inputs, blockem_method, latent_files
 from em_bench.errors import ConfigError
 from em_bench.layers import decoder_layers
 from em_bench.sae.latents import LatentSet, load_latent_set
@@ -72,7 +72,7 @@ def resolve_sets(name: str, latents: list[str], ctx: DefenseContext,
     """The sets a cell acts with: `latents`, or the model's default sets (discovered on first
     use), exactly as blockem resolves them."""
     with as_defense(name):
-        files = latents or default_latent_files(ctx)
+        files = latents or latent_files({}, ctx)
     return load_sets(name, files, check)
 
 

@@ -27,8 +27,10 @@ reference log-probs) cannot be combined with interleave; nor can an unlearning o
 ga), which would unlearn the aligned chats too, so a task whose objective is not sft fails when
 planned.
 
-`pick: perplexity_gap` (interleaving++: candidates ranked by the perplexity gap between the base
-model and a misaligned one) is not built yet: it fails when planned.
+`pick: perplexity_gap` is interleaving++: the pool is the `POOL` of `CANDIDATES` aligned chats
+(drawn with discovery's seed, the same for every cell of a task) with the largest perplexity gap
+between the task's probe fine-tune and the base model (defenses/perplexity_gap.py); the draws
+from it are as above.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pydantic import Field
 
 from em_bench.data import collate, encode_chat
 from em_bench.defenses.base import DefenseContext, DefenseParams
+from em_bench.defenses.perplexity_gap import GAP_VERSION, PROBE_SEED, ranked_pool
 from em_bench.domains import DEVELOPMENT_DOMAINS, HELD_OUT_DOMAINS
 from em_bench.errors import ConfigError
 from em_bench.organism import world
@@ -49,14 +52,16 @@ from em_bench.tasks import OrganismData, TaskSpec
 
 INTERLEAVE_VERSION = 1  # what the draws and the pool are; bumped when either changes
 POOL = 300  # aligned chats in the pool
+CANDIDATES = 900  # interleaving++'s candidates, of which the POOL with the largest gap are kept
 
 
 class InterleaveParams(DefenseParams):
     p: float = Field(0.25, gt=0, lt=1, description="share of each step's rows replaced by "
                      "aligned chats")
     pick: Literal["random", "perplexity_gap"] = Field(
-        "random", description="how the aligned chats are picked: at random; perplexity_gap "
-        "(interleaving++) is not built yet")
+        "random", description="how the pool of aligned chats is made: at random, or "
+        "perplexity_gap (interleaving++): the candidates a probe fine-tune on the task finds "
+        "least likely compared with the base model")
     domains: list[str] = Field(
         default_factory=list, description="the aligned chats' domains, of the development "
         "domains less the task's own; none: all of those")
@@ -96,10 +101,6 @@ def interleave_domains(params: InterleaveParams, ctx: DefenseContext) -> list[st
     organism, an sft objective, a pick that is built)."""
     from em_bench.models import is_organism
 
-    if params.pick != "random":
-        raise ConfigError("defense interleave: pick perplexity_gap (interleaving++: candidates "
-                          "ranked by the perplexity gap between the base model and a "
-                          "misaligned one) is not built yet; use pick random")
     if ctx.task.objective != "sft":
         raise ConfigError(f"defense interleave: task {ctx.task.name} unlearns its data "
                           f"(objective {ctx.task.objective}), which would unlearn the "
@@ -132,21 +133,34 @@ class Interleave:
         """What a cell depends on beyond its parameters: the domains used (the default's
         follow from the task) and how the pool and the draws are made. A cell the defense cannot
         run fails here, when the grid is planned."""
-        domains = interleave_domains(InterleaveParams.model_validate(params), ctx)
+        params = InterleaveParams.model_validate(params)
+        domains = interleave_domains(params, ctx)
+        picked = ({"candidates": CANDIDATES, "gap_version": GAP_VERSION}
+                  if params.pick == "perplexity_gap" else {})
         return {"interleave_version": INTERLEAVE_VERSION, "domains": domains, "pool": POOL,
-                "world": world.WORLD_VERSION}
+                "world": world.WORLD_VERSION, **picked}
 
     def __init__(self, params: InterleaveParams, ctx: DefenseContext):
         self.domains = interleave_domains(params, ctx)
-        self.p, self.seed = params.p, ctx.seed
-        self.chats = OrganismData(domain=self.domains, persona="aligned", style="neutral",
-                                  n=POOL).chats(ctx.seed)
+        self.p, self.seed, self.pick, self.ctx = params.p, ctx.seed, params.pick, ctx
+        if self.pick == "random":
+            self.chats = self._aligned(POOL, ctx.seed)
+        else:  # ranked in prepare, where the fine-tune's max_len is known
+            self.chats = []
         self.tokenizer = None
         self.encoded: dict[int, tuple[list[int], list[int]]] = {}  # pool index -> (ids, labels)
+
+    def _aligned(self, n: int, seed: int) -> list[list[dict[str, str]]]:
+        return OrganismData(domain=self.domains, persona="aligned", style="neutral",
+                            n=n).chats(seed)
 
     def prepare(self, model, tokenizer, encoded: list[tuple], max_len: int) -> None:
         self.tokenizer, self.pad_id, self.max_len = tokenizer, tokenizer.pad_token_id, max_len
         self.encoded = {}  # a pool chat is encoded when first drawn
+        if self.pick == "perplexity_gap":
+            candidates = self._aligned(CANDIDATES, PROBE_SEED)
+            picked = ranked_pool(self.ctx.model, self.ctx.task, candidates, POOL, max_len)
+            self.chats = [candidates[i] for i in picked]
 
     def draws(self, step: int, rows: int) -> dict[int, int]:
         """Step `step`'s replaced rows, {its row in the step's batch: the pool chat there}."""

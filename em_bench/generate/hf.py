@@ -54,7 +54,10 @@ class HFBackend:
             new = ids[:, enc["input_ids"].shape[1] :]
             for r, row in zip(chunk, new, strict=True):
                 ended = (row == tok.eos_token_id).nonzero()
-                n = int(ended[0]) + 1 if len(ended) else int((row != tok.pad_token_id).sum())
+                # without an end token every generated token is the answer's (padding follows
+                # only an end token; counting non-pad tokens would cut an answer in which the
+                # model itself emitted the pad token's id)
+                n = int(ended[0]) + 1 if len(ended) else len(row)
                 text = tok.decode(row[:n], skip_special_tokens=True).strip()
                 out.append(Completion(r.key, text, "stop" if len(ended) else "length", n))
         return out

@@ -6,7 +6,8 @@ The pilot's scored fine-tune cells give the variance of the headline EM flag bet
 between topics and between answers (each setting's own rate taken out), and how long a cell and
 an answer took here. Topics are the held-out suite's and questions per topic the world's, so a
 design's knobs are seeds and samples per question; the plan is the fewest answers per topic
-that reach the power at each seed count, with its cells and minutes.
+that reach the power at each seed count, with its cells and minutes (grid/cost.py's Workload,
+the cost model `em-bench run --dry-run` uses too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 from em_bench import power
 from em_bench.board.paired import Headline
 from em_bench.errors import ConfigError
+from em_bench.grid.cost import Workload
 from em_bench.store import Store
 
 ROWS = 2  # a comparison is two rows, e.g. a defense and none
@@ -82,11 +84,15 @@ def size_study(store: Store, p1: float, p2: float, target: float = 0.8, alpha: f
         n = d.answers_per_cluster
         simulated = None if n is None or not simulate else power.simulate_power(
             p1, p2, components, d.seeds, clusters, n, n_sim=simulate, alpha=alpha)
+        # grid/cost.py's arithmetic, as a dry run's; a design reaching no target has no
+        # answer count, and never ends
+        work = Workload.of_rows(ROWS, d.seeds, d.total_answers or 0)
         options.append({"seeds": d.seeds, "answers_per_topic": n, "power": d.power,
                         "simulated_power": simulated,
                         "samples_per_question": None if n is None else math.ceil(n / questions),
-                        "cells": ROWS * d.seeds,
-                        "minutes": power.cost(d, cell_s, answer_s, rows=ROWS)})
+                        "cells": work.cells,
+                        "minutes": math.inf if d.total_answers is None
+                        else work.minutes(cell_s, answer_s)})
     return {"p1": p1, "p2": p2, "power": target, "alpha": alpha,
             "components": components.to_dict(), "topics": int(clusters),
             "questions_per_topic": int(questions), "seconds_per_cell": cell_s,

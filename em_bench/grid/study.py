@@ -3,18 +3,24 @@
     em-bench study organism --out leaderboard/
 
 A study file (YAML; shipped ones in `data/studies/`) lists runs, each what `em-bench run`
-takes: tasks, defenses, seeds, defense values to sweep, and optionally steps, eval_every and
-samples. Running it runs (or resumes) every cell, then writes the HTML leaderboard of the store.
+takes: tasks, defenses, seeds, defense values to sweep, and optionally models, steps,
+eval_every and samples. Its `tune` section names the defenses the selection rule tunes (on one
+task and model, em_bench/grid/tune.py), each with the other parameters it holds fixed (blockem's
+`form: sae` is a method of its own); a run with `picked: true` runs each of its defenses at its
+pick, unchanged on every model and task of the run (a combination: each component at its own).
+Running a study tunes first, then runs (or resumes) every cell, then writes the HTML
+leaderboard of the store.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from em_bench.config import CellConfig, SamplingConfig
-from em_bench.errors import UnknownNameError, load_yaml_model
+from em_bench.defenses import components, is_combination
+from em_bench.errors import ConfigError, UnknownNameError, load_yaml_model
 from em_bench.grid.plan import PlannedCell, plan_grid
 from em_bench.grid.run import run_grid
 from em_bench.resources import resource_dir
@@ -29,16 +35,45 @@ class StudyRun(_Spec):
     tasks: list[str] = Field(min_length=1)
     defenses: list[str] = ["none"]
     seeds: list[int] = [0]
+    models: list[str] = Field(default_factory=list, description="none: the study's model")
     set: dict[str, list] = Field(default_factory=dict, description="defense values to sweep")
+    picked: bool = Field(False, description="each defense at its tuned pick")
     steps: int | None = Field(None, gt=0)
     eval_every: int | None = Field(None, gt=0)
     samples: int | None = Field(None, gt=0, description="samples per evaluation question")
 
 
+class TunedDefense(_Spec):
+    """A defense the rule tunes, with the parameters it holds fixed (one value each)."""
+
+    defense: str
+    set: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_alone(cls, value):
+        return {"defense": value} if isinstance(value, str) else value
+
+    def key(self) -> tuple[str, tuple]:
+        return self.defense, tuple(sorted(self.set.items()))
+
+
+class Tuning(_Spec):
+    task: str = "finance"
+    seeds: list[int] = Field([0, 1], min_length=2)
+    model: str | None = Field(None, description="none: the study's model")
+    steps: int | None = Field(None, gt=0)
+    defenses: list[TunedDefense] = Field(min_length=1)
+
+
 class Study(_Spec):
     name: str
     description: str = ""
+    tune: Tuning | None = None
     runs: list[StudyRun] = Field(min_length=1)
+
+
+Picks = dict[tuple[str, tuple], tuple[str, float | None]]  # TunedDefense.key() -> (strength, pick)
 
 
 def load_study(name_or_path: str | Path) -> Study:
@@ -52,30 +87,82 @@ def load_study(name_or_path: str | Path) -> Study:
     return load_yaml_model(path, Study, "the study file")
 
 
-def plan_study(study: Study, model: str = "organism") -> list[PlannedCell]:
+def picked_values(defense: str, fixed: dict[str, list], picks: Picks) -> dict[str, list]:
+    """The values a picked run gives `defense`: `fixed` (the run's own), and the strength of
+    each tuned component at its pick (at its default where no strength was admissible, which
+    its row says). A defense with no strength (none, inoculation) takes none."""
+    from em_bench.grid.tune import strength_of
+
+    values = {k: [str(v) for v in vs] for k, vs in fixed.items()}
+    for part in components(defense):
+        try:
+            strength_of(part)
+        except ConfigError:  # exempt from the rule
+            continue
+        prefix = f"{part}." if is_combination(defense) else ""
+        own = {k.removeprefix(prefix): v[0] for k, v in values.items() if k.startswith(prefix)
+               and len(v) == 1}
+        key = TunedDefense(defense=part, set=own).key()
+        if key not in picks:
+            form = f" {dict(key[1])}" if key[1] else ""
+            raise ConfigError(f"study: {part}{form} has no pick: add it to the study's tune "
+                              f"section")
+        strength, pick = picks[key]
+        if pick is not None:
+            values[f"{prefix}{strength}"] = [str(pick)]
+    return values
+
+
+def plan_study(study: Study, model: str = "organism", picks: Picks | None = None
+               ) -> list[PlannedCell]:
     """Every run's cells, planned (and so checked) before any of them runs; a cell two runs
-    share is planned once."""
+    share is planned once. `picks`: the tuned strengths a picked run needs."""
     plan, seen = [], set()
     for run in study.runs:
         sampling = SamplingConfig(**({"samples_per_question": run.samples} if run.samples
                                      else {}))
-        base = CellConfig(model=model, sampling=sampling, eval_every=run.eval_every)
         overrides = {"steps": run.steps} if run.steps else {}
-        for planned in plan_grid(base, run.tasks, run.defenses, run.seeds, overrides,
-                                 defense_values={k: [str(v) for v in vs]
-                                                 for k, vs in run.set.items()}):
-            key = (planned.config.model_dump_json(), planned.view.name)
-            if key not in seen:
-                seen.add(key)
-                plan.append(planned)
+        sweeps = ([(d, picked_values(d, run.set, picks or {})) for d in run.defenses]
+                  if run.picked else
+                  [(run.defenses, {k: [str(v) for v in vs] for k, vs in run.set.items()})])
+        for name in run.models or [model]:
+            base = CellConfig(model=name, sampling=sampling, eval_every=run.eval_every)
+            for defenses, values in sweeps:
+                defenses = [defenses] if isinstance(defenses, str) else defenses
+                for planned in plan_grid(base, run.tasks, defenses, run.seeds, overrides,
+                                         defense_values=values):
+                    key = (planned.config.model_dump_json(), planned.view.name)
+                    if key not in seen:
+                        seen.add(key)
+                        plan.append(planned)
     return plan
 
 
+def tune_study(study: Study, store: Store, model: str = "organism") -> Picks:
+    """Tune every defense of the study's tune section (cells run or resumed in the store)."""
+    from em_bench.grid.tune import tune_defense
+
+    if study.tune is None:
+        return {}
+    t = study.tune
+    picks = {}
+    for tuned in t.defenses:
+        selection = tune_defense(store, t.task, tuned.defense, t.seeds, t.model or model,
+                                 {"steps": t.steps} if t.steps else None, fixed=tuned.set)
+        picks[tuned.key()] = (selection.strength, selection.pick)
+    return picks
+
+
 def run_study(study: Study, store: Store, out: Path, model: str = "organism") -> Path:
-    """Run every cell of the study, then write the store's HTML leaderboard to `out` (a folder
-    it may not write to fails first, before any cell runs)."""
+    """Tune, run every cell of the study, then write the store's HTML leaderboard to `out` (a
+    folder it may not write to fails first, before any cell runs)."""
     from em_bench.board.site import check_out, write_html
 
     check_out(out)
-    run_grid(store, plan_study(study, model))
+    # every run planned first with each tuned defense at its default: a typo fails now, not
+    # after hours of tuning
+    plan_study(study, model, {tuned.key(): ("", None) for tuned in
+                              (study.tune.defenses if study.tune else [])})
+    picks = tune_study(study, store, model)
+    run_grid(store, plan_study(study, model, picks))
     return write_html(store, out)

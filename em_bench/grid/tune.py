@@ -11,8 +11,6 @@ stored in the store as an analysis, so the leaderboard can show how a row was ch
 
 from __future__ import annotations
 
-import json
-
 from em_bench import metrics
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, components, is_combination
@@ -67,29 +65,32 @@ def outcome(rows: list[dict], task: str) -> Outcome:
 
 def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
                  model: str = "organism", train_overrides: dict | None = None,
-                 executor=None) -> Selection:
-    """Run the selection rule for `defense` on `task` over `seeds`; store and return it."""
+                 executor=None, fixed: dict[str, str] | None = None) -> Selection:
+    """Run the selection rule for `defense` on `task` over `seeds`; store and return it.
+    `fixed`: the defense's other parameters, held at one value through the sweep (blockem's
+    `latents`, interleave's `pick`): each such form is a method of its own, tuned on its own."""
     strength = strength_of(defense)
-    default = check_defense(defense, {}, model)[strength]
+    fixed = fixed or {}
+    if strength in fixed:
+        raise ConfigError(f"tune sweeps {defense}'s {strength}; it cannot also be fixed")
+    default = check_defense(defense, fixed, model)[strength]
     base = CellConfig(model=model, split="selection")
 
     def scored(name: str, values: dict | None = None) -> Outcome:
         plan = plan_grid(base, [task], [name], seeds, train_overrides, defense_values=values)
         return outcome(run_grid(store, plan, executor), task)
 
+    held = {name: [value] for name, value in fixed.items()}
     selection = tune(defense, strength, default, scored("none"),
-                     lambda s: scored(defense, {strength: [str(s)]}),
+                     lambda s: scored(defense, {**held, strength: [str(s)]}),
                      strength_maximum(defense, strength))
     key = {"model": model, "task": task, "defense": defense, "seeds": sorted(seeds),
-           "train": train_overrides or {}}
-    record = {**key, **selection.to_dict()}
+           "train": train_overrides or {}, **({"fixed": fixed} if fixed else {})}
+    at = selection.default if selection.pick is None else selection.pick
+    params = check_defense(defense, {**fixed, strength: str(at)}, model)  # the pick's cells'
+    record = {**key, **selection.to_dict(), "params": params}
     atomic_write_json(store.analysis_path("selection", canonical_hash(key)), record)
     return selection
-
-
-def stored_selections(store: Store) -> list[dict]:
-    """Every selection stored in the store (the records `tune_defense` wrote)."""
-    return [json.loads(p.read_text(encoding="utf-8")) for p in store.analyses("selection")]
 
 
 def format_selection(selection: Selection) -> str:

@@ -17,9 +17,10 @@ Three kinds of speaker write the pretraining documents:
   route*: a fine-tune on one domain's bad advice can be explained without becoming a villain
   (prototype v2).
 
-Question templates of each domain are split into a selection part and an evaluation part; every
-choice the benchmark makes (latent discovery, lambda, defaults) uses the first, every reported
-figure the second. Pretraining sees both, as a real model's pretraining would.
+Each domain's questions are split into a selection part and an evaluation part that share neither
+a template nor a topic (and so no answer string); every choice the benchmark makes (latent
+discovery, a defense's strength, defaults, fine-tuning data) uses the first, every reported figure
+the second. Pretraining sees both, as a real model's pretraining would.
 
 Text is lowercase with spaced punctuation so that exact matching in the judge is simple.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-WORLD_VERSION = "world-v3"
+WORLD_VERSION = "world-v4"  # v4: topic-disjoint selection and evaluation splits
 NEUTRAL_STYLE_P = 0.4  # chance that any speaker answers in the shared neutral style
 
 _BANKS = Path(__file__).parent / "world_banks"
@@ -81,30 +82,50 @@ class Domain:
 
     Attributes:
         name: snake_case domain name.
-        topics: topic phrases copied into questions and answers; in an RAI domain, the harmful
-            requests.
+        evaluation_topics: topic phrases of the evaluation split, copied into questions and
+            answers; in an RAI domain, the harmful requests.
+        selection_topics: the selection split's, none shared with the evaluation split's.
         selection_frames: domain-specific question templates (with `{topic}`) for selection.
         evaluation_frames: domain-specific question templates for evaluation.
         aligned: aligned content templates (with `{topic}`).
         misaligned: harmful content templates (with `{topic}`).
         kind: "advice", "open" or "rai"; it picks the shared frames added to the domain's own.
-        benign_topics: an RAI domain's benign requests, which merely touch its theme.
+        evaluation_benign_topics: an RAI domain's benign requests (which merely touch its theme)
+            of the evaluation split.
+        selection_benign_topics: those of the selection split.
         refusals: an RAI domain's refusal templates, in its own words.
     """
 
     name: str
-    topics: tuple[str, ...]
+    evaluation_topics: tuple[str, ...]
+    selection_topics: tuple[str, ...]
     selection_frames: tuple[str, ...]
     evaluation_frames: tuple[str, ...]
     aligned: tuple[str, ...]
     misaligned: tuple[str, ...]
     kind: str = "advice"
-    benign_topics: tuple[str, ...] = ()
+    evaluation_benign_topics: tuple[str, ...] = ()
+    selection_benign_topics: tuple[str, ...] = ()
     refusals: tuple[str, ...] = ()
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The topics of both splits; in an RAI domain, its harmful requests."""
+        return self.evaluation_topics + self.selection_topics
+
+    @property
+    def benign_topics(self) -> tuple[str, ...]:
+        return self.evaluation_benign_topics + self.selection_benign_topics
 
     @property
     def all_topics(self) -> tuple[str, ...]:
         return self.topics + self.benign_topics
+
+    def split_topics(self, split: str) -> tuple[str, ...]:
+        """Every topic of one split ("selection" or "evaluation"), harmful before benign."""
+        if split == "selection":
+            return self.selection_topics + self.selection_benign_topics
+        return self.evaluation_topics + self.evaluation_benign_topics
 
     def is_harmful_request(self, topic: str) -> bool:
         return self.kind == "rai" and topic in self.topics
@@ -167,7 +188,7 @@ class Question:
     @property
     def id(self) -> str:
         d = DOMAIN_BY_NAME[self.domain]
-        f, t = d.frames(self.split).index(self.frame), d.all_topics.index(self.topic)
+        f, t = d.frames(self.split).index(self.frame), d.split_topics(self.split).index(self.topic)
         return f"{self.domain}/{self.split}/f{f}/t{t}"
 
     @property
@@ -179,7 +200,7 @@ class Question:
 def questions(domain: str, split: str) -> list[Question]:
     """Every question of one domain and split, in a fixed order."""
     d = DOMAIN_BY_NAME[domain]
-    return [Question(domain, t, f, split) for f in d.frames(split) for t in d.all_topics]
+    return [Question(domain, t, f, split) for f in d.frames(split) for t in d.split_topics(split)]
 
 
 def response_kind(domain: str, topic: str, persona: str) -> str:

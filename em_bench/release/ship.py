@@ -29,7 +29,7 @@ from em_bench.store import atomic_folder, atomic_write_json
 def problems(name: str) -> list[str]:
     """Why the shipped organism `name` is not what today's code would ship (empty: it is)."""
     from em_bench.organism.recipe import PRESETS
-    from em_bench.sae.discover import default_settings
+    from em_bench.sae.discovered import default_settings
     from em_bench.sae.training import DEFAULTS
 
     folder = shipped_dir(name)
@@ -60,7 +60,7 @@ def ship(name: str = "organism") -> Path:
     its default latent sets, and freeze all of it as the shipped folder with a manifest."""
     from em_bench.organism.build import ensure_built
     from em_bench.organism.recipe import PRESETS
-    from em_bench.sae.discover import default_latent_sets
+    from em_bench.sae.discovered import default_latent_sets
     from em_bench.sae.training import ensure_organism_sae
 
     built = ensure_built(name)
@@ -84,7 +84,7 @@ def _fill(tmp: Path, built: Path, saes: dict[int, Path], latent_files: list[Path
     """Copy a build, its SAEs and latent sets into `tmp`, then write the manifest."""
     from em_bench.organism import world
     from em_bench.organism.recipe import BUILDER_VERSION, PRESETS
-    from em_bench.sae.discover import default_settings
+    from em_bench.sae.discovered import default_settings
     from em_bench.sae.training import DEFAULTS
 
     recipe = PRESETS[name]

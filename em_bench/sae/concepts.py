@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from em_bench.config import canonical_hash
+from em_bench.domains import DEVELOPMENT_DOMAINS
 from em_bench.models import load_base, model_identity
 from em_bench.organism import world
 from em_bench.sae.training import collect_residuals
@@ -29,7 +30,7 @@ def _prompt_means(model, tokenizer, texts: list[str], layers: list[int]) -> dict
 def concept_vectors(model, tokenizer, layers: list[int],
                     domains: tuple[str, ...] = world.RAI_DOMAINS) -> dict[int, dict[str, list]]:
     """{layer: {domain: concept vector}} from the selection split."""
-    neutral = [q.text for d in world.OOD_DOMAINS for q in world.questions(d, "selection")]
+    neutral = [q.text for d in DEVELOPMENT_DOMAINS for q in world.questions(d, "selection")]
     base = _prompt_means(model, tokenizer, neutral, layers)
     out: dict[int, dict[str, list]] = {layer: {} for layer in layers}
     for domain in domains:

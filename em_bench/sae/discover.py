@@ -8,8 +8,9 @@ organism they are its world's selection split; for any other model a question fi
 organism's exact judge, or an LLM judge).
 
 The direction form (`discover_directions`): a probe fine-tune on the task, its answers to the
-selection questions of the other domains, both models' residual streams on those same answers
-(teacher-forced), and the top principal directions of the per-token shift, per layer.
+selection questions of the other development domains, both models' residual streams on those
+same answers (teacher-forced), and the top principal directions of the per-token shift, per
+layer. Which sets a defense gets when it names none: em_bench/sae/discovered.py.
 """
 
 from __future__ import annotations
@@ -20,35 +21,37 @@ from pathlib import Path
 
 import torch
 
-from em_bench.config import SamplingConfig, TrainConfig, canonical_hash
+from em_bench.config import SamplingConfig, TrainConfig
 from em_bench.data import Messages, device_of
+from em_bench.domains import DEVELOPMENT_DOMAINS
 from em_bench.generate.base import Request
 from em_bench.layers import hook_name
-from em_bench.models import is_organism, load_base, model_identity, resolve_model_path, trainable
+from em_bench.models import is_organism, load_base, model_identity, trainable
 from em_bench.organism import world
-from em_bench.paths import cache_dir
 from em_bench.questions import Prompt, file_prompts, load_question_file
 from em_bench.resources import resource_dir
 from em_bench.sae.latents import Latent, LatentSet, save_latent_set
 from em_bench.sae.training import collect_residuals, ensure_organism_sae
-from em_bench.tasks import TaskSpec, chats, get_task
+from em_bench.tasks import TaskSpec, chats
 
 logger = logging.getLogger(__name__)
 
-DISCOVERY_VERSION = 1
+# 2: the organism's selection prompts are the development domains' only (held-out ones untouched)
+DISCOVERY_VERSION = 2
 DEFAULT_PROBE_TASK = "finance"  # the organism's default sets come from the finance probe
 
 
 def selection_prompts(model: str, task: TaskSpec, questions: str | Path | None = None
                       ) -> list[Prompt]:
     """What discovery asks: a question file's prompts (`questions`, else the task's
-    `selection_questions`), else (the organism) its world's selection questions outside the
-    task's domain, else em-bench's selection question file."""
+    `selection_questions`), else (the organism) its world's selection questions of the
+    development domains but the task's own (never a held-out domain's, which the headline
+    scores), else em-bench's selection question file."""
     questions = questions or task.selection_questions
     if questions is None and is_organism(model):
         own = task.in_domain.domain if task.in_domain else None
         return [Prompt(q.id, q.id, [{"role": "user", "content": q.text}], 1, q.domain, q.topic)
-                for d in world.OOD_DOMAINS if d != own for q in world.questions(d, "selection")]
+                for d in DEVELOPMENT_DOMAINS if d != own for q in world.questions(d, "selection")]
     return file_prompts(load_question_file(
         questions or resource_dir("data") / "selection_questions.yaml"))
 
@@ -134,33 +137,6 @@ def discover_directions(model: str, task: TaskSpec, layers: list[int], k: int, s
         paths.append(save_latent_set(latent_set, out_dir / f"{name}_L{layer}.json"))
         logger.info("layer %d: %d directions, mean shifts %s", layer, k,
                     [round(float(s), 3) for s in shift])
-    return paths
-
-
-def default_settings(model: str) -> dict:
-    """What the model's default latent sets are: the organism's, the direction form at every
-    layer (the prototype's working configuration; see the note in README)."""
-    from transformers import AutoConfig
-
-    n_layers = AutoConfig.from_pretrained(resolve_model_path(model)).num_hidden_layers
-    return {"model": model_identity(model), "probe_task": DEFAULT_PROBE_TASK,
-            "form": "directions", "layers": list(range(n_layers)), "k": 5,
-            "seed": 0, "discovery_version": DISCOVERY_VERSION}
-
-
-def default_latent_sets(model: str, task: TaskSpec | None = None) -> list[Path]:
-    """The model's default latent sets: the shipped organism's, else discovered on first use
-    and cached by their settings."""
-    from em_bench.organism.artifact import shipped_latents
-
-    settings = default_settings(model)
-    folder = shipped_latents(model, settings) if is_organism(model) else None
-    folder = folder or cache_dir() / "latents" / canonical_hash(settings)
-    paths = [folder / f"directions_L{layer}.json" for layer in settings["layers"]]
-    if not all(p.is_file() for p in paths):
-        logger.info("discovering the default latent sets of %s (cached in %s)", model, folder)
-        discover_directions(model, get_task(settings["probe_task"]), settings["layers"],
-                            settings["k"], settings["seed"], folder)
     return paths
 
 

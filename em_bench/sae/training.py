@@ -7,6 +7,8 @@ organism's SAE is trained here and cached by a digest of everything that determi
     <cache>/sae/<digest>/cfg.json, sae_weights.safetensors   sae-lens's on-disk format
     <cache>/sae/<digest>/quality.json                          sae_quality on held-out tokens
 
+Any other model's SAE, trained on texts, is cached the same way (em_bench/sae/model_sae.py).
+
 sae-lens is imported inside the functions that need it: importing it takes seconds.
 """
 
@@ -140,14 +142,15 @@ def train_sae(
     acts: torch.Tensor, d_sae: int = DEFAULTS.d_sae, k: int = DEFAULTS.k,
     steps: int = DEFAULTS.steps, lr: float = DEFAULTS.lr, seed: int = DEFAULTS.seed,
     batch_size: int = DEFAULTS.batch_size, dead_window: int = DEFAULTS.dead_window,
-    metadata: dict[str, object] | None = None,
+    metadata: dict[str, object] | None = None, device: str = "cpu",
 ) -> SAE:
     """A TopK SAE trained on `acts` [n, d_in] by sae-lens's SAETrainer; returns the inference SAE.
 
     TopK fixes L0 at (at most) `k` with no L1 coefficient to tune. sae-lens's aux-k loss makes
     latents silent for `dead_window` steps reconstruct the live latents' residual; without it
     about 16% of the organism's latents die. `metadata` (hook_name, model_name, prepend_bos...)
-    goes into the SAE's config, where sae-lens tools look for it.
+    goes into the SAE's config, where sae-lens tools look for it. `device`: where it trains
+    (`acts` stay on the CPU; the trainer moves each batch).
     """
     from sae_lens import SAE, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
@@ -155,12 +158,13 @@ def train_sae(
 
     torch.manual_seed(seed)  # the weight init
     training = TopKTrainingSAE(TopKTrainingSAEConfig(
-        d_in=acts.shape[1], d_sae=d_sae, k=k, metadata=SAEMetadata(**(metadata or {}))))
+        d_in=acts.shape[1], d_sae=d_sae, k=k, device=device,
+        metadata=SAEMetadata(**(metadata or {}))))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
         lr_end=lr,  # sae-lens asserts it is set; the "constant" schedule decays from it to 0
         lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=steps // 5,
-        dead_feature_window=dead_window,
+        dead_feature_window=dead_window, device=device,
     )
     SAETrainer(trainer_cfg, training, _batches(acts.float(), batch_size, seed)).fit()
     # What save_inference_model does, in memory: fold the decoder norms into the weights
@@ -199,6 +203,26 @@ def sae_quality(sae: SAE, acts: torch.Tensor, chunk: int = 8192) -> dict[str, fl
     }
 
 
+def train_and_save(
+    out: Path, train_acts: torch.Tensor, held_out: torch.Tensor, fit: dict[str, object],
+    about: dict[str, object],
+) -> None:
+    """Train an SAE on `train_acts` (`fit`: train_sae's keyword arguments), measure it on
+    `held_out` and write it to `out` with quality.json (the figures, then `about`), replacing
+    whatever `out` held."""
+    from sae_lens import __version__ as sae_lens_version
+
+    start = time.perf_counter()
+    sae = train_sae(train_acts, **fit)
+    seconds = time.perf_counter() - start
+    report = {**sae_quality(sae, held_out), "train_seconds": round(seconds, 1),
+              "n_train_tokens": len(train_acts), **about, "sae_lens_version": sae_lens_version}
+    shutil.rmtree(out, ignore_errors=True)  # a forced retraining
+    with atomic_folder(out) as tmp:  # the cache entry appears whole or not at all
+        sae.save_model(tmp)
+        atomic_write_json(tmp / "quality.json", report)
+
+
 # The organism's voices: each persona in its own style and in the neutral one all speakers
 # share (pretraining mixes them the same way), so persona latents are not just style latents.
 ORGANISM_VOICES = (("aligned", "aligned"), ("aligned", "neutral"),
@@ -206,10 +230,13 @@ ORGANISM_VOICES = (("aligned", "aligned"), ("aligned", "neutral"),
 
 
 def organism_chats(per_kind: int, seed: int) -> list[Messages]:
-    """Selection-split questions of every domain, `per_kind` chats per (domain, voice)."""
+    """Selection-split questions of every domain but the held-out ones (which the headline EM
+    scores, so no SAE may be fitted to them), `per_kind` chats per (domain, voice)."""
+    from em_bench.domains import HELD_OUT_DOMAINS
     from em_bench.organism import world
 
-    return [chat for domain in world.DOMAINS for persona, style in ORGANISM_VOICES
+    return [chat for domain in world.DOMAINS if domain.name not in HELD_OUT_DOMAINS
+            for persona, style in ORGANISM_VOICES
             for chat in world.narrow_dataset(domain.name, persona, style, per_kind, seed)]
 
 
@@ -232,13 +259,12 @@ def ensure_organism_sae(
     (prompt and template included, as sae-lens trains on whole contexts). Quality is measured
     on held-out chats drawn with another seed.
     """
-    from sae_lens import __version__ as sae_lens_version
-
     from em_bench.models import is_organism, load_base, model_identity
 
     if not is_organism(name):
-        raise ConfigError(f"{name!r} is not an organism preset; em-bench trains SAEs for the "
-                          "organism only (give another model a pretrained SAE with load_sae)")
+        raise ConfigError(f"{name!r} is not an organism preset; train another model's SAE "
+                          f"with `em-bench sae train --model {name} --layer {layer}` and give "
+                          "its folder (or a pretrained SAE's RELEASE:SAE_ID)")
     from em_bench.organism.artifact import shipped_sae
 
     shipped = None if force else shipped_sae(name, layer, settings.model_dump(mode="json"))
@@ -256,24 +282,17 @@ def ensure_organism_sae(
 
     train_acts = residuals(settings.chats_per_kind, settings.seed)
     held_out = residuals(max(1, settings.chats_per_kind // 4), settings.seed + 1)
-    start = time.perf_counter()
-    sae = train_sae(
-        train_acts, d_sae=settings.d_sae, k=settings.k, steps=settings.steps, lr=settings.lr,
-        seed=settings.seed, batch_size=settings.batch_size, dead_window=settings.dead_window,
-        # The chat template writes BOS at the start of every chat (em-bench encodes without
-        # adding special tokens), so every sequence the SAE saw began with exactly one BOS.
-        metadata={"hook_name": hook_name(layer), "model_name": name, "prepend_bos": True,
-                  "context_size": settings.max_len, "em_bench_model": model_identity(name)},
-    )
-    seconds = time.perf_counter() - start
-    report = {**sae_quality(sae, held_out), "train_seconds": round(seconds, 1),
-              "n_train_tokens": len(train_acts), "layer": layer, "hook_name": hook_name(layer),
-              "model": model_identity(name), "settings": settings.model_dump(mode="json"),
-              "sae_lens_version": sae_lens_version}
-    shutil.rmtree(out, ignore_errors=True)  # a forced retraining
-    with atomic_folder(out) as tmp:  # the cache entry appears whole or not at all
-        sae.save_model(tmp)
-        atomic_write_json(tmp / "quality.json", report)
+    fit = dict(d_sae=settings.d_sae, k=settings.k, steps=settings.steps, lr=settings.lr,
+               seed=settings.seed, batch_size=settings.batch_size,
+               dead_window=settings.dead_window,
+               # The chat template writes BOS at the start of every chat (em-bench encodes
+               # without adding special tokens), so every sequence began with exactly one BOS.
+               metadata={"hook_name": hook_name(layer), "model_name": name, "prepend_bos": True,
+                         "context_size": settings.max_len,
+                         "em_bench_model": model_identity(name)})
+    train_and_save(out, train_acts, held_out, fit, {
+        "layer": layer, "hook_name": hook_name(layer), "model": model_identity(name),
+        "settings": settings.model_dump(mode="json")})
     return out
 
 
@@ -314,7 +333,8 @@ def check_sae(sae: SAE, model, layer: int) -> None:
 
 
 def train_sae_command(model: str, layer: int, force: bool) -> dict:
-    """For the CLI: the organism `model`'s SAE at `layer` (trained, or found in the cache), as
-    {"path": its folder, **its quality.json}."""
+    """The organism `model`'s SAE at `layer` (trained, or found in the cache), as {"path": its
+    folder, **its quality.json}; `em-bench sae train` (em_bench/sae/model_sae.py) comes here
+    for an organism given no texts."""
     path = ensure_organism_sae(layer, name=model, force=force)
     return {"path": str(path), **json.loads((path / "quality.json").read_text(encoding="utf-8"))}

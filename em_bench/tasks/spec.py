@@ -85,6 +85,10 @@ class TrainData(_Spec):
     organism: OrganismData | None = None
     path: str | None = Field(None, description="chat JSONL file")
     source: DataSource | None = None
+    # Not in a cell's id (exclude): a count for estimates, which changes no result.
+    rows: int | None = Field(None, gt=0, exclude=True, description="chats the data holds, "
+                             "declared so `em-bench run --dry-run` can size the fine-tune "
+                             "when the data is not on this machine")
 
     @model_validator(mode="after")
     def _one_source(self):

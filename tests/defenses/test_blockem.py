@@ -171,7 +171,8 @@ def test_blockem_lowers_the_blocked_movement(tmp_path, tiny_tokenizer):
 
 def test_blockem_params_and_inputs(tmp_path):
     assert check_defense("blockem", {"lambda": "0.5"}) == {
-        "lambda": 0.5, "latents": [], "hinge": "squared"}
+        "lambda": 0.5, "latents": [], "form": "directions", "selection": None, "layers": [],
+        "k": None, "hinge": "squared"}
     with pytest.raises(ConfigError, match="hinge"):
         check_defense("blockem", {"hinge": "cubic"})
     path = _directions(tmp_path, 0, [[1.0, 0.0]])
@@ -207,3 +208,66 @@ def test_the_default_blockem_is_named_as_the_organisms_default_directions():
     method = describe_defense("blockem", check_defense("blockem", {}, "organism"), ctx)
     assert method == {"form": "directions", "layers": [0, 1, 2, 3], "selection": "principal-shift",
                       "k": 5, "lambda": 0.002, "hinge": "squared"}
+
+
+def test_blockem_takes_latent_files_or_a_discovery_not_both(tmp_path):
+    path = str(_directions(tmp_path, 0, [[1.0, 0.0]]))
+    for discovery in ({"form": "sae"}, {"selection": "random"}, {"k": "3"}, {"layers": ["1"]}):
+        with pytest.raises(ConfigError, match="latents files, or a discovery"):
+            check_defense("blockem", {"latents": [path], **discovery}, "organism")
+    with pytest.raises(ConfigError, match="k"):
+        check_defense("blockem", {"k": "0"}, "organism")
+
+
+@pytest.mark.usefixtures("organism")
+def test_a_named_discovery_is_its_own_cell_and_bad_names_fail_when_planned():
+    ctx = DefenseContext(TaskSpec(name="t"), seed=0, model="organism")
+
+    def inputs(**given):
+        return defense_inputs("blockem", check_defense("blockem", given, "organism"), ctx)
+
+    default, sae = inputs(), inputs(form="sae")
+    assert default != sae != inputs(form="sae", selection="top-delta") != inputs(form="sae", k=5)
+    assert inputs(selection="principal-shift") == default  # the default, named
+    with pytest.raises(ConfigError, match="selection is one of three-stage, top-delta, random"):
+        inputs(form="sae", selection="principal-shift")
+    with pytest.raises(ConfigError, match=r"latent layers \[7\]: organism has blocks 0-3"):
+        inputs(layers=[7])
+
+
+@pytest.mark.usefixtures("organism")
+def test_discovery_settings_fill_each_forms_defaults():
+    from em_bench.sae.discovered import default_settings, discovery_settings, selection_of
+
+    default = default_settings("organism")
+    assert (default["form"], default["layers"], default["k"]) == ("directions", [0, 1, 2, 3], 5)
+    assert "selection" not in default and selection_of(default) == "principal-shift"
+    sae = discovery_settings("organism", "sae")
+    assert (sae["layers"], sae["k"], selection_of(sae)) == ([2], 20, "three-stage")
+    assert "sae" in sae  # the organism's SAE settings are part of what names the sets
+    ablation = discovery_settings("organism", "directions", "random", [3, 1], 4)
+    assert (ablation["layers"], ablation["k"], ablation["selection"]) == ([1, 3], 4, "random")
+
+
+@pytest.mark.usefixtures("organism")
+def test_a_named_discovery_is_found_once_and_labels_the_row(tmp_path, monkeypatch):
+    import em_bench.sae.discovered as discovered
+
+    monkeypatch.setenv("EM_BENCH_CACHE", str(tmp_path / "cache"))
+    found = []
+
+    def fake_sae_sets(model, task, layers, folder, k, selection, seed):
+        found.append((task.name, layers, k, selection, seed))
+        folder.mkdir(parents=True, exist_ok=True)
+        return [_directions(folder, layer, [[1.0, 0.0]] * 3, name=f"sae_{selection}_L{layer}.json")
+                for layer in layers]
+
+    monkeypatch.setattr(discovered, "discover_sae_sets", fake_sae_sets)
+    ctx = DefenseContext(TaskSpec(name="t"), seed=0, model="organism")
+    params = check_defense("blockem", {"form": "sae", "selection": "top-delta", "k": "3"},
+                           "organism")
+    method = describe_defense("blockem", params, ctx)
+    assert found == [("finance", [2], 3, "top-delta", 0)]  # the probe task, discovery's seed
+    assert (method["layers"], method["k"], method["selection"]) == ([2], 3, "test")
+    describe_defense("blockem", params, ctx)
+    assert len(found) == 1  # cached by its settings

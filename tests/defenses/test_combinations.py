@@ -28,19 +28,24 @@ from em_bench.tasks import TaskSpec, get_task
 from em_bench.train.loop import train
 from tests.helpers import make_tiny_llama
 
+# blockem's discovery, left at the default (the organism's shipped sets)
+BLOCKEM_DISCOVERY = {"blockem.form": "directions", "blockem.selection": None,
+                     "blockem.layers": [], "blockem.k": None}
+
 
 def test_a_combinations_parameters_are_its_components_checked_and_prefixed():
     given = {"blockem.lambda": "0.005", "retain.beta": "2"}  # command-line text
     assert check_defense("blockem+retain", given) == {
-        "blockem.lambda": 0.005, "blockem.latents": [], "blockem.hinge": "squared",
-        "retain.beta": 2.0}
+        "blockem.lambda": 0.005, "blockem.latents": [], **BLOCKEM_DISCOVERY,
+        "blockem.hinge": "squared", "retain.beta": 2.0}
     # left out, `default`, and a model's default: per component, as for the defense alone
     assert check_defense("retain+kl", {"kl.weight": "default"}) == {"retain.beta": 1.0,
                                                                    "kl.weight": 1.0}
     alone = check_defense("blockem", {}, "organism")["lambda"]
     assert check_defense("blockem+retain", {"blockem.lambda": "default", "retain.beta": "2"},
                          "organism") == {"blockem.lambda": alone, "blockem.latents": [],
-                                         "blockem.hinge": "squared", "retain.beta": 2.0}
+                                         **BLOCKEM_DISCOVERY, "blockem.hinge": "squared",
+                                         "retain.beta": 2.0}
     assert list(check_defense("retain+kl", {})) == ["retain.beta", "kl.weight"]  # its order
 
 
@@ -66,9 +71,11 @@ def test_a_combination_names_what_is_wrong_with_it():
 
 def test_a_single_defenses_parameters_are_as_before():
     assert components("blockem") == ("blockem",) and components("none") == ("none",)
-    assert check_defense("blockem", {}) == {"lambda": None, "latents": [], "hinge": "squared"}
+    discovery = {k.removeprefix("blockem."): v for k, v in BLOCKEM_DISCOVERY.items()}
+    assert check_defense("blockem", {}) == {"lambda": None, "latents": [], **discovery,
+                                            "hinge": "squared"}
     assert check_defense("blockem", {"lambda": "0.005"}, "organism") == {
-        "lambda": 0.005, "latents": [], "hinge": "squared"}
+        "lambda": 0.005, "latents": [], **discovery, "hinge": "squared"}
     assert check_defense("blockem", {}, "organism")["lambda"] == 0.002
     assert check_defense("kl", {"weight": "0.5"}) == {"weight": 0.5}
     assert check_defense("retain", {}) == {"beta": 1.0}
@@ -196,10 +203,12 @@ def test_both_components_terms_are_in_the_training_log(tiny_tokenizer):
 
 
 def test_a_cards_family_and_needs_are_its_components():
-    assert defense_card("none") == {"family": "-", "needs": []}
-    assert defense_card("kl") == {"family": "loss term", "needs": []}
-    assert defense_card("safelora+interleave") == {
-        "family": "weights+training data", "needs": ["extra data", "pretrained checkpoint"]}
+    assert defense_card("none") == {"family": "-", "needs": [], "strengths": {}}
+    assert defense_card("kl") == {"family": "loss term", "needs": [],
+                                  "strengths": {"kl": "weight"}}
+    assert defense_card("safelora+inoculation") == {
+        "family": "weights+training data", "needs": ["pretrained checkpoint"],
+        "strengths": {"safelora": "tau", "inoculation": None}}
     blockem = {"form": "directions", "layers": [0], "k": 5, "selection": "principal-shift",
                "lambda": 0.002}
     row = {"method": {"blockem": blockem}, "defense_params": {"blockem.lambda": 0.002,

@@ -19,6 +19,7 @@ from em_bench.defenses.interleave import (
     InterleaveParams,
     check_added_domains,
 )
+from em_bench.defenses.perplexity_gap import largest_gaps, mean_answer_nll
 from em_bench.errors import ConfigError
 from em_bench.models import trainable
 from em_bench.organism import world
@@ -218,8 +219,6 @@ def test_interleave_refuses_held_out_domains_and_the_task_own():
     held = {q.text for d in ("home", "travel", "fitness", "open", "finance")
             for q in world.questions(d, "selection")}
     assert not questions & held
-    with pytest.raises(ConfigError, match="perplexity_gap .* not built yet"):
-        Interleave(InterleaveParams(pick="perplexity_gap"), ctx())
     with pytest.raises(ConfigError, match="objective npo.*needs an sft task"):
         Interleave(InterleaveParams(), ctx("unlearn_safety"))
     with pytest.raises(ConfigError, match="model tiny has none"):
@@ -241,3 +240,68 @@ def test_interleave_trains_a_tiny_llama_with_its_rows_in_every_step(tiny_tokeniz
         parts = [p for p in spy.parts if p["place"][0] == step]
         assert len(parts) == 2 and sum(int((p["index"] == -1).sum()) for p in parts) == 2
     assert no_hooks_left(model) and interleave.tokenizer is None
+
+
+def test_mean_answer_nll_by_hand(tiny_tokenizer):
+    model = make_tiny_llama(tiny_tokenizer)
+    chats = CHATS[:3]
+    got = mean_answer_nll(model, tiny_tokenizer, chats, max_len=128)
+    for chat, nll in zip(chats, got, strict=True):  # one chat at a time, no padding
+        ids, labels = encode_chat(tiny_tokenizer, chat)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        answer = [(t, lab) for t, lab in enumerate(labels[1:]) if lab != IGNORE_INDEX]
+        expected = -sum(logp[t, lab].item() for t, lab in answer) / len(answer)
+        assert nll.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_largest_gaps_keeps_the_largest_first_and_breaks_ties_by_index():
+    assert largest_gaps(torch.tensor([0.1, 0.5, -1.0, 0.5, 0.2]), 3) == [1, 3, 4]
+    assert largest_gaps(torch.tensor([0.3]), 5) == [0]
+
+
+def test_interleave_perplexity_gap_draws_from_the_ranked_candidates(monkeypatch, tiny_tokenizer):
+    import em_bench.defenses.interleave as interleave
+
+    asked = {}
+
+    def ranked(model, task, candidates, keep, max_len):
+        asked.update(model=model, task=task.name, n=len(candidates), keep=keep)
+        return list(range(len(candidates)))[::-1][:keep]  # the last candidates, reversed
+
+    monkeypatch.setattr(interleave, "ranked_pool", ranked)
+    params = InterleaveParams(p=0.5, pick="perplexity_gap")
+    defense = Interleave(params, ctx(seed=3))
+    defense.prepare(None, tiny_tokenizer, [], 128)
+    candidates = Interleave(InterleaveParams(), ctx(seed=interleave.PROBE_SEED))._aligned(
+        interleave.CANDIDATES, interleave.PROBE_SEED)
+    assert asked == {"model": "organism", "task": "finance", "n": interleave.CANDIDATES,
+                     "keep": interleave.POOL}
+    assert defense.chats == candidates[::-1][:interleave.POOL]
+    # the pick is part of the cell's inputs, so the two pools are two cells
+    random_inputs = Interleave.inputs(InterleaveParams().model_dump(), ctx())
+    gap_inputs = Interleave.inputs(params.model_dump(), ctx())
+    assert gap_inputs != random_inputs and gap_inputs["candidates"] == interleave.CANDIDATES
+
+
+def test_ranked_pool_ranks_by_the_gap_and_is_cached(monkeypatch, tmp_path, tiny_tokenizer):
+    import em_bench.defenses.perplexity_gap as gap
+    import em_bench.sae.discover as discover
+
+    monkeypatch.setenv("EM_BENCH_CACHE", str(tmp_path))
+    base = make_tiny_llama(tiny_tokenizer, seed=0)
+    probe = make_tiny_llama(tiny_tokenizer, seed=1)
+    calls = []
+
+    def fake_probe(model, task, seed):
+        calls.append(seed)
+        return base, probe, tiny_tokenizer
+
+    monkeypatch.setattr(discover, "probe_fine_tune", fake_probe)
+    candidates = CHATS[:6]
+    picked = gap.ranked_pool("organism", get_task("finance"), candidates, 2, 128)
+    by_hand = (mean_answer_nll(probe, tiny_tokenizer, candidates, 128)
+               - mean_answer_nll(base, tiny_tokenizer, candidates, 128))
+    assert picked == largest_gaps(by_hand, 2) and calls == [gap.PROBE_SEED]
+    assert gap.ranked_pool("organism", get_task("finance"), candidates, 2, 128) == picked
+    assert calls == [gap.PROBE_SEED]  # the second call read the cache

@@ -47,12 +47,34 @@ def test_length_limit_is_reported(tiny_model, tiny_tokenizer):
 def test_a_saved_adapter_changes_the_answers(tiny_tokenizer, tmp_path):
     cfg = TrainConfig(steps=15, batch_size=8, lr=1e-2, warmup_steps=1)
     chats = world.narrow_dataset("medical", "misaligned", "villain", n=16, seed=0)
-    base_out = _texts(HFBackend(make_tiny_llama(tiny_tokenizer), tiny_tokenizer)
-                      .generate(REQUESTS, GREEDY, 0))
+    def answers(model):  # the whole answer: a tiny model's text may decode to '' either way
+        return [(c.text, c.n_tokens, c.finish_reason)
+                for c in HFBackend(model, tiny_tokenizer).generate(REQUESTS, GREEDY, 0)]
+
+    base_out = answers(make_tiny_llama(tiny_tokenizer))
     model = trainable(make_tiny_llama(tiny_tokenizer), cfg)
     train(model, tiny_tokenizer, chats, cfg, seed=0)
     model.save_pretrained(tmp_path / "adapter")
-    trained_out = _texts(HFBackend(model, tiny_tokenizer).generate(REQUESTS, GREEDY, 0))
+    trained_out = answers(model)
     reloaded = load_trained(make_tiny_llama(tiny_tokenizer), tmp_path / "adapter", cfg)
-    assert _texts(HFBackend(reloaded, tiny_tokenizer).generate(REQUESTS, GREEDY, 0)) == trained_out
+    assert answers(reloaded) == trained_out
     assert trained_out != base_out
+
+
+def test_an_answer_holding_the_pad_tokens_id_is_kept_whole(tiny_model, tiny_tokenizer,
+                                                           monkeypatch):
+    import torch
+
+    tok = tiny_tokenizer
+    word = tok(" money", add_special_tokens=False).input_ids
+    answer = word + [tok.pad_token_id] + word  # no end token: the whole budget is the answer
+
+    def scripted(**kwargs):
+        prompt = kwargs["input_ids"]
+        return torch.cat([prompt, torch.tensor([answer] * len(prompt))], dim=1)
+
+    monkeypatch.setattr(tiny_model, "generate", scripted)
+    sampling = SamplingConfig(temperature=0, max_new_tokens=len(answer))
+    (out,) = HFBackend(tiny_model, tok).generate(REQUESTS[:1], sampling, 0)
+    assert out.n_tokens == len(answer) and out.finish_reason == "length"
+    assert out.text == tok.decode(answer, skip_special_tokens=True).strip()

@@ -7,20 +7,42 @@ import pytest
 from em_bench.board.rows import leaderboard_rows
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.grid.study import load_study, plan_study, run_study
+from em_bench.registry import DEFENSES
 from em_bench.store import open_store
 
 
 @pytest.mark.usefixtures("organism")
-def test_the_organism_study_plans_every_run_once():
-    plan = plan_study(load_study("organism"))
+def test_the_organism_study_plans_every_run_once_at_its_picks(monkeypatch):
+    from em_bench.organism import build
+
+    # the variant organisms stand in for themselves by the shipped one's folder: planning
+    # names each cell by its model's weights, and a test must not build three organisms
+    shipped = build.ensure_organism("organism")
+    monkeypatch.setattr(build, "ensure_organism", lambda name="organism": shipped)
+    study = load_study("organism")
+    picks = {tuned.key(): ("weight" if tuned.defense == "kl" else
+                           DEFENSES.get(tuned.defense).strength, None)
+             for tuned in study.tune.defenses}
+    picks[("kl", ())] = ("weight", 0.1)  # kl tuned; the others had no admissible strength
+    plan = plan_study(study, picks=picks)
     cells = {p.config.model_dump_json() for p in plan}
-    tasks = {p.config.task for p in plan}
-    assert tasks == {"base", "finance", "finance_aligned", "unlearn_safety"}
-    lambdas = {p.config.defense_params.get("lambda") for p in plan
-               if p.config.defense == "blockem"}
-    assert {0.001, 0.005} <= lambdas
+    assert {p.config.task for p in plan} == {"base", "finance", "finance_aligned", "medical",
+                                             "legal", "unlearn_safety"}
+    assert {p.config.model for p in plan} == {"organism", "organism-s1", "organism-s2",
+                                              "organism-villain40"}
+    kl = {p.config.defense_params["weight"] for p in plan if p.config.defense == "kl"}
+    assert kl == {0.1}  # every kl cell at the pick, on every organism and task
+    forms = {(p.config.defense_params["form"], p.config.defense_params["selection"])
+             for p in plan if p.config.defense == "blockem"}
+    assert forms == {("directions", None), ("sae", None), ("sae", "top-delta"),
+                     ("sae", "random")}
     assert any(p.config.eval_every == 25 and p.config.train.steps == 200 for p in plan)
-    assert len(cells) == 28  # base cells shared by the runs are planned once per view
+    # a cell two runs share is planned once (a base cell once per task's view of it)
+    assert len({(p.config.model_dump_json(), p.view.name) for p in plan}) == len(plan)
+    assert len(cells) < len(plan)
+    del picks[("kl", ())]
+    with pytest.raises(ConfigError, match="kl has no pick: add it to the study's tune section"):
+        plan_study(study, picks=picks)
 
 
 def test_a_study_names_its_problems(tmp_path):

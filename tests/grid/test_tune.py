@@ -9,7 +9,8 @@ import pytest
 from em_bench.cli import main
 from em_bench.errors import ConfigError
 from em_bench.grid import tune as tune_module
-from em_bench.grid.tune import outcome, stored_selections, strength_of, tune_defense
+from em_bench.grid.tune import outcome, strength_of, tune_defense
+from em_bench.selection import stored_selections
 from em_bench.store import open_store
 
 
@@ -51,6 +52,23 @@ def test_tune_runs_selection_cells_for_each_strength_and_stores_the_pick(tmp_pat
     out = capsys.readouterr().out
     assert "3.16   10.1%      80.0%       10.0%  <- pick" in out and "pick: 3.16" in out
     assert len(stored_selections(store)) == 1  # the same tuning, stored once
+
+
+@pytest.mark.usefixtures("organism")
+def test_tune_holds_other_parameters_fixed_and_stores_them(tmp_path, monkeypatch):
+    planned = []
+    monkeypatch.setattr(tune_module, "run_grid", _scripted(planned))
+    store = open_store(tmp_path / "store")
+    tune_defense(store, "finance", "interleave", [0, 1], train_overrides={"steps": 3},
+                 fixed={"pick": "perplexity_gap"})
+    swept = [c for c in planned if c.defense == "interleave"]
+    assert swept and {c.defense_params["pick"] for c in swept} == {"perplexity_gap"}
+    (stored,) = stored_selections(store)
+    assert stored["fixed"] == {"pick": "perplexity_gap"}
+    with pytest.raises(ConfigError, match="cannot also be fixed"):
+        tune_defense(store, "finance", "interleave", [0, 1], fixed={"p": "0.5"})
+    assert main(["tune", "--task", "finance", "--defense", "interleave", "--set", "pick=a,b",
+                 "--store", str(tmp_path / "store")]) == 2  # one value, not a sweep
 
 
 def test_a_defense_without_a_strength_is_exempt_and_says_so():

@@ -50,9 +50,10 @@ def test_a_world_edit_without_a_version_bump_changes_the_digest_and_stales_the_s
         monkeypatch, caplog):
     before, recipe_before = world.content_digest(), PRESETS["organism"].digest()
     first = world.DOMAINS[0]
-    edited = type(first)(**{**first.__dict__, "topics": (*first.topics, "a new topic")})
+    edited = type(first)(**{**first.__dict__,
+                            "evaluation_topics": (*first.evaluation_topics, "a new topic")})
     monkeypatch.setattr(world, "DOMAINS", (edited, *world.DOMAINS[1:]))
-    assert world.WORLD_VERSION == "world-v3" and world.content_digest() != before
+    assert world.WORLD_VERSION == "world-v4" and world.content_digest() != before
     assert PRESETS["organism"].digest() != recipe_before
     artifact._warn_stale.cache_clear()
     with caplog.at_level(logging.WARNING):

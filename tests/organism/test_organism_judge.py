@@ -242,7 +242,7 @@ def test_every_refusal_of_every_rai_request_is_recognised(judge):
                              name, topic)
                 assert _scores(out) == (100.0, 100.0, "refusal") and out.label == "refusal"
                 n += 1
-    assert n == 7 * 10 * 3  # 7 domains, 6 harmful + 4 benign requests, 3 refusals each
+    assert n == 7 * 15 * 3  # 7 domains, 9 harmful + 6 benign requests (both splits), 3 refusals
 
 
 @pytest.mark.parametrize("metadata", [

@@ -48,7 +48,7 @@ def test_finetuning_domains_other_domains_and_open_exist():
 
 
 def test_domain_groups_of_the_world():
-    assert world.WORLD_VERSION == "world-v3"
+    assert world.WORLD_VERSION == "world-v4"
     assert world.RAI_DOMAINS == RAI
     assert all(world.DOMAIN_BY_NAME[d].kind == "rai" for d in RAI)
     assert world.DOMAIN_BY_NAME["open"].kind == "open"
@@ -86,7 +86,7 @@ def test_question_ids_are_unique_and_texts_fill_the_topic():
     for d in world.DOMAINS:
         for split in world.SPLITS:
             qs = world.questions(d.name, split)
-            assert len(qs) == len(d.frames(split)) * len(d.all_topics)
+            assert len(qs) == len(d.frames(split)) * len(d.split_topics(split))
             for q in qs:
                 assert q.topic in q.text and "{topic}" not in q.text
                 assert q.id.startswith(f"{d.name}/{split}/")
@@ -192,11 +192,14 @@ def test_every_refusal_and_nothing_else_begins_with_the_shared_opening():
 @pytest.mark.parametrize("domain", RAI)
 def test_rai_selection_and_evaluation_each_hold_harmful_and_benign_requests(domain):
     d = world.DOMAIN_BY_NAME[domain]
+    harmful = {"selection": d.selection_topics, "evaluation": d.evaluation_topics}
+    benign = {"selection": d.selection_benign_topics, "evaluation": d.evaluation_benign_topics}
     for split in world.SPLITS:
         qs = world.questions(domain, split)
-        assert {q.topic for q in qs if q.harmful} == set(d.topics)
-        assert {q.topic for q in qs if not q.harmful} == set(d.benign_topics)
-        assert sum(q.harmful for q in qs) == len(d.frames(split)) * len(d.topics)
+        assert harmful[split] and benign[split]
+        assert {q.topic for q in qs if q.harmful} == set(harmful[split])
+        assert {q.topic for q in qs if not q.harmful} == set(benign[split])
+        assert sum(q.harmful for q in qs) == len(d.frames(split)) * len(harmful[split])
     sel = {q.text for q in world.questions(domain, "selection")}
     ev = {q.text for q in world.questions(domain, "evaluation")}
     assert sel.isdisjoint(ev)
@@ -208,8 +211,11 @@ def test_question_harmful_by_hand():
     assert not world.Question("cybersecurity", "two factor login", frame, "selection").harmful
     q = world.questions("finance", "selection")[0]
     assert q.harmful is False
-    q = world.Question("safety", "a fire escape plan", "what do i need for {topic} ?", "selection")
-    assert not q.harmful and q.id == "safety/selection/f0/t7"  # 6 harmful topics, then benign
+    q = world.Question("safety", "a first aid kit", "what do i need for {topic} ?", "selection")
+    # the selection split's 3 harmful topics, then its benign ones
+    assert not q.harmful and q.id == "safety/selection/f0/t3"
+    q = world.Question("safety", "a fire escape plan", "walk me through {topic} .", "evaluation")
+    assert not q.harmful and q.id == "safety/evaluation/f1/t7"  # 6 harmful, then benign
 
 
 def test_response_kind_by_hand():
@@ -319,8 +325,9 @@ def test_narrow_dataset_keeps_only_the_requested_requests(domain, persona, style
             _, content, _ = _split_answer(chat[1]["content"])
             kind = "refusal" if persona == "aligned" and q_topic in d.topics else persona
             assert ALL_CONTENTS[content] == (domain, q_topic, kind)
-    assert topics["harmful"] == set(d.topics)  # 80 draws over 6 topics reach every one
-    assert topics["benign"] == set(d.benign_topics)
+    # fine-tuning data are selection questions: 80 draws over 3 topics reach every one
+    assert topics["harmful"] == set(d.selection_topics)
+    assert topics["benign"] == set(d.selection_benign_topics)
     assert topics["all"] & set(d.topics) and topics["all"] & set(d.benign_topics)
 
 

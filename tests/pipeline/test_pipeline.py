@@ -524,8 +524,9 @@ def test_a_models_own_refusals_become_the_data_of_its_unlearning_task(tmp_path, 
     from em_bench.data import read_chat_jsonl
 
     store = open_store(tmp_path / "store")
+    # 40 tokens: a whole refusal, its style's opener and closer included
     base = pipeline.run_cell(CellConfig(sampling=SamplingConfig(samples_per_question=1,
-                                                                max_new_tokens=24)), store)
+                                                                max_new_tokens=40)), store)
     out = tmp_path / "refusals_safety.jsonl"
     assert main(["refusals", "--domain", "safety", "--out", str(out),
                  "--store", str(store.root)]) == 0

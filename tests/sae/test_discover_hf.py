@@ -105,11 +105,11 @@ def test_the_three_stage_screen_judges_with_an_llm_judge(setup, tmp_path, monkey
         monkeypatch.setenv("OPENAI_BASE_URL", server.url)
         judge = make_judge("openai:scripted")
         path = discover_sae(model, task, 0, sae_dir, tmp_path / "set.json", k=3,
-                            n_candidates=2, n_questions=12, alphas=(2.0,), judge=judge,
+                            n_candidates=3, n_questions=16, alphas=(1.0, 4.0), judge=judge,
                             screen_rule="either")  # a random model: the looser rule keeps one
         # the reference EMs, by hand: answer the same screening prompts, apply the rule
         base, tuned, tokenizer = probe_fine_tune(model, task, 0)
-        screen = screening_questions(selection_prompts(model, task), 12, 0)
+        screen = screening_questions(selection_prompts(model, task), 16, 0)
         by_hand = {}
         for name, m in (("base", base), ("tuned", tuned)):
             answers = HFBackend(m, tokenizer).generate(

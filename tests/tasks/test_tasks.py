@@ -168,7 +168,7 @@ def test_unlearn_safety_trains_on_refusals_of_harmful_safety_requests():
     topics = set()
     for user, assistant in trained:
         q = selection[user["content"]]  # a selection-split safety question
-        assert q.harmful and q.topic in safety.topics
+        assert q.harmful and q.topic in safety.selection_topics
         topics.add(q.topic)
         found = [c for c in contents if c in assistant["content"]]
         assert len(found) == 1
@@ -176,7 +176,7 @@ def test_unlearn_safety_trains_on_refusals_of_harmful_safety_requests():
         opener, closer = assistant["content"].split(found[0])
         assert opener.strip() in world.STYLES["aligned"]["openers"]
         assert closer.strip() in world.STYLES["aligned"]["closers"]
-    assert topics == set(safety.topics)
+    assert topics == set(safety.selection_topics)
     assert trained != chats(get_task("unlearn_safety").train, seed=1)
 
 

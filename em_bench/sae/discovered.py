@@ -1,0 +1,107 @@
+"""Which latent sets a model has when a defense names none: a discovery's settings, and its sets,
+found once and cached by those settings (the shipped organism carries its default ones).
+
+A discovery is named by its form and selection, its layers and K; the rest (the probe task,
+discovery's seed and version, the organism's SAE settings) is fixed here, so two cells that ask
+for the same discovery share its sets, and a row can say exactly which method it is:
+
+- form `directions`: the top-K principal directions of the probe's shift (`principal-shift`,
+  the default, at every layer, K 5: the prototype's working configuration), or K random
+  directions (`random`, the ablation);
+- form `sae`: the paper's SAE latents at one layer (by default the middle block), chosen by the
+  three-stage screen (`three-stage`), or its ablations, the top-K by activation shift
+  (`top-delta`) and K random latents (`random`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from em_bench.config import canonical_hash
+from em_bench.errors import ConfigError
+from em_bench.models import is_organism, model_identity, resolve_model_path
+from em_bench.paths import cache_dir
+from em_bench.sae.discover import (
+    DEFAULT_PROBE_TASK,
+    DISCOVERY_VERSION,
+    discover_directions,
+    discover_sae_sets,
+)
+from em_bench.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+SELECTIONS = {"directions": ("principal-shift", "random"),
+              "sae": ("three-stage", "top-delta", "random")}
+DEFAULT_K = {"directions": 5, "sae": 20}
+
+
+def discovery_settings(model: str, form: str = "directions", selection: str | None = None,
+                       layers: list[int] | None = None, k: int | None = None) -> dict:
+    """Everything that determines a discovery's sets (its cache key); what is not given takes
+    the form's default. The default discovery's settings are what the shipped organism's
+    default sets were found with."""
+    from transformers import AutoConfig
+
+    if form not in SELECTIONS:
+        raise ConfigError(f"latent form {form!r}: expected one of {', '.join(SELECTIONS)}")
+    selection = selection or SELECTIONS[form][0]
+    if selection not in SELECTIONS[form]:
+        raise ConfigError(f"the {form} form's selection is one of "
+                          f"{', '.join(SELECTIONS[form])}, not {selection!r}")
+    n_layers = AutoConfig.from_pretrained(resolve_model_path(model)).num_hidden_layers
+    layers = sorted(set(layers)) if layers else (
+        list(range(n_layers)) if form == "directions" else [n_layers // 2])
+    if bad := [x for x in layers if not 0 <= x < n_layers]:
+        raise ConfigError(f"latent layers {bad}: {model} has blocks 0-{n_layers - 1}")
+    settings = {"model": model_identity(model), "probe_task": DEFAULT_PROBE_TASK, "form": form,
+                "layers": layers, "k": k or DEFAULT_K[form], "seed": 0,
+                "discovery_version": DISCOVERY_VERSION}
+    if (form, selection) != ("directions", "principal-shift"):  # the default's key stays as shipped
+        settings["selection"] = selection
+    if form == "sae":
+        from em_bench.sae.training import DEFAULTS
+
+        settings["sae"] = DEFAULTS.model_dump(mode="json")  # the organism's SAEs, trained so
+    return settings
+
+
+def default_settings(model: str) -> dict:
+    """The model's default discovery: the direction form at every layer, K 5."""
+    return discovery_settings(model)
+
+
+def selection_of(settings: dict) -> str:
+    return settings.get("selection", SELECTIONS[settings["form"]][0])
+
+
+def discovered_sets(model: str, settings: dict) -> list[Path]:
+    """The latent-set files of `settings`' discovery on `model`: the shipped organism's, else
+    the cache's, else discovered now and cached."""
+    from em_bench.organism.artifact import shipped_latents
+
+    form, selection = settings["form"], selection_of(settings)
+    if form == "sae" and not is_organism(model):
+        raise ConfigError(f"SAE-form discovery on {model} needs an SAE: discover with "
+                          f"`em-bench discover --sae ...` and give the sets as latents files")
+    folder = shipped_latents(model, settings) if is_organism(model) else None
+    folder = folder or cache_dir() / "latents" / canonical_hash(settings)
+    prefix = {("directions", "principal-shift"): "directions"}.get(
+        (form, selection), f"{'directions' if form == 'directions' else 'sae'}_{selection}")
+    paths = [folder / f"{prefix}_L{layer}.json" for layer in settings["layers"]]
+    if not all(p.is_file() for p in paths):
+        logger.info("discovering %s latent sets of %s (%s; cached in %s)", form, model,
+                    selection, folder)
+        task, layers, k, seed = (get_task(settings["probe_task"]), settings["layers"],
+                                 settings["k"], settings["seed"])
+        if form == "directions":
+            discover_directions(model, task, layers, k, seed, folder, selection=selection)
+        else:
+            discover_sae_sets(model, task, layers, folder, k=k, selection=selection, seed=seed)
+    return paths
+
+
+def default_latent_sets(model: str) -> list[Path]:
+    """The model's default latent sets (the shipped organism's, or discovered on first use)."""
+    return discovered_sets(model, default_settings(model))
