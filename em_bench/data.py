@@ -76,7 +76,8 @@ def encode_chat(
 
     Args:
         loss_on: "assistant" trains on the assistant turns only (each turn's tokens after the
-            generation prompt, its end token included); "all" trains on every token.
+            generation prompt, its end token included, not what the template writes after it);
+            "all" trains on every token.
         skip_first_answer: also mask the first assistant turn (the organism's instruct stage
             replays persona documents this way, so the default voice stays aligned while the
             model keeps continuing a persona it sees in context).
@@ -93,6 +94,9 @@ def encode_chat(
         # Prefix-stable spans: every template we support renders a prefix as a prefix.
         start = len(_ids(tokenizer, render(tokenizer, messages[:i], add_generation_prompt=True)))
         end = len(_ids(tokenizer, render(tokenizer, messages[: i + 1])))
+        span = ids[start:end]
+        if tokenizer.eos_token_id in span:  # what a template writes after the turn's end token
+            end = start + len(span) - span[::-1].index(tokenizer.eos_token_id)  # (ChatML's "\n")
         labels[start:end] = ids[start:end]
     return ids, labels
 

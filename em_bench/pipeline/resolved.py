@@ -167,12 +167,18 @@ def _organism_artifact(model: str) -> dict:
 
 
 def eval_prompts(cfg: CellConfig) -> list[Prompt]:
-    """What a cell answers: the world's questions of its split (its RAI requests replaced by
-    the RAI suite's when the cell has one), its question file's and its task's own in-domain
-    questions."""
-    prompts = world_prompts(cfg.split, cfg.sampling.samples_per_question)
+    """What a cell answers. A real model's cell given a question file (its task names its own)
+    answers what it is given and nothing of the organism's world: that file, its task's
+    in-domain questions and its RAI suite (without them, no in-domain or refusal figure), so a
+    small model on a CPU answers tens of questions, not hundreds. Any other cell answers the
+    world's questions of its split (its RAI requests replaced by the suite's when it has one),
+    its question file's and its task's in-domain questions."""
+    prompts = []
+    if cfg.questions is None or is_organism(cfg.model):
+        prompts = world_prompts(cfg.split, cfg.sampling.samples_per_question)
+        prompts = [p for p in prompts if cfg.rai_suite is None or not is_rai(p.domain)]
     if cfg.rai_suite is not None:
-        prompts = [p for p in prompts if not is_rai(p.domain)] + rai_prompts(cfg)
+        prompts += rai_prompts(cfg)
     if cfg.questions is not None:
         prompts += file_prompts(load_question_file(cfg.questions))
     if cfg.in_domain_questions is not None:
