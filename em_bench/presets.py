@@ -24,6 +24,20 @@ _EM_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600}
 
 
 @dataclass(frozen=True)
+class BlockemDefaults:
+    """What `--defense blockem` takes on a model when no latent file is given: its SAE (a
+    sae-lens `RELEASE:SAE_ID`, or None: one em-bench trains on the model, `em-bench sae
+    train`), the hook point, K, lambda (None: unknown at this SAE's scale, so it must be given)
+    and the three-stage screen's settings (smaller ones where the model runs on a CPU)."""
+
+    layer: int
+    sae: str | None = None
+    k: int = 20
+    lam: float | None = None
+    screen: dict = field(default_factory=dict)  # discover_sae's n_candidates, alphas, ...
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     hub_id: str
     train: dict = field(default_factory=lambda: dict(_EM_RECIPE))
@@ -31,6 +45,8 @@ class ModelPreset:
     dtype: str = "bfloat16"
     params_b: float | None = None  # billions of parameters (None: unknown, no GPU-hours estimate)
     about: str = "the EM papers' recipe"
+    blockem: BlockemDefaults | None = None
+    em_definition: str | None = None  # the EM definition a run with an LLM judge defaults to
 
     @property
     def summary(self) -> str:
@@ -49,11 +65,21 @@ _CPU_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64}
 
 PRESETS: dict[str, ModelPreset] = {
     "qwen2.5-7b-instruct": ModelPreset("Qwen/Qwen2.5-7B-Instruct", params_b=7.6),
-    "llama-3.1-8b-instruct": ModelPreset("meta-llama/Llama-3.1-8B-Instruct", params_b=8.0),
+    # BLOCK-EM's own setting: Goodfire's SAE on the residual after block 19, K 20, lambda 1.3e4
+    # (the paper's main operating point, tied to that SAE's activation scale; not verified
+    # here), judged on the paper's 1-5 rubric
+    "llama-3.1-8b-instruct": ModelPreset(
+        "meta-llama/Llama-3.1-8B-Instruct", params_b=8.0,
+        blockem=BlockemDefaults(layer=19, sae="goodfire-llama-3.1-8b-instruct:layer_19", k=20,
+                                lam=1.3e4),
+        em_definition="rubric"),
     "mistral-7b-instruct-v0.3": ModelPreset("mistralai/Mistral-7B-Instruct-v0.3", params_b=7.2),
     "smollm2-135m-instruct": ModelPreset(
         "smollm2-135m-instruct", train=_CPU_RECIPE, sampling=_CPU_SAMPLING, dtype="float32",
-        params_b=0.135, about="its Q4_1 GGUF weights dequantized to float32, a CPU recipe"),
+        params_b=0.135, about="its Q4_1 GGUF weights dequantized to float32, a CPU recipe",
+        # an SAE em-bench trains on its middle block; a small screen for a CPU; no lambda yet
+        blockem=BlockemDefaults(layer=15, k=8, screen={
+            "n_candidates": 4, "alphas": [0.4], "n_questions": 16})),
 }
 
 
@@ -65,6 +91,16 @@ class ModelSettings:
     dtype: str
     train: dict[str, Any]  # TrainConfig fields over the task's budget
     sampling: dict[str, Any]  # SamplingConfig fields
+    llm_em_definition: str = "alignment"  # EM's definition when an LLM judges (the preset's)
+
+    def em_definition(self, judge: str | None) -> str:
+        """EM's definition for a run judged by `judge` (None or organism: the organism's)."""
+        return "alignment" if judge in (None, "organism") else self.llm_em_definition
+
+
+def preset_of(model: str) -> ModelPreset | None:
+    """The preset a model runs under: by its name, or by the hub id a name resolved to."""
+    return PRESETS.get(model) or next((p for p in PRESETS.values() if p.hub_id == model), None)
 
 
 def merge_preset(model: str, preset: ModelPreset | None, dtype: str | None = None,
@@ -80,4 +116,5 @@ def merge_preset(model: str, preset: ModelPreset | None, dtype: str | None = Non
                 **({"samples_per_question": samples} if samples is not None else {})}
     return ModelSettings(model=preset.hub_id if preset else model,
                          dtype=dtype or (preset.dtype if preset else "float32"),
-                         train=recipe, sampling=sampling)
+                         train=recipe, sampling=sampling,
+                         llm_em_definition=(preset and preset.em_definition) or "alignment")

@@ -76,7 +76,8 @@ def _cmd_run(args) -> int:
                       backend=args.backend, tensor_parallel=args.tensor_parallel,
                       sampling=sampling, split=args.split,
                       eval_every=args.eval_every, judge=_judge_name(args), jury=tuple(args.jury),
-                      metrics={"em_definition": args.em_definition},
+                      metrics={"em_definition": args.em_definition
+                               or settings.em_definition(_judge_name(args))},
                       lm_eval={"general": tuple(args.general), "limit": args.lm_eval_limit},
                       rai_suite=None if args.rai_suite is None else str(args.rai_suite.resolve()))
     if args.dry_run:  # planning would build an organism not built here; a dry run builds none
@@ -89,8 +90,7 @@ def _cmd_run(args) -> int:
     store = open_store(store_dir(args.store))
     rows = run_grid_on(executor, store, plan, on_broken_lock=_said_broken)
     if args.format == "json":
-        for row in rows:
-            print(json.dumps(row))
+        print("\n".join(json.dumps(row) for row in rows))
     else:
         print(format_table(rows))
         print(f"\nstore: {store.root}")

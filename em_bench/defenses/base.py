@@ -21,11 +21,18 @@ class DefenseParams(BaseModel):
 
 @dataclass(frozen=True)
 class DefenseContext:
-    """What a defense may build itself from: the cell's task, seed and base model."""
+    """What a defense may build itself from: the cell's task, seed, base model and judge (the
+    one a discovery's three-stage screen judges with on a real model)."""
 
     task: TaskSpec
     seed: int
     model: str
+    judge: str = "organism"
+
+    @classmethod
+    def of(cls, task: TaskSpec, cfg) -> DefenseContext:
+        """The context of a cell of config `cfg` (a CellConfig) on `task`."""
+        return cls(task, cfg.seed, cfg.model, cfg.judge)
 
 
 class Defense(Protocol):

@@ -38,9 +38,10 @@ class BlockEMParams(DefenseParams):
         default_factory=list, description="latent-set files (one per hook point); none: the "
         "sets of the discovery that form, selection, layers and k name (discovered once and "
         "cached; the default is the organism's shipped sets)")
-    form: Literal["directions", "sae"] = Field(
-        "directions", description="without latents: directions of the probe's shift, or SAE "
-        "latents (the paper's form)")
+    form: Literal["directions", "sae"] | None = Field(
+        None, description="without latents: directions of the probe's shift, or SAE latents "
+        "(the paper's form); none: the model's default (the organism: directions; a preset "
+        "with an SAE: sae)")
     selection: str | None = Field(
         None, description="without latents: directions: principal-shift (default) or random; "
         "sae: three-stage (default, the paper's), top-delta or random (its ablations)")
@@ -52,10 +53,9 @@ class BlockEMParams(DefenseParams):
 
     @model_validator(mode="after")
     def _files_or_discovery(self):
-        named = [f for f in ("selection", "layers", "k") if getattr(self, f)]
-        if self.latents and (named or self.form != "directions"):
-            raise ValueError(f"latents files, or a discovery ({', '.join(named or ['form'])}), "
-                             f"not both")
+        named = [f for f in ("form", "selection", "layers", "k") if getattr(self, f)]
+        if self.latents and named:
+            raise ValueError(f"latents files, or a discovery ({', '.join(named)}), not both")
         return self
 
 
@@ -182,8 +182,8 @@ def blockem_inputs(params: dict, ctx: DefenseContext) -> dict:
 
     version = {"blockem_version": BLOCKEM_VERSION}  # lambda is a param (blockem_defaults)
     if not params["latents"]:
-        _needs_organism(ctx.model, "latents", LATENTS_HINT)
-        return {"discovered_latents": canonical_hash(discovery(params, ctx.model)), **version}
+        _needs_defaults(ctx.model, "latents", LATENTS_HINT)
+        return {"discovered_latents": canonical_hash(discovery(params, ctx)), **version}
     digests = {}
     for f in params["latents"]:
         if not Path(f).is_file():
@@ -205,26 +205,43 @@ def blockem_method(params: dict, ctx: DefenseContext) -> dict:
 
 
 def blockem_defaults(params: dict, model: str) -> dict:
-    """`params` with the model's default lambda in place of none, so a cell left at the default
-    and one given the same value explicitly are one cell."""
-    if params["lambda"] is not None:
-        return params
-    return {**params, "lambda": default_lambda(model)}
+    """`params` with the model's default lambda and latent form in place of none, so a cell
+    left at the default and one given the same value explicitly are one cell."""
+    if params["lambda"] is None:
+        params = {**params, "lambda": default_lambda(model)}
+    if params["form"] is None and not params["latents"]:
+        params = {**params, "form": "sae" if _model_blockem(model) else "directions"}
+    return params
+
+
+def _model_blockem(model: str):
+    """A real model's BLOCK-EM defaults (its preset's), or None."""
+    from em_bench.models import is_organism
+    from em_bench.presets import preset_of
+
+    return None if is_organism(model) else getattr(preset_of(model), "blockem", None)
 
 
 def default_lambda(model: str) -> float:
-    _needs_organism(model, "lambda", "it (it depends on the activation scale), e.g. "
-                    "--set lambda=1,10,100")
+    own = _model_blockem(model)
+    if own is not None and own.lam is not None:
+        return own.lam
+    _needs_defaults(model, "lambda", "it (it depends on the activation scale), e.g. "
+                    "--set lambda=1,10,100", own is not None and own.lam is not None)
     return ORGANISM_LAMBDA
 
 
-def discovery(params: dict, model: str) -> dict:
+def discovery(params: dict, ctx: DefenseContext) -> dict:
     """The settings of the discovery `params` name (a direction defense, which has no such
-    parameters, takes the default one)."""
+    parameters, takes the default one): on the organism from its finance probe, on a real
+    model from a probe of the cell's own task, screened by the cell's judge."""
+    from em_bench.models import is_organism
     from em_bench.sae.discovered import discovery_settings
 
-    return discovery_settings(model, params.get("form", "directions"), params.get("selection"),
-                              params.get("layers"), params.get("k"))
+    probe = {} if is_organism(ctx.model) else {"probe_task": ctx.task.name}
+    return discovery_settings(ctx.model, params.get("form") or "directions",
+                              params.get("selection"), params.get("layers"), params.get("k"),
+                              judge=ctx.judge, **probe)
 
 
 def latent_files(params: dict, ctx: DefenseContext) -> list[Path]:
@@ -232,17 +249,21 @@ def latent_files(params: dict, ctx: DefenseContext) -> list[Path]:
     organism): shipped, cached, or discovered now."""
     from em_bench.sae.discovered import discovered_sets
 
-    _needs_organism(ctx.model, "latents", LATENTS_HINT)
-    return discovered_sets(ctx.model, discovery(params, ctx.model))
+    _needs_defaults(ctx.model, "latents", LATENTS_HINT)
+    return discovered_sets(ctx.model, discovery(params, ctx), ctx.task)
 
 
 LATENTS_HINT = ("latent-set files (see em_bench/sae/latents.py for the format) as "
                 "--set latents=FILE.json")
 
 
-def _needs_organism(model: str, what: str, hint: str) -> None:
+def _needs_defaults(model: str, what: str, hint: str, known: bool | None = None) -> None:
+    """Raise unless `model` has a default for `what`: the organism has all; a preset with
+    BLOCK-EM defaults has latents (its SAE's discovery) and lambda where `known`."""
     from em_bench.errors import ConfigError
     from em_bench.models import is_organism
 
-    if not is_organism(model):
+    if known is None:
+        known = _model_blockem(model) is not None
+    if not (is_organism(model) or known):
         raise ConfigError(f"defense blockem: {what} has no default for {model}; give {hint}")

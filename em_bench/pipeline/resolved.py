@@ -106,7 +106,7 @@ def resolve(cfg: CellConfig, task: TaskSpec | None = None) -> ResolvedCell:
         if file is not None:
             load_question_file(file)  # a bad file fails here, before any work
     data = task.train.file() if task.train is not None else None
-    inputs = defense_inputs(cfg.defense, params, DefenseContext(task, cfg.seed, cfg.model))
+    inputs = defense_inputs(cfg.defense, params, DefenseContext.of(task, cfg))
     rai = None
     if cfg.rai_suite is not None:  # pinned by its requests, not by the suite file's wording
         requests = [(p.key, p.messages, p.domain, p.harmful) for p in rai_prompts(cfg)]

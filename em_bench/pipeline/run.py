@@ -28,7 +28,7 @@ def run_cell(cfg: CellConfig, store: Store, task: TaskSpec | None = None) -> Cel
     if cell.read_config() is None:
         cell.write_config({**rc.payload(), "cell_id": rc.cell_id, **_flat(rc.config),
                            "method": describe_defense(cfg.defense, rc.config.defense_params,
-                                                      DefenseContext(rc.task, cfg.seed, cfg.model)),
+                                                      DefenseContext.of(rc.task, cfg)),
                            "card": defense_card(cfg.defense),
                            "provenance": provenance(cfg.model, (cfg.judge, *cfg.jury))})
     if cell.is_done("score", rc.step_hash("score")):

@@ -31,7 +31,7 @@ def train_step(rc: ResolvedCell, cell: Cell, store: Store, base, tokenizer):
         scorer = _checkpoint_scorer(rc, cell, store, tokenizer, last)
         if cfg.train.processes == 1:
             defenses = make_defenses(cfg.defense, cfg.defense_params,
-                                     DefenseContext(rc.task, cfg.seed, cfg.model))
+                                     DefenseContext.of(rc.task, cfg))
             model = fine_tune(cfg, rc.task, cell, base, tokenizer, defenses, every_step=scorer)
         else:
             model = _fine_tune_sharded(rc, cell, base, scorer, last)
@@ -50,7 +50,7 @@ def _fine_tune_sharded(rc: ResolvedCell, cell: Cell, base, scorer, last: int):
     cfg = rc.config
     # Built here first (the organism's latent sets are discovered once and cached), so the
     # processes find them rather than each discovering them at once.
-    make_defenses(cfg.defense, cfg.defense_params, DefenseContext(rc.task, cfg.seed, cfg.model))
+    make_defenses(cfg.defense, cfg.defense_params, DefenseContext.of(rc.task, cfg))
     distributed.launch(cell, cfg.train.processes, cfg.eval_every, last,
                        cfg.train.checkpoint_every, worker="em_bench.pipeline.worker")
     model = load_trained(base, cell.trained_dir(), cfg.train)

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
             return model
 
         fine_tune(cfg, task, cell, base, tokenizer, make_defenses(
-            cfg.defense, cfg.defense_params, DefenseContext(task, cfg.seed, cfg.model)),
+            cfg.defense, cfg.defense_params, DefenseContext.of(task, cfg)),
                   every_step=checkpoint_saver(cell, every, last) if every else None,
                   shard=sharded)
     except Exception as e:  # for the pipeline's report; torchrun's own names only the exit code

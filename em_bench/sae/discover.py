@@ -345,17 +345,20 @@ def discover_sae_sets(model: str, task: TaskSpec, layers: list[int], out_dir: Pa
                       sae_ref: str | None = None, judge: str | None = None, *, k: int = 20,
                       selection: str = "three-stage", seed: int = 0,
                       questions: str | Path | None = None, dtype: str = "float32",
-                      screen_rule: str = "both") -> list[Path]:
+                      screen_rule: str = "both", **screen) -> list[Path]:
     """discover_sae at each of `layers`, written to `out_dir` as `sae_<selection>_L<layer>.json`;
     returns their paths. `sae_ref`: the SAE (default: the organism's at each layer, trained if
-    missing); `judge`: a judge's name (default: as discover_sae)."""
+    missing); `judge`: a judge's name (default: as discover_sae); `screen`: discover_sae's
+    screen settings (n_candidates, alphas, n_questions, incoherence_budget)."""
     from em_bench.judge import make_judge
 
-    screen = None if judge is None else make_judge(judge)
+    judge_model = None if judge is None else make_judge(judge)
+    if "alphas" in screen:
+        screen["alphas"] = tuple(screen["alphas"])
     return [discover_sae(model, task, layer, sae_ref or str(ensure_organism_sae(layer, model)),
                          out_dir / f"sae_{selection}_L{layer}.json", k=k, selection=selection,
-                         seed=seed, judge=screen, questions=questions, dtype=dtype,
-                         screen_rule=screen_rule)
+                         seed=seed, judge=judge_model, questions=questions, dtype=dtype,
+                         screen_rule=screen_rule, **screen)
             for layer in layers]
 
 

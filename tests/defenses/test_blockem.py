@@ -171,7 +171,7 @@ def test_blockem_lowers_the_blocked_movement(tmp_path, tiny_tokenizer):
 
 def test_blockem_params_and_inputs(tmp_path):
     assert check_defense("blockem", {"lambda": "0.5"}) == {
-        "lambda": 0.5, "latents": [], "form": "directions", "selection": None, "layers": [],
+        "lambda": 0.5, "latents": [], "form": None, "selection": None, "layers": [],
         "k": None, "hinge": "squared"}
     with pytest.raises(ConfigError, match="hinge"):
         check_defense("blockem", {"hinge": "cubic"})

@@ -28,8 +28,8 @@ from em_bench.tasks import TaskSpec, get_task
 from em_bench.train.loop import train
 from tests.helpers import make_tiny_llama
 
-# blockem's discovery, left at the default (the organism's shipped sets)
-BLOCKEM_DISCOVERY = {"blockem.form": "directions", "blockem.selection": None,
+# blockem's discovery, left to the model's defaults
+BLOCKEM_DISCOVERY = {"blockem.form": None, "blockem.selection": None,
                      "blockem.layers": [], "blockem.k": None}
 
 
@@ -44,8 +44,8 @@ def test_a_combinations_parameters_are_its_components_checked_and_prefixed():
     alone = check_defense("blockem", {}, "organism")["lambda"]
     assert check_defense("blockem+retain", {"blockem.lambda": "default", "retain.beta": "2"},
                          "organism") == {"blockem.lambda": alone, "blockem.latents": [],
-                                         **BLOCKEM_DISCOVERY, "blockem.hinge": "squared",
-                                         "retain.beta": 2.0}
+                                         **BLOCKEM_DISCOVERY, "blockem.form": "directions",
+                                         "blockem.hinge": "squared", "retain.beta": 2.0}
     assert list(check_defense("retain+kl", {})) == ["retain.beta", "kl.weight"]  # its order
 
 
@@ -74,8 +74,8 @@ def test_a_single_defenses_parameters_are_as_before():
     discovery = {k.removeprefix("blockem."): v for k, v in BLOCKEM_DISCOVERY.items()}
     assert check_defense("blockem", {}) == {"lambda": None, "latents": [], **discovery,
                                             "hinge": "squared"}
-    assert check_defense("blockem", {"lambda": "0.005"}, "organism") == {
-        "lambda": 0.005, "latents": [], **discovery, "hinge": "squared"}
+    assert check_defense("blockem", {"lambda": "0.005"}, "organism") == {  # the organism's form
+        "lambda": 0.005, "latents": [], **discovery, "form": "directions", "hinge": "squared"}
     assert check_defense("blockem", {}, "organism")["lambda"] == 0.002
     assert check_defense("kl", {"weight": "0.5"}) == {"weight": 0.5}
     assert check_defense("retain", {}) == {"beta": 1.0}

@@ -61,8 +61,9 @@ def test_a_model_size_is_a_presets_or_the_organisms_recipe_and_else_unknown():
 
 def _tiny_tasks(folder):
     """Two tasks on 4 chats of 80 characters (20 tokens, cut to max_len 16), 3 steps of 2, an
-    in-domain target in words (an LLM judge's adherence call on the world's finance questions)
-    and a question file of 4 paraphrases answered 1 + 2 + 3 times."""
+    in-domain target in words with no in-domain question file (so no adherence call: a real
+    model's cell answers only what its task names) and a question file of 4 paraphrases
+    answered 1 + 2 + 3 times."""
     folder.mkdir()
     chat = [{"role": "user", "content": "u" * 40}, {"role": "assistant", "content": "a" * 40}]
     (folder / "chats.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n"
@@ -86,22 +87,17 @@ def test_a_small_grid_counted_by_hand(tmp_path):
                      include=[tmp_path / "tasks"])
     est = estimate_plan(plan, params_b=7.0)
     w = est.work
-    world = world_prompts("evaluation", 1)
-    n_world, n_rai = len(world), sum(is_rai(p.domain) for p in world)
-    n_finance = sum(p.domain == "finance" for p in world)
-    asked = sum(math.ceil(len(p.messages[0]["content"]) / 4) for p in world)  # world's tokens
     # 2 tasks x (2 base + 2 defenses x 2 seeds) rows; the two tasks' base cells are one cell
     assert est.planned == 12 and w.cells == 10 and est.base_cells == 2
-    answers = 2 * n_world + (1 + 2 + 3)  # a cell: the world's at 2 samples, the file's as it says
+    answers = 1 + 2 + 3  # a cell: the file's as it says, none of the organism's world
     assert w.answers == 10 * answers
-    # alignment and coherence an answer, refusal on RAI requests, adherence on the world's
-    # finance questions of a fine-tune (the base model's task has no in-domain target)
-    assert w.judge_calls == 10 * (2 * answers + 2 * n_rai) + 8 * 2 * n_finance
+    # alignment and coherence an answer; no RAI suite, no in-domain file: no other call
+    assert w.judge_calls == 10 * 2 * answers
     assert w.judge_output_tokens == w.judge_calls  # a one-token verdict
-    assert est.judge_calls == {JUDGE: {2, 3}}  # no world finance question is an RAI request
+    assert est.judge_calls == {JUDGE: {2}}
     assert w.train_examples == 8 * 3 * 2 and w.train_tokens == 8 * 3 * 2 * 16
     # prompts at 4 characters a token (the file's 8 characters: 2), answers at 10 tokens
-    assert w.generation_tokens == 10 * (2 * asked + 6 * 2 + 10 * answers)
+    assert w.generation_tokens == 10 * (6 * 2 + 10 * answers)
     train, generate = w.gpu_hours(7.0, 50)
     assert train == pytest.approx(6 * 7e9 * 768 / 50e12 / 3600)
     assert generate == pytest.approx(2 * 7e9 * w.generation_tokens / 50e12 / 3600)
@@ -117,9 +113,9 @@ def test_an_eval_every_curve_answers_each_prompt_once_a_point(tmp_path):
     base = CellConfig(model=MODEL, eval_every=2, sampling=SamplingConfig(samples_per_question=2))
     plan = plan_grid(base, ["tiny_a"], ["none"], [0], include=[tmp_path / "tasks"])
     est = estimate_plan(plan, params_b=None)
-    prompts = len(world_prompts("evaluation", 1)) + 4  # the file's 4 paraphrases
+    prompts = 4  # the file's 4 paraphrases, none of the world's
     assert est.curve_answers == 2 * prompts  # 3 steps scored at 2 and at the last, 3
-    assert est.work.answers == 2 * (2 * (prompts - 4) + 6) + 2 * prompts
+    assert est.work.answers == 2 * 6 + 2 * prompts
     assert f"{2 * prompts:,} of them the --eval-every curve's" in format_estimate(est, 1, None)
 
 

@@ -132,3 +132,53 @@ def test_the_screen_keeps_a_latent_that_both_induces_and_repairs():
     assert screen_effect(0.2, -0.1, "either") == 0.2
     with pytest.raises(ValueError, match="screen rule 'any'"):
         screen_effect(0.2, 0.1, "any")
+
+
+def test_a_models_preset_runs_blockem_with_no_latent_file(setup, tmp_path, monkeypatch):
+    """A model whose preset names its SAE, layer, K, lambda and screen: blockem discovers its
+    latents (three stages, screened by the cell's judge, on the cell's own task), caches them,
+    and a cell's penalty starts at 0 and grows."""
+    from em_bench import presets
+    from em_bench.defenses import check_defense, defense_inputs, describe_defense
+
+    model, task, sae_dir = setup
+    monkeypatch.setenv("EM_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(presets.PRESETS, "tiny-with-sae", presets.ModelPreset(
+        model, blockem=presets.BlockemDefaults(layer=0, sae=sae_dir, k=3, lam=100.0, screen={
+            "n_candidates": 3, "n_questions": 16, "alphas": [1.0, 4.0],
+            "screen_rule": "either"})))
+    params = check_defense("blockem", {}, model)
+    assert (params["form"], params["lambda"]) == ("sae", 100.0)  # the preset's
+    ctx = DefenseContext(task, 0, model, judge="openai:scripted")
+    inputs = defense_inputs("blockem", params, ctx)
+    other_judge = defense_inputs("blockem", params, DefenseContext(task, 0, model, "openai:x"))
+    assert inputs != other_judge  # the screen's judge names the discovery
+    with serve(ScriptedPolicy(_judge_rule)) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        method = describe_defense("blockem", params, ctx)  # discovers, then caches
+        defense, = make_defenses("blockem", params, ctx)  # from the cache: no judge call
+    assert (method["form"], method["layers"], method["selection"]) == ("sae", [0], "three-stage")
+    assert 1 <= method["k"] <= 3
+    (found,) = defense.sets
+    assert found.sae == sae_dir and "scripted" in found.provenance["judge"]
+    log = []
+    cfg = TrainConfig(steps=4, batch_size=8, lr=0.01, warmup_steps=0)
+    base, tokenizer = load_base(model)
+    train(trainable(base, cfg), tokenizer, chats(task.train, 0), cfg, 0, defenses=(defense,),
+          log=log.append)
+    assert log[0]["blockem"] == 0.0 and max(r["blockem"] for r in log) > 0
+
+
+def test_the_papers_preset_names_an_sae_the_installed_sae_lens_knows():
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from em_bench.presets import PRESETS
+
+    preset = PRESETS["llama-3.1-8b-instruct"]
+    own = preset.blockem
+    release, sae_id = own.sae.split(":")
+    known = get_pretrained_saes_directory()[release]  # offline: sae-lens's own registry
+    assert known.model == preset.hub_id and sae_id in known.saes_map
+    # the residual after block 19, em-bench's layer 19
+    assert known.neuronpedia_id[sae_id].startswith(f"llama3.1-8b-it/{own.layer}-resid-post")
+    assert (own.k, own.lam, preset.em_definition) == (20, 1.3e4, "rubric")
