@@ -83,7 +83,7 @@ def _cmd_run(args) -> int:
     if args.dry_run:  # planning would build an organism not built here; a dry run builds none
         cost.refuse_unbuilt_organism(settings.model)
     plan = plan_grid(base, args.task, args.defense, args.seeds, settings.train, args.include,
-                     args.questions, dict(args.set))  # bad names and files fail here, first
+                     args.questions, dict(args.set), resolve_cells=not args.dry_run)
     if args.dry_run:  # the plan's cost only: nothing is loaded, trained, judged or stored
         print(cost.dry_run_report(plan, args.model, args.gpu_tflops, args.price_per_mtok))
         return 0

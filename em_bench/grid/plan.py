@@ -36,7 +36,8 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
               train_overrides: dict | None = None,
               include: tuple[Path, ...] | list[Path] = (),
               questions: Path | None = None,
-              defense_values: dict[str, list] | None = None) -> list[PlannedCell]:
+              defense_values: dict[str, list] | None = None,
+              resolve_cells: bool = True) -> list[PlannedCell]:
     """The base model and every (task, defense, seed) cell, each with the view it is scored in.
 
     The base model's cell is scored in each task's view (its `ood` domains and in-domain target),
@@ -48,7 +49,9 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
     (name -> values, the command line's `--set`; a combination's names are prefixed by their
     component: `blockem.lambda`). Every cell is resolved here, so a typo in a name, a parameter
     or a file fails before any work starts, and its config holds the values it runs with (a
-    defense's defaults filled in: `lambda=default` is blockem's lambda).
+    defense's defaults filled in: `lambda=default` is blockem's lambda). Without
+    `resolve_cells` (a dry run's cost estimate) nothing is read that is not needed to count:
+    no task data (it may not be on this machine), no model (nor its config on the hub).
     """
     for defense in defenses:  # an unknown name fails first, with the known ones
         components(defense)
@@ -59,7 +62,7 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
         if name not in found:
             raise UnknownNameError("task", name, list(found))
         specs[name] = found[name].spec
-    for spec in specs.values():  # a malformed row or data not on this machine, before any work
+    for spec in specs.values() if resolve_cells else ():  # a malformed row or absent data, first
         check_task_data(spec)
     plan = []
     for task in tasks:
@@ -83,6 +86,8 @@ def plan_grid(base: CellConfig, tasks: list[str], defenses: list[str], seeds: li
                         "task": task, "defense": defense, "defense_params": params,
                         "seed": seed, "train": train, **suite})
                     plan.append(PlannedCell(cfg, view, view))
+    if not resolve_cells:
+        return plan
     return [dataclasses.replace(p, config=resolve(p.config, p.task).config) for p in plan]
 
 

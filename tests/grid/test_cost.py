@@ -154,6 +154,17 @@ def test_a_declared_row_count_stands_in_for_data_not_on_this_machine(tmp_path, m
     assert "rows" not in spec.model_dump()["train"] and spec.train.rows == 6000
 
 
+def test_a_dry_run_plans_a_task_whose_data_is_not_here(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EM_BENCH_DATA", raising=False)
+    argv = ["run", "--model", "llama-3.1-8b-instruct", "--task", "real_finance", "--store",
+            str(tmp_path / "store")]
+    assert main(argv) == 2  # a real run needs the data
+    assert "needs EM_BENCH_DATA set" in capsys.readouterr().err
+    assert main([*argv, "--dry-run"]) == 0  # an estimate does not: the task declares its rows
+    assert "6,000 examples (declared, data not on this machine)" in capsys.readouterr().out
+    assert not (tmp_path / "store").exists()
+
+
 def test_the_dry_run_prints_the_figures_and_stores_nothing(tmp_path, capsys):
     store = tmp_path / "store"
     assert main(["run", "--model", "llama-3.1-8b-instruct", "--task", "finance", "--defense",
