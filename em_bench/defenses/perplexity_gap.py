@@ -16,6 +16,7 @@ import torch
 
 from em_bench.config import canonical_hash
 from em_bench.data import IGNORE_INDEX, Messages, collate, device_of, encode_chat
+from em_bench.losses import sequence_logprob
 from em_bench.paths import cache_dir
 from em_bench.store.files import atomic_write_json, read_json
 from em_bench.tasks import TaskSpec
@@ -34,13 +35,9 @@ def mean_answer_nll(model, tokenizer, chats: list[Messages], max_len: int) -> to
     for start in range(0, len(chats), BATCH):
         encoded = [encode_chat(tokenizer, c) for c in chats[start:start + BATCH]]
         batch = collate(encoded, tokenizer.pad_token_id, max_len, device_of(model))
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-        out.append(((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        answered = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1)
+        out.append((-sequence_logprob(logits, batch["labels"]) / answered).cpu())
     return torch.cat(out)
 
 

@@ -107,8 +107,8 @@ def discovered_sets(model: str, settings: dict, task: TaskSpec | None = None) ->
     form, selection = settings["form"], selection_of(settings)
     folder = shipped_latents(model, settings) if is_organism(model) else None
     folder = folder or cache_dir() / "latents" / canonical_hash(settings)
-    prefix = {("directions", "principal-shift"): "directions"}.get(
-        (form, selection), f"{'directions' if form == 'directions' else 'sae'}_{selection}")
+    # the file names discover_directions and discover_sae_sets write
+    prefix = "directions" if selection == "principal-shift" else f"{form}_{selection}"
     paths = [folder / f"{prefix}_L{layer}.json" for layer in settings["layers"]]
     if not all(p.is_file() for p in paths):
         logger.info("discovering %s latent sets of %s (%s; cached in %s)", form, model,
