@@ -38,6 +38,11 @@ class UnknownNameError(EmBenchError):
         self.kind, self.name, self.known = kind, name, known
 
 
+class NoLatentKept(EmBenchError):
+    """A discovery's screen kept no latent: a finding about the model (the method has nothing to
+    block), recorded as such rather than run as a no-op."""
+
+
 class StoreError(EmBenchError):
     """The results store is missing, foreign or damaged."""
 

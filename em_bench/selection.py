@@ -63,6 +63,7 @@ class Selection:
     pick: float | None
     reason: str
     rule: dict = field(default_factory=lambda: dict(RULE))
+    not_run: str | None = None  # why no strength could run (a discovery that kept no latent)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,6 +144,14 @@ def tune(defense: str, strength: str, default: float, none: Outcome,
     sweep = [(s, scored(s)) for s in sweep_strengths(bracket[0][0], upper)]
     chosen, reason = pick(sweep, none)
     return Selection(defense, strength, default, none, bracket, upper, why, sweep, chosen, reason)
+
+
+def not_runnable(defense: str, strength: str, default: float, none: Outcome,
+                 why: str) -> Selection:
+    """The record of a defense that runs at no strength (its discovery kept no latent): a
+    finding of the tuning, stored like a sweep, with nothing swept."""
+    return Selection(defense, strength, default, none, [], default, why, [], None,
+                     f"not run: {why}", not_run=why)
 
 
 def stored_selections(store) -> list[dict]:

@@ -26,6 +26,7 @@ from em_bench.board.rows import params_label
 from em_bench.board.schema import DERIVED, Column, fmt, lookup, missing
 from em_bench.board.svg import esc
 from em_bench.errors import ConfigError
+from em_bench.selection import stored_selections
 from em_bench.scoring import em_thresholds, judged_frame, ood_answers
 from em_bench.store import Cell, Store
 
@@ -208,6 +209,31 @@ def claims_html(groups: list[dict]) -> str:
     return "".join(parts)
 
 
+def tuning_html(selections: list[dict]) -> str:
+    """Each stored tuning: the method, where it was tuned, the strengths swept with their
+    outcomes, and its pick (or why it has none, or why it runs at no strength)."""
+    if not selections:
+        return ""
+    lines = []
+    for s in sorted(selections, key=lambda s: (s["model"], s["task"], s["defense"],
+                                               sorted((s.get("fixed") or {}).items()))):
+        fixed = "".join(f" {k}={v}" for k, v in sorted((s.get("fixed") or {}).items()))
+        swept = ", ".join(f"{v:g}: EM {fmt(o['em'], 'percent')}, in-domain "
+                          f"{fmt(o['in_domain'], 'percent')}, incoherent "
+                          f"{fmt(o['incoherent'], 'percent')}" for v, o in s["sweep"])
+        pick = ("not run" if s.get("not_run") else "none" if s["pick"] is None
+                else f"{s['strength']}={s['pick']:g}")
+        lines.append(f"<tr><td>{esc(s['defense'] + fixed)}</td><td>{esc(s['model'])}, "
+                     f"{esc(s['task'])}, seeds {','.join(map(str, s['seeds']))}</td>"
+                     f"<td class=\"text\">{esc(swept or '-')}</td><td>{esc(pick)}</td>"
+                     f"<td class=\"text\">{esc(s['reason'])}</td></tr>")
+    return ("<h2>Tuning</h2><p class=\"hint\">Each defense's strength, picked by one rule "
+            "(em_bench/selection.py) on the selection split: EM on the development domains, "
+            "seed means.</p><table class=\"rankings\"><thead><tr><th>method</th>"
+            "<th>tuned on</th><th>swept</th><th>pick</th><th>why</th></tr></thead><tbody>"
+            f"{''.join(lines)}</tbody></table>")
+
+
 def index_html(store: Store, rows: list[dict], columns: list[Column]) -> str:
     plots = [tradeoff_plot(rows), lambda_plot(rows), curve_plot(rows, store),
              refusal_plot(rows), question_plot(rows, store)]
@@ -224,6 +250,7 @@ def index_html(store: Store, rows: list[dict], columns: list[Column]) -> str:
             f"{table_html(rows, columns)}"
             f"{claims_html(organism_claims(rows))}"
             f"{rankings_html(threshold_rankings(Headline(store), rows))}"
+            f"{tuning_html(stored_selections(store))}"
             f'<h2>Plots</h2><div class="plots">{"".join(plots)}</div>')
     return _page("em-bench leaderboard", body, SORT_JS)
 

@@ -14,7 +14,9 @@ leaderboard of the store.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +27,8 @@ from em_bench.grid.plan import PlannedCell, plan_grid
 from em_bench.grid.run import run_grid
 from em_bench.resources import resource_dir
 from em_bench.store import Store
+
+logger = logging.getLogger(__name__)
 
 
 class _Spec(BaseModel):
@@ -73,7 +77,15 @@ class Study(_Spec):
     runs: list[StudyRun] = Field(min_length=1)
 
 
-Picks = dict[tuple[str, tuple], tuple[str, float | None]]  # TunedDefense.key() -> (strength, pick)
+class Pick(NamedTuple):
+    """A tuned defense's outcome, as a picked run needs it."""
+
+    strength: str  # the parameter swept
+    value: float | None  # None: no admissible strength (it runs at its default; its row says so)
+    not_run: str | None = None  # why it runs at no strength (its discovery kept no latent)
+
+
+Picks = dict[tuple[str, tuple], Pick]  # TunedDefense.key() -> its pick
 
 
 def load_study(name_or_path: str | Path) -> Study:
@@ -87,10 +99,11 @@ def load_study(name_or_path: str | Path) -> Study:
     return load_yaml_model(path, Study, "the study file")
 
 
-def picked_values(defense: str, fixed: dict[str, list], picks: Picks) -> dict[str, list]:
+def picked_values(defense: str, fixed: dict[str, list], picks: Picks) -> dict[str, list] | None:
     """The values a picked run gives `defense`: `fixed` (the run's own), and the strength of
     each tuned component at its pick (at its default where no strength was admissible, which
-    its row says). A defense with no strength (none, inoculation) takes none."""
+    its row says); None when a component runs at no strength (the tuning record says why). A
+    defense with no strength (none, inoculation) takes none."""
     from em_bench.grid.tune import strength_of
 
     values = {k: [str(v) for v in vs] for k, vs in fixed.items()}
@@ -107,9 +120,12 @@ def picked_values(defense: str, fixed: dict[str, list], picks: Picks) -> dict[st
             form = f" {dict(key[1])}" if key[1] else ""
             raise ConfigError(f"study: {part}{form} has no pick: add it to the study's tune "
                               f"section")
-        strength, pick = picks[key]
-        if pick is not None:
-            values[f"{prefix}{strength}"] = [str(pick)]
+        pick = picks[key]
+        if pick.not_run:
+            logger.warning("study: %s %s is not run: %s", part, dict(key[1]), pick.not_run)
+            return None
+        if pick.value is not None:
+            values[f"{prefix}{pick.strength}"] = [str(pick.value)]
     return values
 
 
@@ -122,7 +138,8 @@ def plan_study(study: Study, model: str = "organism", picks: Picks | None = None
         sampling = SamplingConfig(**({"samples_per_question": run.samples} if run.samples
                                      else {}))
         overrides = {"steps": run.steps} if run.steps else {}
-        sweeps = ([(d, picked_values(d, run.set, picks or {})) for d in run.defenses]
+        sweeps = ([(d, values) for d in run.defenses
+                   if (values := picked_values(d, run.set, picks or {})) is not None]
                   if run.picked else
                   [(run.defenses, {k: [str(v) for v in vs] for k, vs in run.set.items()})])
         for name in run.models or [model]:
@@ -149,7 +166,7 @@ def tune_study(study: Study, store: Store, model: str = "organism") -> Picks:
     for tuned in t.defenses:
         selection = tune_defense(store, t.task, tuned.defense, t.seeds, t.model or model,
                                  {"steps": t.steps} if t.steps else None, fixed=tuned.set)
-        picks[tuned.key()] = (selection.strength, selection.pick)
+        picks[tuned.key()] = Pick(selection.strength, selection.pick, selection.not_run)
     return picks
 
 
@@ -161,7 +178,7 @@ def run_study(study: Study, store: Store, out: Path, model: str = "organism") ->
     check_out(out)
     # every run planned first with each tuned defense at its default: a typo fails now, not
     # after hours of tuning
-    plan_study(study, model, {tuned.key(): ("", None) for tuned in
+    plan_study(study, model, {tuned.key(): Pick("", None) for tuned in
                               (study.tune.defenses if study.tune else [])})
     picks = tune_study(study, store, model)
     run_grid(store, plan_study(study, model, picks))

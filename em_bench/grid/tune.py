@@ -14,11 +14,11 @@ from __future__ import annotations
 from em_bench import metrics
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, components, is_combination
-from em_bench.errors import ConfigError
+from em_bench.errors import ConfigError, NoLatentKept
 from em_bench.grid.plan import plan_grid
 from em_bench.grid.run import run_grid
 from em_bench.registry import DEFENSES
-from em_bench.selection import Outcome, Selection, tune
+from em_bench.selection import Outcome, Selection, not_runnable, tune
 from em_bench.store import Store
 from em_bench.store.files import atomic_write_json
 
@@ -81,9 +81,13 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
         return outcome(run_grid(store, plan, executor), task)
 
     held = {name: [value] for name, value in fixed.items()}
-    selection = tune(defense, strength, default, scored("none"),
-                     lambda s: scored(defense, {**held, strength: [str(s)]}),
-                     strength_maximum(defense, strength))
+    none = scored("none")
+    try:
+        selection = tune(defense, strength, default, none,
+                         lambda s: scored(defense, {**held, strength: [str(s)]}),
+                         strength_maximum(defense, strength))
+    except NoLatentKept as e:  # nothing to block at any strength: a finding, stored as one
+        selection = not_runnable(defense, strength, default, none, str(e))
     key = {"model": model, "task": task, "defense": defense, "seeds": sorted(seeds),
            "train": train_overrides or {}, **({"fixed": fixed} if fixed else {})}
     at = selection.default if selection.pick is None else selection.pick
@@ -106,6 +110,8 @@ def format_selection(selection: Selection) -> str:
         mark = "  <- pick" if s == selection.pick else ""
         lines.append(f"{s:>10g}  {100 * o.em:5.1f}%  {100 * o.in_domain:8.1f}%  "
                      f"{100 * o.incoherent:9.1f}%{mark}")
+    if selection.not_run:
+        return "\n".join([lines[0], f"not run: {selection.not_run}"])
     lines.append(f"pick: {'none' if selection.pick is None else f'{selection.pick:g}'} "
                  f"({selection.reason})")
     return "\n".join(lines)

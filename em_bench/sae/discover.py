@@ -16,6 +16,7 @@ layer. Which sets a defense gets when it names none: em_bench/sae/discovered.py.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from em_bench.config import SamplingConfig, TrainConfig
 from em_bench.data import Messages, device_of
 from em_bench.domains import DEVELOPMENT_DOMAINS
+from em_bench.errors import NoLatentKept
 from em_bench.generate.base import Request
 from em_bench.layers import hook_name
 from em_bench.models import is_organism, load_base, model_identity, trainable
@@ -32,6 +34,7 @@ from em_bench.questions import Prompt, file_prompts, load_question_file
 from em_bench.resources import resource_dir
 from em_bench.sae.latents import Latent, LatentSet, save_latent_set
 from em_bench.sae.training import collect_residuals, ensure_organism_sae
+from em_bench.store.files import atomic_write_json
 from em_bench.tasks import TaskSpec, chats
 
 logger = logging.getLogger(__name__)
@@ -366,10 +369,7 @@ def _save_sae_set(out: Path, model: str, layer: int, sae_ref: str, selection: st
                   shift: torch.Tensor, chosen: list[int], scores: dict, alpha_of: dict,
                   provenance: dict) -> Path:
     if not chosen:
-        from em_bench.errors import EmBenchError
-
-        raise EmBenchError(f"discovery ({selection}) kept no latent at layer {layer}: no "
-                           "candidate moved EM within the incoherence budget")
+        _record_nothing_kept(out, layer, selection, scores, provenance)
     latent_set = LatentSet(
         form="sae", selection=selection, model=model_identity(model), layer=layer,
         hook_name=hook_name(layer), sae=str(sae_ref),
@@ -377,3 +377,32 @@ def _save_sae_set(out: Path, model: str, layer: int, sae_ref: str, selection: st
                         alpha=alpha_of.get(i), scores=scores.get(i, {})) for i in chosen],
         provenance={**provenance, "split": "selection", "discovery_version": DISCOVERY_VERSION})
     return save_latent_set(latent_set, out)
+
+
+def nothing_kept_path(latent_file: Path) -> Path:
+    """Where a screen that kept no latent says so, beside the set it would have written: cached
+    like a set, so the screen is not rerun."""
+    return latent_file.with_name(f"{latent_file.stem}.none.json")
+
+
+def nothing_kept(latent_file: Path) -> NoLatentKept | None:
+    """The recorded finding that `latent_file`'s screen kept no latent, if it is one."""
+    record = nothing_kept_path(latent_file)
+    if not record.is_file():
+        return None
+    return NoLatentKept(json.loads(record.read_text(encoding="utf-8"))["reason"])
+
+
+def _record_nothing_kept(out: Path, layer: int, selection: str, scores: dict,
+                         provenance: dict) -> None:
+    """Record that the screen kept no latent (with every candidate's scores), and raise it."""
+    best = max((s["best_effect"] for s in scores.values()), default=float("nan"))
+    reason = (f"the {selection} screen kept no latent at layer {layer}: none of "
+              f"{len(provenance.get('candidates', scores))} candidates moved EM by more than "
+              f"the screen's noise ({100 * provenance.get('screen_noise_sd', 0):.1f} points) "
+              f"within the incoherence budget (best effect {100 * best:+.1f} points)")
+    atomic_write_json(nothing_kept_path(out), {
+        "reason": reason, "layer": layer, "selection": selection,
+        "scores": {str(k): v for k, v in scores.items()},
+        "provenance": {**provenance, "split": "selection", "discovery_version": DISCOVERY_VERSION}})
+    raise NoLatentKept(reason)

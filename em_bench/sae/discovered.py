@@ -32,6 +32,7 @@ from em_bench.sae.discover import (
     DISCOVERY_VERSION,
     discover_directions,
     discover_sae_sets,
+    nothing_kept,
 )
 from em_bench.tasks import TaskSpec, get_task
 
@@ -110,6 +111,8 @@ def discovered_sets(model: str, settings: dict, task: TaskSpec | None = None) ->
     # the file names discover_directions and discover_sae_sets write
     prefix = "directions" if selection == "principal-shift" else f"{form}_{selection}"
     paths = [folder / f"{prefix}_L{layer}.json" for layer in settings["layers"]]
+    if found := next(filter(None, map(nothing_kept, paths)), None):
+        raise found  # a screen that kept nothing, found before: not rerun
     if not all(p.is_file() for p in paths):
         logger.info("discovering %s latent sets of %s (%s; cached in %s)", form, model,
                     selection, folder)

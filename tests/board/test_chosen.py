@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from em_bench.board.chosen import chosen_text
+from em_bench.board.pages import tuning_html
 from em_bench.defenses import check_defense, defense_card
 
 
@@ -52,3 +53,17 @@ def test_a_combination_names_each_component():
     row = _row("kl+inoculation", {"kl.weight": "0.1"})
     assert chosen_text(row, SELECTIONS) == ("kl: weight=0.1, the rule's pick (finance, seeds "
                                             "0,1); inoculation: exempt (no strength to tune)")
+
+
+def test_the_tuning_section_shows_each_sweep_its_pick_and_what_was_not_run():
+    outcome = {"em": 0.25, "in_domain": 0.9, "incoherent": 0.04, "seeds": 2}
+    swept = {**SELECTIONS[0], "strength": "weight", "sweep": [(0.1, outcome)],
+             "reason": "lowest EM (25.0%) of the 1 admissible strengths of 1"}
+    why = "the three-stage screen kept no latent at layer 2"
+    not_run = {**_selection("blockem", "lambda", None, 0.002, fixed={"form": "sae"}),
+               "strength": "lambda", "sweep": [], "not_run": why, "reason": f"not run: {why}"}
+    page = tuning_html([not_run, swept])
+    assert page.index("blockem form=sae") < page.index("kl")  # sorted by method
+    assert "0.1: EM 25.0%, in-domain 90.0%, incoherent 4.0%</td><td>weight=0.1</td>" in page
+    assert f"<td>not run</td><td class=\"text\">not run: {why}</td>" in page
+    assert tuning_html([]) == ""

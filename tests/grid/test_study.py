@@ -6,7 +6,7 @@ import pytest
 
 from em_bench.board.rows import leaderboard_rows
 from em_bench.errors import ConfigError, UnknownNameError
-from em_bench.grid.study import load_study, plan_study, run_study
+from em_bench.grid.study import Pick, load_study, plan_study, run_study
 from em_bench.registry import DEFENSES
 from em_bench.store import open_store
 
@@ -20,10 +20,9 @@ def test_the_organism_study_plans_every_run_once_at_its_picks(monkeypatch):
     shipped = build.ensure_organism("organism")
     monkeypatch.setattr(build, "ensure_organism", lambda name="organism": shipped)
     study = load_study("organism")
-    picks = {tuned.key(): ("weight" if tuned.defense == "kl" else
-                           DEFENSES.get(tuned.defense).strength, None)
+    picks = {tuned.key(): Pick(DEFENSES.get(tuned.defense).strength, None)
              for tuned in study.tune.defenses}
-    picks[("kl", ())] = ("weight", 0.1)  # kl tuned; the others had no admissible strength
+    picks[("kl", ())] = Pick("weight", 0.1)  # kl tuned; the others had no admissible strength
     plan = plan_study(study, picks=picks)
     cells = {p.config.model_dump_json() for p in plan}
     assert {p.config.task for p in plan} == {"base", "finance", "finance_aligned", "medical",
@@ -40,6 +39,11 @@ def test_the_organism_study_plans_every_run_once_at_its_picks(monkeypatch):
     # a cell two runs share is planned once (a base cell once per task's view of it)
     assert len({(p.config.model_dump_json(), p.view.name) for p in plan}) == len(plan)
     assert len(cells) < len(plan)
+    # a form whose discovery kept no latent is not run (its tuning record says why)
+    picks[("blockem", (("form", "sae"),))] = Pick("lambda", None, "kept no latent")
+    forms = {(p.config.defense_params["form"], p.config.defense_params["selection"])
+             for p in plan_study(study, picks=picks) if p.config.defense == "blockem"}
+    assert forms == {("directions", None), ("sae", "top-delta"), ("sae", "random")}
     del picks[("kl", ())]
     with pytest.raises(ConfigError, match="kl has no pick: add it to the study's tune section"):
         plan_study(study, picks=picks)

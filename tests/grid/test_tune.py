@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from em_bench.cli import main
-from em_bench.errors import ConfigError
+from em_bench.errors import ConfigError, NoLatentKept
 from em_bench.grid import tune as tune_module
 from em_bench.grid.tune import outcome, strength_of, tune_defense
 from em_bench.selection import stored_selections
@@ -69,6 +69,27 @@ def test_tune_holds_other_parameters_fixed_and_stores_them(tmp_path, monkeypatch
         tune_defense(store, "finance", "interleave", [0, 1], fixed={"p": "0.5"})
     assert main(["tune", "--task", "finance", "--defense", "interleave", "--set", "pick=a,b",
                  "--store", str(tmp_path / "store")]) == 2  # one value, not a sweep
+
+
+@pytest.mark.usefixtures("organism")
+def test_a_discovery_that_keeps_nothing_is_stored_as_not_run(tmp_path, monkeypatch, capsys):
+    scripted = _scripted([])
+
+    def run_grid(store, plan, executor=None):
+        if any(p.config.defense == "blockem" for p in plan):
+            raise NoLatentKept("the three-stage screen kept no latent at layer 2")
+        return scripted(store, plan)
+
+    monkeypatch.setattr(tune_module, "run_grid", run_grid)
+    store = open_store(tmp_path / "store")
+    selection = tune_defense(store, "finance", "blockem", [0, 1], fixed={"form": "sae"})
+    assert selection.pick is None and selection.sweep == []
+    assert selection.not_run == "the three-stage screen kept no latent at layer 2"
+    (stored,) = stored_selections(store)
+    assert stored["not_run"] == selection.not_run and stored["fixed"] == {"form": "sae"}
+    assert main(["tune", "--task", "finance", "--defense", "blockem", "--set", "form=sae",
+                 "--store", str(tmp_path / "store")]) == 0
+    assert "not run: the three-stage screen kept no latent at layer 2" in capsys.readouterr().out
 
 
 def test_a_defense_without_a_strength_is_exempt_and_says_so():

@@ -4,6 +4,8 @@ HTTP; the latent set it writes drives blockem's loss on that model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from em_bench.config import SamplingConfig, TrainConfig
 from em_bench.data import write_chat_jsonl
 from em_bench.defenses import make_defenses
 from em_bench.defenses.base import DefenseContext
-from em_bench.errors import ConfigError
+from em_bench.errors import ConfigError, NoLatentKept
 from em_bench.generate.base import Request
 from em_bench.generate.hf import HFBackend
 from em_bench.judge import make_judge
@@ -21,6 +23,8 @@ from em_bench.organism import world
 from em_bench.sae.discover import (
     discover_sae,
     judge_em,
+    nothing_kept,
+    nothing_kept_path,
     probe_fine_tune,
     screen_effect,
     screening_questions,
@@ -125,6 +129,23 @@ def test_the_three_stage_screen_judges_with_an_llm_judge(setup, tmp_path, monkey
     assert all(x.scores["best_effect"] > found.provenance["screen_noise_sd"]
                for x in found.latents)
     assert found.provenance["screen_rule"] == "either"
+
+
+def test_a_screen_that_keeps_nothing_records_the_finding(setup, tmp_path, monkeypatch):
+    """A judge whose verdict never moves: no latent's effect exceeds the screen's noise, so
+    nothing is kept; the finding is written beside the set and read back instead of a rerun."""
+    model, task, sae_dir = setup
+    with serve(ScriptedPolicy(lambda request: Script("90", {"90": 0.0}))) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        with pytest.raises(NoLatentKept, match="three-stage screen kept no latent at layer 0: "
+                                               r"none of 6 candidates .*\+0\.0 points"):
+            discover_sae(model, task, 0, sae_dir, tmp_path / "set.json", k=3, n_candidates=3,
+                         n_questions=8, alphas=(1.0,), judge=make_judge("openai:scripted"))
+    assert not (tmp_path / "set.json").exists()
+    record = nothing_kept_path(tmp_path / "set.json")
+    assert record.name == "set.none.json"
+    assert str(nothing_kept(tmp_path / "set.json")) == json.loads(record.read_text())["reason"]
+    assert nothing_kept(tmp_path / "other.json") is None
 
 
 def test_the_screen_keeps_a_latent_that_both_induces_and_repairs():
