@@ -26,8 +26,8 @@ from em_bench.board.rows import params_label
 from em_bench.board.schema import DERIVED, Column, fmt, lookup, missing
 from em_bench.board.svg import esc
 from em_bench.errors import ConfigError
-from em_bench.selection import stored_selections
 from em_bench.scoring import em_thresholds, judged_frame, ood_answers
+from em_bench.selection import stored_selections
 from em_bench.store import Cell, Store
 
 SAMPLES_PER_CELL = 20  # answers shown on a cell's page, up to half of them misaligned

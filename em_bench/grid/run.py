@@ -132,7 +132,8 @@ def cell_task(root: str, planned: list[PlannedCell], threads: int, log_level: in
 
 def describe(planned: PlannedCell) -> str:
     c = planned.config
-    params = "".join(f" {k}={v}" for k, v in c.defense_params.items() if k != "latents")
+    params = "".join(f" {k}={v}" for k, v in c.defense_params.items()
+                     if k != "latents" and v not in (None, []))  # unset: the default
     return f"{c.task} / {c.defense}{params} / seed {c.seed}"
 
 
