@@ -99,14 +99,21 @@ def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
     """Every combination of the values `defense` takes (its defaults filled in, validated).
 
     A name no chosen defense takes is caught by `check_defense_values`."""
+    mine = split_lists(defense, values)
+    return [check_defense(defense, dict(zip(mine, combo, strict=True)))
+            for combo in itertools.product(*mine.values())]
+
+
+def split_lists(defense: str, values: dict[str, list]) -> dict[str, list]:
+    """`defense`'s own values, each list parameter's items split: they are joined by "+" on the
+    command line and in a study file (`layers=1+2`)."""
     fields = parameter_fields(defense)
     mine = {k: v for k, v in values.items() if k in fields}
-    for k, f in fields.items():  # a list parameter's items are joined by "+" on the command line
+    for k, f in fields.items():
         if k in mine and typing.get_origin(f.annotation) in (list, tuple):
             mine[k] = [v.split("+") if isinstance(v, str) and v != DEFAULT else v
                        for v in mine[k]]
-    return [check_defense(defense, dict(zip(mine, combo, strict=True)))
-            for combo in itertools.product(*mine.values())]
+    return mine
 
 
 def check_defense_values(defenses: list[str], values: dict[str, list]) -> None:

@@ -31,19 +31,22 @@ def test_the_organism_study_plans_every_run_once_at_its_picks(monkeypatch):
                                               "organism-villain40"}
     kl = {p.config.defense_params["weight"] for p in plan if p.config.defense == "kl"}
     assert kl == {0.1}  # every kl cell at the pick, on every organism and task
-    forms = {(p.config.defense_params["form"], p.config.defense_params["selection"])
-             for p in plan if p.config.defense == "blockem"}
-    assert forms == {("directions", None), ("sae", None), ("sae", "top-delta"),
-                     ("sae", "random")}
+    def forms(plan) -> set:
+        return {(p.config.defense_params["form"], p.config.defense_params["selection"],
+                 tuple(p.config.defense_params["layers"]))
+                for p in plan if p.config.defense == "blockem"}
+
+    assert forms(plan) == {("directions", None, ()), ("sae", None, ()), ("sae", None, (3,)),
+                           ("sae", "top-delta", ()), ("sae", "random", ())}
     assert any(p.config.eval_every == 25 and p.config.train.steps == 200 for p in plan)
     # a cell two runs share is planned once (a base cell once per task's view of it)
     assert len({(p.config.model_dump_json(), p.view.name) for p in plan}) == len(plan)
     assert len(cells) < len(plan)
     # a form whose discovery kept no latent is not run (its tuning record says why)
     picks[("blockem", (("form", "sae"),))] = Pick("lambda", None, "kept no latent")
-    forms = {(p.config.defense_params["form"], p.config.defense_params["selection"])
-             for p in plan_study(study, picks=picks) if p.config.defense == "blockem"}
-    assert forms == {("directions", None), ("sae", "top-delta"), ("sae", "random")}
+    assert forms(plan_study(study, picks=picks)) == {
+        ("directions", None, ()), ("sae", None, (3,)), ("sae", "top-delta", ()),
+        ("sae", "random", ())}
     del picks[("kl", ())]
     with pytest.raises(ConfigError, match="kl has no pick: add it to the study's tune section"):
         plan_study(study, picks=picks)

@@ -65,6 +65,10 @@ def test_tune_holds_other_parameters_fixed_and_stores_them(tmp_path, monkeypatch
     assert swept and {c.defense_params["pick"] for c in swept} == {"perplexity_gap"}
     (stored,) = stored_selections(store)
     assert stored["fixed"] == {"pick": "perplexity_gap"}
+    planned.clear()  # a list parameter is held as on the command line: its items joined by +
+    tune_defense(store, "finance", "blockem", [0, 1], fixed={"form": "sae", "layers": "1+3"})
+    assert {tuple(c.defense_params["layers"]) for c in planned if c.defense == "blockem"} == {
+        (1, 3)}
     with pytest.raises(ConfigError, match="cannot also be fixed"):
         tune_defense(store, "finance", "interleave", [0, 1], fixed={"p": "0.5"})
     assert main(["tune", "--task", "finance", "--defense", "interleave", "--set", "pick=a,b",
