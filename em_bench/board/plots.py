@@ -41,12 +41,24 @@ def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float,
         q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points))
 
 
+def largest_frontier(rows: list[dict]) -> tuple[tuple, list[tuple[float, float, str]]]:
+    """The setting of the comparison with the most fine-tune rows (one model, task, budget,
+    judge and questions: a frontier across them means nothing) and its Pareto frontier."""
+    comparisons: dict[tuple, list] = {}
+    for n, r in enumerate(rows, 1):
+        em = _headline_em(r)
+        if r["task"] != "base" and not (missing(em) or missing(r["in_domain"])):
+            comparisons.setdefault(_setting(r), []).append((r["in_domain"], em,
+                                                             row_label(n, r)))
+    setting, points = max(comparisons.items(), key=lambda kv: len(kv[1]), default=((), []))
+    return setting, frontier(points)
+
+
 def tradeoff_plot(rows: list[dict]) -> str:
     """(a) EM (held-out) against in-domain adherence, a point per row coloured by defense, and
-    the Pareto frontier of the fine-tune rows: the trade-off."""
+    the Pareto frontier of the largest comparison: the trade-off."""
     color = colors(r["defense"] for r in rows)
     series: dict[str, Series] = {}
-    tuned = []
     for n, r in enumerate(rows, 1):
         em = _headline_em(r)
         if missing(em) or missing(r["in_domain"]):
@@ -54,9 +66,9 @@ def tradeoff_plot(rows: list[dict]) -> str:
         s = series.setdefault(r["defense"], Series(r["defense"], [], color[r["defense"]],
                                                    line=False, labels=True))
         s.points.append((r["in_domain"], em, row_label(n, r)))
-        if r["task"] != "base":
-            tuned.append((r["in_domain"], em, row_label(n, r)))
-    line = Series("Pareto frontier", frontier(tuned), "#888888", dashed=True, counted=False)
+    setting, points = largest_frontier(rows)
+    name = f"Pareto frontier ({setting[0]} / {setting[1]})" if setting else "Pareto frontier"
+    line = Series(name, points, "#888888", dashed=True, counted=False)
     return xy_plot("plot-tradeoff", "EM (held-out) against in-domain adherence",
                    "in-domain adherence", "EM rate", [*series.values(), line],
                    "no row has both EM and in-domain", xpct=True)

@@ -474,3 +474,21 @@ def test_the_frontier_keeps_the_points_no_other_beats_on_both():
               (0.95, 0.30, "e")]
     # c is beaten by a (more in-domain, less EM); d by b (same EM, more in-domain)
     assert frontier(points) == [(0.8, 0.05, "b"), (0.9, 0.10, "a"), (0.95, 0.30, "e")]
+
+
+def test_the_tradeoff_plot_draws_the_frontier_of_the_largest_comparison_only():
+    from em_bench.board.plots import largest_frontier, tradeoff_plot
+
+    def row(model, defense, in_domain, em):
+        return {"model": model, "task": "finance", "defense": defense, "defense_params": {},
+                "budget": "", "judge": "organism", "split": "evaluation",
+                "questions_sha256": "q", "rai_sha256": "r", "in_domain": in_domain,
+                "em_heldout_mean": em, "em_mean": em, "incoherent": 0.04}
+
+    rows = [row("organism", "none", 0.95, 0.30), row("organism", "kl", 0.90, 0.10),
+            row("organism", "retain", 0.80, 0.20),  # beaten by kl on both
+            row("organism-s1", "none", 0.99, 0.01)]  # another model: beats all, not compared
+    assert "Pareto frontier (organism / finance)" in tradeoff_plot(rows)
+    setting, points = largest_frontier(rows)
+    assert setting[:2] == ("organism", "finance")
+    assert points == [(0.90, 0.10, "#2 finance / kl"), (0.95, 0.30, "#1 finance / none")]
