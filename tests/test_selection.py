@@ -31,8 +31,8 @@ def test_broken_is_half_the_in_domain_or_20_points_of_incoherence():
 
 
 def test_strengths_start_at_a_tenth_and_climb_tenfold_then_five_log_spaced():
-    assert bracket_strengths(1.0) == [0.1, 1.0, 10.0, 100.0]
-    assert bracket_strengths(0.002) == [0.0002, 0.002, 0.02, 0.2]
+    assert bracket_strengths(1.0) == [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
+    assert bracket_strengths(0.002) == [0.0002, 0.002, 0.02, 0.2, 2.0, 20.0]
     # 0.1 .. 10 in five: ratio 10 ** 0.5 each step, three significant digits
     assert sweep_strengths(0.1, 10.0) == [0.1, 0.316, 1.0, 3.16, 10.0]
     assert sweep_strengths(0.1, 0.1) == [0.1]
@@ -69,8 +69,9 @@ def test_tune_brackets_to_the_first_break_sweeps_below_it_and_scores_each_streng
 
 def test_tune_without_a_break_sweeps_the_whole_bracket_and_says_so():
     selection = tune("retain", "beta", 1.0, NONE, _defense(break_at=1e9, calls=[]))
-    assert selection.upper == 100.0 and "no strength up to 100 " in selection.upper_reason
-    assert selection.pick == 100.0
+    assert selection.upper == 1e4 and "no strength up to 10000 " in selection.upper_reason
+    assert [s for s, _ in selection.sweep] == [0.1, 1.78, 31.6, 562.0, 1e4]
+    assert selection.pick == 1e4
 
 
 def test_a_defense_broken_at_its_lowest_strength_has_no_pick():
