@@ -4,8 +4,9 @@ On the selection split, over the given seeds (at least 2 for a published pick), 
 strength (its `strength` parameter: blockem's lambda, retain's beta, kl's weight) is first
 bracketed: from a tenth of its default, climbing tenfold, up to the first strength that breaks
 the fine-tune (in-domain adherence below half of `none`'s, or the incoherent share 20 points
-above it), or 10^4 times the default (a strength that never breaks: the bracket must end). Then 5 log-spaced strengths from the tenth of the default up to that one are scored,
-and the pick is the one with the lowest EM (the largest reduction) among the admissible ones:
+above it), or 10^4 times the default (a strength that never breaks: the bracket must end).
+Then 5 log-spaced strengths from the tenth of the default up to that one are scored, and the
+pick is the one with the lowest EM (the largest reduction) among the admissible ones:
 in-domain adherence at least 90% of the undefended fine-tune's and the incoherent share within 3
 points of it, all as seed means. No admissible strength is a result too, stated on the record.
 

@@ -8,6 +8,7 @@ from em_bench.board.pages import claims_html
 
 def _row(model, defense, em=None, reduction=None, keeps=None, ties=None, params=None,
          task="finance", split="evaluation", train=None):
+    train = train or {"steps": 100, "lr": 0.001}  # a resolved budget, as a cell stores it
     return {"model": model, "task": task, "defense": defense, "split": split, "train": train,
             "defense_params": params or {}, "em_heldout_mean": em,
             "reduction_paired": reduction, "keeps_learning": keeps, "ties_best": ties}
@@ -22,6 +23,7 @@ ROWS = [
     _row("organism-s1", "blockem", reduction=0.70, keeps=True, ties=True),
     _row("organism-s1", "kl", reduction=0.75, keeps=True, ties=True),
     _row("organism-s1", "none", em=0.9, split="selection"),  # tuning rows are not headline rows
+    _row("organism", "none", em=0.05, train={"steps": 200}),  # a longer training's curve row
     _row("organism-s2", "none", em=0.30, task="medical"),  # one model only: no summary
 ]
 
