@@ -103,6 +103,11 @@ def preset_of(model: str) -> ModelPreset | None:
     return PRESETS.get(model) or next((p for p in PRESETS.values() if p.hub_id == model), None)
 
 
+def blockem_of(model: str) -> BlockemDefaults | None:
+    """A model's BLOCK-EM defaults (its preset's), or None (the organism has its own)."""
+    return getattr(preset_of(model), "blockem", None)
+
+
 def merge_preset(model: str, preset: ModelPreset | None, dtype: str | None = None,
                  samples: int | None = None, **train: Any) -> ModelSettings:
     """`model`'s settings: its `preset`'s (None: it has none), then each value given (None: not

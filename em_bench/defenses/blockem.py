@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from em_bench.data import IGNORE_INDEX, collate, device_of
 from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.layers import decoder_layers
+from em_bench.presets import blockem_of
 from em_bench.sae.latents import LatentSet, load_latent_set, readout
 
 BLOCKEM_VERSION = 2  # the penalty's definition (2: an SAE latent is the SAE's own activation)
@@ -210,24 +211,16 @@ def blockem_defaults(params: dict, model: str) -> dict:
     if params["lambda"] is None:
         params = {**params, "lambda": default_lambda(model)}
     if params["form"] is None and not params["latents"]:
-        params = {**params, "form": "sae" if _model_blockem(model) else "directions"}
+        params = {**params, "form": "sae" if blockem_of(model) else "directions"}
     return params
 
 
-def _model_blockem(model: str):
-    """A real model's BLOCK-EM defaults (its preset's), or None."""
-    from em_bench.models import is_organism
-    from em_bench.presets import preset_of
-
-    return None if is_organism(model) else getattr(preset_of(model), "blockem", None)
-
-
 def default_lambda(model: str) -> float:
-    own = _model_blockem(model)
+    own = blockem_of(model)
     if own is not None and own.lam is not None:
         return own.lam
     _needs_defaults(model, "lambda", "it (it depends on the activation scale), e.g. "
-                    "--set lambda=1,10,100", own is not None and own.lam is not None)
+                    "--set lambda=1,10,100", known=False)
     return ORGANISM_LAMBDA
 
 
@@ -264,6 +257,6 @@ def _needs_defaults(model: str, what: str, hint: str, known: bool | None = None)
     from em_bench.models import is_organism
 
     if known is None:
-        known = _model_blockem(model) is not None
+        known = blockem_of(model) is not None
     if not (is_organism(model) or known):
         raise ConfigError(f"defense blockem: {what} has no default for {model}; give {hint}")

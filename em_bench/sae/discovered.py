@@ -52,7 +52,7 @@ def discovery_settings(model: str, form: str = "directions", selection: str | No
     fine-tune whose shift is read (the organism's finance; a real model's own task)."""
     from transformers import AutoConfig
 
-    from em_bench.presets import preset_of
+    from em_bench.presets import blockem_of
 
     if form not in SELECTIONS:
         raise ConfigError(f"latent form {form!r}: expected one of {', '.join(SELECTIONS)}")
@@ -60,7 +60,7 @@ def discovery_settings(model: str, form: str = "directions", selection: str | No
     if selection not in SELECTIONS[form]:
         raise ConfigError(f"the {form} form's selection is one of "
                           f"{', '.join(SELECTIONS[form])}, not {selection!r}")
-    own = None if is_organism(model) else getattr(preset_of(model), "blockem", None)
+    own = blockem_of(model)
     if form == "sae" and not is_organism(model) and own is None:
         raise ConfigError(f"{model} has no default SAE: discover its latents with `em-bench "
                           f"discover --sae ...` and give the sets as latents files")
