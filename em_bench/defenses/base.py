@@ -3,11 +3,12 @@ on the data, the forward pass and the optimizer step."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from em_bench.tasks import TaskSpec
 
@@ -17,6 +18,16 @@ class DefenseParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
                               allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _joined_list(cls, value: Any, info: ValidationInfo) -> Any:
+        """A list parameter given as one string is its items joined by "+", as on the command
+        line and in a study file (`layers=1+3`)."""
+        field = cls.model_fields[info.field_name]
+        if isinstance(value, str) and typing.get_origin(field.annotation) in (list, tuple):
+            return value.split("+")
+        return value
 
 
 @dataclass(frozen=True)

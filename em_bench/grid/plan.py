@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from em_bench.config import CellConfig, TrainConfig
-from em_bench.defenses import COMBINE, DEFAULT, PREFIX, check_defense, components, parameter_fields
+from em_bench.defenses import COMBINE, PREFIX, check_defense, components, parameter_fields
 from em_bench.errors import ConfigError, UnknownNameError
 from em_bench.pipeline import resolve
 from em_bench.tasks import (
@@ -99,21 +98,10 @@ def defense_grid(defense: str, values: dict[str, list]) -> list[dict]:
     """Every combination of the values `defense` takes (its defaults filled in, validated).
 
     A name no chosen defense takes is caught by `check_defense_values`."""
-    mine = split_lists(defense, values)
-    return [check_defense(defense, dict(zip(mine, combo, strict=True)))
-            for combo in itertools.product(*mine.values())]
-
-
-def split_lists(defense: str, values: dict[str, list]) -> dict[str, list]:
-    """`defense`'s own values, each list parameter's items split: they are joined by "+" on the
-    command line and in a study file (`layers=1+2`)."""
     fields = parameter_fields(defense)
     mine = {k: v for k, v in values.items() if k in fields}
-    for k, f in fields.items():
-        if k in mine and typing.get_origin(f.annotation) in (list, tuple):
-            mine[k] = [v.split("+") if isinstance(v, str) and v != DEFAULT else v
-                       for v in mine[k]]
-    return mine
+    return [check_defense(defense, dict(zip(mine, combo, strict=True)))
+            for combo in itertools.product(*mine.values())]
 
 
 def check_defense_values(defenses: list[str], values: dict[str, list]) -> None:

@@ -15,7 +15,7 @@ from em_bench import metrics
 from em_bench.config import CellConfig, canonical_hash
 from em_bench.defenses import check_defense, components, is_combination
 from em_bench.errors import ConfigError, NoLatentKept
-from em_bench.grid.plan import plan_grid, split_lists
+from em_bench.grid.plan import plan_grid
 from em_bench.grid.run import run_grid
 from em_bench.registry import DEFENSES
 from em_bench.selection import Outcome, Selection, not_runnable, tune
@@ -73,9 +73,7 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
     fixed = fixed or {}
     if strength in fixed:
         raise ConfigError(f"tune sweeps {defense}'s {strength}; it cannot also be fixed")
-    given = {**fixed, **{k: v for k, (v,) in split_lists(  # layers=1+2: a list
-        defense, {k: [v] for k, v in fixed.items()}).items()}}
-    default = check_defense(defense, given, model)[strength]
+    default = check_defense(defense, fixed, model)[strength]
     base = CellConfig(model=model, split="selection")
 
     def scored(name: str, values: dict | None = None) -> Outcome:
@@ -93,7 +91,7 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
     key = {"model": model, "task": task, "defense": defense, "seeds": sorted(seeds),
            "train": train_overrides or {}, **({"fixed": fixed} if fixed else {})}
     at = selection.default if selection.pick is None else selection.pick
-    params = check_defense(defense, {**given, strength: str(at)}, model)  # the pick's cells'
+    params = check_defense(defense, {**fixed, strength: str(at)}, model)  # the pick's cells'
     record = {**key, **selection.to_dict(), "params": params}
     atomic_write_json(store.analysis_path("selection", canonical_hash(key)), record)
     return selection

@@ -45,6 +45,17 @@ def test_check_defense_fills_defaults_and_names_bad_input():
         check_defense("none", {"beta": 1})
 
 
+def test_a_list_parameter_given_as_text_is_its_items_joined_by_plus():
+    # every caller (--set, a study file, tune's fixed values, a grid) takes it alike
+    assert check_defense("blockem", {"layers": "1+3"})["layers"] == [1, 3]
+    assert check_defense("blockem", {"layers": "2"})["layers"] == [2]
+    assert check_defense("blockem", {"layers": [0, 2]})["layers"] == [0, 2]
+    assert check_defense("blockem", {"layers": "default"})["layers"] == []
+    assert check_defense("blockem", {"form": "sae"})["form"] == "sae"  # not a list: kept whole
+    with pytest.raises(ConfigError, match=r"layers\.1: Input should be a valid integer"):
+        check_defense("blockem", {"layers": "1+x"})
+
+
 class _ListParams(DefenseParams):
     lam: float = Field(1.0, alias="lambda")
     files: list[str] = Field(default_factory=list)
