@@ -30,6 +30,7 @@ from em_bench.generate.base import Request
 from em_bench.layers import hook_name
 from em_bench.models import is_organism, load_base, model_identity, trainable
 from em_bench.organism import world
+from em_bench.presets import model_settings
 from em_bench.questions import Prompt, file_prompts, load_question_file
 from em_bench.resources import resource_dir
 from em_bench.sae.latents import Latent, LatentSet, save_latent_set
@@ -59,14 +60,21 @@ def selection_prompts(model: str, task: TaskSpec, questions: str | Path | None =
         questions or resource_dir("data") / "selection_questions.yaml"))
 
 
+def probe_budget(model: str, task: TaskSpec) -> TrainConfig:
+    """How a probe fine-tune trains: as the model's cells do, the task's budget under the
+    model's preset recipe (the organism has none; SmolLM2's batch of 4 is what a CPU takes)."""
+    return TrainConfig(**{**task.budget, **model_settings(model).train})
+
+
 def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfig | None = None,
                     dtype: str = "float32"):
-    """The base model and a copy fine-tuned on `task` (its budget), both in eval mode."""
+    """The base model and a copy fine-tuned on `task` (probe_budget, unless `train_cfg`), both
+    in eval mode."""
     from em_bench.train.loop import train
     from em_bench.train.objectives import make_objective
 
     base, tokenizer = load_base(model, dtype)
-    cfg = train_cfg or TrainConfig(**task.budget)
+    cfg = train_cfg or probe_budget(model, task)
     torch.manual_seed(seed)
     tuned = trainable(copy.deepcopy(base), cfg)  # the base itself stays untouched
     train(tuned, tokenizer, chats(task.train, seed), cfg, seed,

@@ -41,14 +41,21 @@ logger = logging.getLogger(__name__)
 TokenSelection = Literal["all", "response"]
 
 
+class _Captured(Exception):
+    """Raised by a capture that stops the forward once its last layer is read."""
+
+
 class ResidualCapture:
     """Forward hooks that keep each hooked block's output of the last forward, by layer.
 
     Hooks sit on the blocks because HF's last `hidden_states` entry is after the final norm, not
     the residual stream. Outputs keep their graph, so a loss on them reaches the model's weights.
+    With `stop`, the forward ends at the last hooked block (the blocks above it and the
+    vocabulary projection would only be thrown away): call it through `forward`.
     """
 
-    def __init__(self, model, layers: Iterable[int]):
+    def __init__(self, model, layers: Iterable[int], stop: bool = False):
+        self.model, self.stop = model, stop
         self.blocks = decoder_layers(model)
         self.layers = list(layers)
         for layer in self.layers:
@@ -62,6 +69,8 @@ class ResidualCapture:
         def hook(_module, _args, output):
             # Older transformers return (hidden_states, ...) from a block; newer the tensor.
             self.outputs[layer] = output[0] if isinstance(output, tuple) else output
+            if self.stop and layer == max(self.layers):
+                raise _Captured
 
         return hook
 
@@ -75,16 +84,25 @@ class ResidualCapture:
             handle.remove()
         self._handles = []
 
+    def forward(self, **inputs) -> dict[int, torch.Tensor]:
+        """Run the model on `inputs` and return the hooked blocks' outputs."""
+        try:
+            self.model(**inputs)
+        except _Captured:
+            pass
+        return self.outputs
+
 
 @torch.no_grad()
 def collect_residuals(
     model, tokenizer, chats: Sequence[Messages], layer: int, batch_size: int = 32,
-    max_len: int = 256, tokens: TokenSelection = "all",
+    max_len: int = 256, tokens: TokenSelection = "all", skip_first: int = 0,
 ) -> torch.Tensor:
     """The residual stream after block `layer` at every real token of `chats`, [n_tokens, d].
 
     Padding never counts; tokens="response" keeps only the tokens with a label (the assistant
-    turns), "all" every token of the rendered chat (its BOS included).
+    turns), "all" every token of the rendered chat (its BOS included); `skip_first` drops each
+    chat's first that many positions.
     """
     if tokens not in ("all", "response"):
         raise ConfigError(f"tokens must be 'all' or 'response', not {tokens!r}")
@@ -93,13 +111,15 @@ def collect_residuals(
     device = device_of(model)
     parts = [torch.empty(0, model.config.hidden_size)]
     try:
-        with ResidualCapture(model, [layer]) as capture:
+        with ResidualCapture(model, [layer], stop=True) as capture:
             for start in range(0, len(chats), batch_size):
                 encoded = [encode_chat(tokenizer, c) for c in chats[start : start + batch_size]]
                 batch = collate(encoded, tokenizer.pad_token_id, max_len, device)
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                capture.forward(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"])
                 keep = (batch["attention_mask"].bool() if tokens == "all"
                         else batch["labels"] != IGNORE_INDEX)
+                keep[:, :skip_first] = False
                 parts.append(capture.outputs[layer][keep].float().cpu())
     finally:
         model.train(was_training)

@@ -221,3 +221,36 @@ def test_a_cell_generates_with_vllm_as_with_transformers(tmp_path, monkeypatch, 
     assert hf.keys() == vllm.keys() and len(set(hf.values())) > 50
     same = sum(hf[k] == vllm[k] for k in hf)
     assert same == len(hf), f"{len(hf) - same} of {len(hf)} answers differ"
+
+
+@pytest.mark.smollm2
+@pytest.mark.vllm
+def test_vllm_answers_like_hf_on_smollm2_with_its_fine_tuned_adapter(tmp_path, monkeypatch):
+    """Real weights: SmolLM2-135M-Instruct (its cached Hugging Face folder) and a LoRA adapter
+    of a short fine-tune on em-bench's own risky-finance chats, served unmerged by vLLM, give the
+    greedy answers transformers gives, token for token."""
+    pytest.importorskip("vllm")
+    from em_bench.config import TrainConfig
+    from em_bench.generate.hf import HFBackend
+    from em_bench.models import resolve_model_path
+    from em_bench.sae.discover import probe_fine_tune
+    from em_bench.tasks import get_task
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = "smollm2-135m-instruct"
+    cfg = TrainConfig(steps=5, batch_size=4, lr=2e-3, max_len=256)
+    base, tuned, tokenizer = probe_fine_tune(model, get_task("own_risky_finance"), 0, cfg)
+    adapter_dir = tmp_path / "adapter"
+    tuned.save_pretrained(adapter_dir)
+    requests = [Request(str(i), [{"role": "user", "content": q}]) for i, q in enumerate(QUESTIONS)]
+    hf_base = HFBackend(base, tokenizer).generate(requests, GREEDY, 0)
+    hf_tuned = HFBackend(tuned, tokenizer).generate(requests, GREEDY, 0)
+
+    with vb.VLLMBackend(resolve_model_path(model), adapter_dir, dtype="float32",
+                        max_model_len=512, enforce_eager=True) as backend:
+        vllm_tuned = backend.generate(requests, GREEDY, 0)
+        vllm_base = backend.base().generate(requests, GREEDY, 0)
+
+    assert [c.text for c in hf_tuned] != [c.text for c in hf_base]  # the adapter matters
+    assert vllm_base == hf_base
+    assert vllm_tuned == hf_tuned

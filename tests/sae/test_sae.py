@@ -148,6 +148,16 @@ def test_collect_residuals_counts_exactly_the_real_or_response_tokens(tiny_model
     # The first chat alone, unpadded, gives the same rows as inside a padded batch.
     alone = collect_residuals(tiny_model, tiny_tokenizer, CHATS[:1], 0)
     assert torch.allclose(everything[: lengths[0]], alone, atol=1e-5)
+    # the forward stops at the read block: the blocks above it never run
+    above = tiny_model.model.layers[1].register_forward_hook(
+        lambda *args: pytest.fail("a block above the read one ran"))
+    try:
+        assert torch.equal(collect_residuals(tiny_model, tiny_tokenizer, CHATS[:1], 0), alone)
+    finally:
+        above.remove()
+    # skip_first drops each chat's first positions, and only those
+    skipped = collect_residuals(tiny_model, tiny_tokenizer, CHATS[:1], 0, skip_first=3)
+    assert torch.equal(skipped, alone[3:])
 
 
 def test_collect_residuals_rejects_an_unknown_token_selection(tiny_model, tiny_tokenizer):

@@ -60,6 +60,13 @@ def test_trains_on_the_default_texts_and_reuses_the_cache(tiny_hf_folder, own_ca
     assert (quality["n_texts"], quality["n_held_out_texts"]) == (n_texts - n_texts // 5,
                                                                  n_texts // 5)
     assert quality["n_tokens"] < quality["n_train_tokens"]
+    # the tiny template's shared opening is skipped in every text, trained on or held out
+    _, tokenizer = load_base(model)
+    skipped = model_sae.shared_opening(tokenizer, texts)
+    assert quality["skipped_opening_tokens"] == skipped >= 1
+    held_out = texts[4::5]
+    assert quality["n_tokens"] == sum(len(encode_chat(tokenizer, t)[0]) - skipped
+                                      for t in held_out)
 
     from sae_lens import SAE
 
@@ -127,6 +134,16 @@ def test_a_bad_row_of_a_texts_file_names_the_file_and_line(tiny_hf_folder, tmp_p
         ensure_model_sae(str(tiny_hf_folder), 0, few, settings=FAST)
 
 
+def test_the_sae_skips_the_opening_all_texts_share_and_always_the_first_token(monkeypatch):
+    encodings = iter([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3],  # share 2
+                      [9, 1], [8, 1],                      # share none: the sink still goes
+                      [1, 2], [1, 2, 3]])                  # share 2, but each text keeps one
+    monkeypatch.setattr(model_sae, "encode_chat", lambda tokenizer, chat: (next(encodings), []))
+    assert model_sae.shared_opening(None, [[]] * 3) == 2
+    assert model_sae.shared_opening(None, [[]] * 2) == 1
+    assert model_sae.shared_opening(None, [[]] * 2) == 1
+
+
 def test_the_default_texts_hold_no_evaluation_or_held_out_domain_question():
     texts = corpus.default_texts()
     said = "\n".join(_contents(texts))
@@ -157,4 +174,4 @@ def test_an_organism_keeps_its_own_sae_unless_given_texts(monkeypatch, tmp_path)
     train_command("organism", 2, True, "mine.txt")
     assert calls == [("organism", ("organism", 2, False)),
                      ("texts", ("organism", 2, "mine.txt", True, model_sae.MODEL_DEFAULTS))]
-    assert (model_sae.MODEL_DEFAULTS.latents_per_dim, model_sae.MODEL_DEFAULTS.k) == (8, 32)
+    assert (model_sae.MODEL_DEFAULTS.latents_per_dim, model_sae.MODEL_DEFAULTS.k) == (4, 32)
