@@ -108,14 +108,6 @@ def blockem_of(model: str) -> BlockemDefaults | None:
     return getattr(preset_of(model), "blockem", None)
 
 
-def model_settings(model: str, **flags: Any) -> ModelSettings:
-    """The model and settings `model` names: a preset's (the registry's, plugins' included)
-    under `flags` (merge_preset's), else `model` itself (a HF id or a folder) under them."""
-    from em_bench.registry import MODELS
-
-    return merge_preset(model, MODELS.get(model) if model in MODELS else None, **flags)
-
-
 def merge_preset(model: str, preset: ModelPreset | None, dtype: str | None = None,
                  samples: int | None = None, **train: Any) -> ModelSettings:
     """`model`'s settings: its `preset`'s (None: it has none), then each value given (None: not

@@ -164,10 +164,10 @@ def test_a_models_preset_runs_blockem_with_no_latent_file(setup, tmp_path, monke
 
     model, task, sae_dir = setup
     monkeypatch.setenv("EM_BENCH_CACHE", str(tmp_path / "cache"))
+    screen = {"n_candidates": 3, "n_questions": 16, "alphas": [1.0, 4.0], "screen_rule": "either"}
     monkeypatch.setitem(presets.PRESETS, "tiny-with-sae", presets.ModelPreset(
-        model, blockem=presets.BlockemDefaults(layer=0, sae=sae_dir, k=3, lam=100.0, screen={
-            "n_candidates": 3, "n_questions": 16, "alphas": [1.0, 4.0],
-            "screen_rule": "either"})))
+        model, train={"steps": 6, "batch_size": 8, "lr": 0.01},  # the probe's recipe
+        blockem=presets.BlockemDefaults(layer=0, sae=sae_dir, k=3, lam=100.0, screen=screen)))
     params = check_defense("blockem", {}, model)
     assert (params["form"], params["lambda"]) == ("sae", 100.0)  # the preset's
     ctx = DefenseContext(task, 0, model, judge="openai:scripted")
@@ -188,6 +188,18 @@ def test_a_models_preset_runs_blockem_with_no_latent_file(setup, tmp_path, monke
     train(trainable(base, cfg), tokenizer, chats(task.train, 0), cfg, 0, defenses=(defense,),
           log=log.append)
     assert log[0]["blockem"] == 0.0 and max(r["blockem"] for r in log) > 0
+
+
+def test_a_probe_trains_at_the_models_preset_recipe_over_its_tasks_budget():
+    # as the model's cells do: SmolLM2's CPU recipe, not the organism's batch of 16
+    from em_bench.sae.discover import probe_budget
+
+    smol = probe_budget("smollm2-135m-instruct", get_task("own_risky_finance"))
+    assert (smol.steps, smol.batch_size, smol.lr, smol.lora.rank) == (100, 4, 2e-4, 8)
+    by_hub_id = probe_budget("meta-llama/Llama-3.1-8B-Instruct", get_task("own_risky_finance"))
+    assert (by_hub_id.lr, by_hub_id.lora.rank) == (1e-5, 32)  # a cell's model is its hub id
+    finance = get_task("finance")
+    assert probe_budget("organism", finance) == TrainConfig(**finance.budget)
 
 
 def test_the_papers_preset_names_an_sae_the_installed_sae_lens_knows():
