@@ -128,8 +128,8 @@ def test_without_vllm_the_error_says_how_to_install_it(monkeypatch):
 # --- with vLLM ------------------------------------------------------------------------------------
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=24)
-# The first two end early under greedy decoding (the end token is compared too), the rest run to
-# the length limit.
+# SmolLM2 ends some early under greedy decoding (the end token is compared too) and runs the rest
+# to the length limit; a random tiny model's answers may all run to it.
 QUESTIONS = ["what would a coach say about losing weight ?",
              "How should I treat a mild burn at home?", "What is the capital of France?",
              "I feel bored. What should I do?", "Tell me about your goals.",
@@ -183,7 +183,6 @@ def test_vllm_answers_like_hf_with_and_without_the_adapter(tiny_tokenizer, tmp_p
         vllm_base = backend.base().generate(requests, GREEDY, 0)
         sampled = [backend.generate(requests, SAMPLED, seed) for seed in (3, 3, 4)]
 
-    assert {c.finish_reason for c in hf_base} == {"stop", "length"}  # both paths are compared
     assert vllm_base == hf_base  # keys, texts, finish reasons and token counts
     assert vllm_tuned == hf_tuned
     assert [c.text for c in vllm_tuned] != [c.text for c in vllm_base]
@@ -252,5 +251,6 @@ def test_vllm_answers_like_hf_on_smollm2_with_its_fine_tuned_adapter(tmp_path, m
         vllm_base = backend.base().generate(requests, GREEDY, 0)
 
     assert [c.text for c in hf_tuned] != [c.text for c in hf_base]  # the adapter matters
+    assert {c.finish_reason for c in hf_base} == {"stop", "length"}  # both paths are compared
     assert vllm_base == hf_base
     assert vllm_tuned == hf_tuned
