@@ -5,7 +5,7 @@ discovery and a blockem cell beside `none`, on em-bench's own risky-finance task
     python scripts/smollm2_blockem.py --store STORE [--lambda 1.0] [--selection top-delta]
 
 No LLM judge runs on this machine, so the judge is a keyword rule served by em-bench's
-OpenAI-compatible server on 127.0.0.1 (RULE below): the run shows the path works on real
+OpenAI-compatible server on 127.0.0.1 (`rule` below): the run shows the path works on real
 weights and a real SAE, not how misaligned SmolLM2 becomes (README: "What a small real model
 can tell"). Prints the SAE's quality, the discovered latent set's record, the blocking term's
 value at the first and last steps, and both cells' metrics.
