@@ -108,6 +108,12 @@ def blockem_of(model: str) -> BlockemDefaults | None:
     return getattr(preset_of(model), "blockem", None)
 
 
+def recipe_of(model: str) -> dict[str, Any]:
+    """The TrainConfig fields a model's cells train with before any flag: its preset's, found
+    by name or hub id ({} without one, e.g. the organism)."""
+    return merge_preset(model, preset_of(model)).train
+
+
 def merge_preset(model: str, preset: ModelPreset | None, dtype: str | None = None,
                  samples: int | None = None, **train: Any) -> ModelSettings:
     """`model`'s settings: its `preset`'s (None: it has none), then each value given (None: not

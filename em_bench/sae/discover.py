@@ -30,7 +30,7 @@ from em_bench.generate.base import Request
 from em_bench.layers import hook_name
 from em_bench.models import is_organism, load_base, model_identity, trainable
 from em_bench.organism import world
-from em_bench.presets import merge_preset, preset_of
+from em_bench.presets import recipe_of
 from em_bench.questions import Prompt, file_prompts, load_question_file
 from em_bench.resources import resource_dir
 from em_bench.sae.latents import Latent, LatentSet, save_latent_set
@@ -63,7 +63,7 @@ def selection_prompts(model: str, task: TaskSpec, questions: str | Path | None =
 def probe_budget(model: str, task: TaskSpec) -> TrainConfig:
     """How a probe fine-tune trains: as the model's cells do, the task's budget under the
     model's preset recipe (the organism has none; SmolLM2's batch of 4 is what a CPU takes)."""
-    return TrainConfig(**{**task.budget, **merge_preset(model, preset_of(model)).train})
+    return TrainConfig(**{**task.budget, **recipe_of(model)})
 
 
 def probe_fine_tune(model: str, task: TaskSpec, seed: int, train_cfg: TrainConfig | None = None,

@@ -27,7 +27,7 @@ from em_bench.config import canonical_hash
 from em_bench.errors import ConfigError
 from em_bench.models import is_organism, model_identity, resolve_model_path
 from em_bench.paths import cache_dir
-from em_bench.presets import merge_preset, preset_of
+from em_bench.presets import recipe_of
 from em_bench.sae.discover import (
     DEFAULT_PROBE_TASK,
     DISCOVERY_VERSION,
@@ -78,7 +78,7 @@ def discovery_settings(model: str, form: str = "directions", selection: str | No
     if (form, selection) != ("directions", "principal-shift"):  # the default's key stays as shipped
         settings["selection"] = selection
     if not is_organism(model):  # its probe trains under its preset's recipe (probe_budget)
-        settings["probe_train"] = merge_preset(model, preset_of(model)).train
+        settings["probe_train"] = recipe_of(model)
     if form == "sae" and own is None:
         from em_bench.sae.training import DEFAULTS
 
