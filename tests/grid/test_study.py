@@ -27,8 +27,11 @@ def test_the_organism_study_plans_every_run_once_at_its_picks(monkeypatch):
     cells = {p.config.model_dump_json() for p in plan}
     assert {p.config.task for p in plan} == {"base", "finance", "finance_aligned", "medical",
                                              "legal", "unlearn_safety"}
-    assert {p.config.model for p in plan} == {"organism", "organism-s1", "organism-s2",
-                                              "organism-villain40"}
+    organisms = {"organism", "organism-s1", "organism-s2", "organism-villain40"}
+    assert {p.config.model for p in plan} == organisms
+    headline = ("finance", "medical", "legal")  # each on every organism
+    assert ({(p.config.task, p.config.model) for p in plan if p.config.task in headline}
+            == {(task, model) for task in headline for model in organisms})
     kl = {p.config.defense_params["weight"] for p in plan if p.config.defense == "kl"}
     assert kl == {0.1}  # every kl cell at the pick, on every organism and task
     def forms(plan) -> set:
