@@ -139,7 +139,8 @@ def _cmd_tune(args) -> int:
         raise ConfigError(f"tune --set {', '.join(sweeps)}: one value each, not a sweep")
     selection = tune_defense(open_store(store_dir(args.store)), args.task, args.defense,
                              args.seeds, args.model, {"steps": args.steps} if args.steps else None,
-                             fixed={name: values[0] for name, values in args.set})
+                             fixed={name: values[0] for name, values in args.set},
+                             judge=_judge_name(args), anchor=args.anchor)
     print(format_selection(selection))
     return 0
 

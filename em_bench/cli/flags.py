@@ -50,7 +50,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     tune.add_argument("--set", type=o.setting, action="append", default=[], metavar="NAME=V",
                       help="another parameter of the defense held at one value through the "
                       "sweep (repeatable), e.g. latents=sae or pick=perplexity_gap")
+    tune.add_argument("--anchor", type=float, help="the strength the sweep starts from (a tenth "
+                      "of it first) in place of the default, for a defense with none on this "
+                      "model, e.g. blockem's lambda on a model with an SAE of its own")
     o.model(tune)
+    o.judge(tune, "organism", judge="the judge that scores every strength's cells, as for "
+            "`em-bench run` (a real model needs an LLM judge: openai with --judge-model)",
+            model="the judge's model name (an LLM judge's)",
+            base_url="the judge API's base URL (else OPENAI_BASE_URL)",
+            deadline="as for `em-bench run` (default: 600)")
     o.store(tune)
 
     plan = sub.add_parser("plan", help="how many seeds and samples a study needs to tell two "

@@ -12,11 +12,12 @@ stored in the store as an analysis, so the leaderboard can show how a row was ch
 from __future__ import annotations
 
 from em_bench import metrics
-from em_bench.config import CellConfig, canonical_hash
+from em_bench.config import CellConfig, SamplingConfig, canonical_hash
 from em_bench.defenses import check_defense, components, is_combination
 from em_bench.errors import ConfigError, NoLatentKept
 from em_bench.grid.plan import plan_grid
 from em_bench.grid.run import run_grid
+from em_bench.presets import merge_preset, preset_of
 from em_bench.registry import DEFENSES
 from em_bench.selection import Outcome, Selection, not_runnable, tune
 from em_bench.store import Store
@@ -52,32 +53,45 @@ def strength_maximum(defense: str, strength: str) -> float | None:
 
 
 def outcome(rows: list[dict], task: str) -> Outcome:
-    """The seed means of a setting's rows in the task's own view."""
+    """The seed means of a setting's rows in the task's own view. EM is the development
+    domains' on the world's suite; a task's question file has no world domains, and its
+    selection questions share no theme with its evaluation ones, so there it is the suite's."""
     own = [r for r in rows if r["task"] == task and r["view"] == task]
     if not own:
         raise ConfigError(f"no scored cell of task {task} among the rows")
 
     def mean(key: str) -> float:
-        return metrics.seed_summary([r[key] for r in own if r[key] is not None])["mean"]
+        return metrics.seed_summary([r[key] for r in own if r.get(key) is not None])["mean"]
 
-    return Outcome(mean("em_development"), mean("in_domain"), mean("incoherent_rate"), len(own))
+    em = "em_development" if any(r.get("em_development") is not None for r in own) else "em_rate"
+    return Outcome(mean(em), mean("in_domain"), mean("incoherent_rate"), len(own))
 
 
 def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
                  model: str = "organism", train_overrides: dict | None = None,
-                 executor=None, fixed: dict[str, str] | None = None) -> Selection:
+                 executor=None, fixed: dict[str, str] | None = None,
+                 judge: str = "organism", anchor: float | None = None) -> Selection:
     """Run the selection rule for `defense` on `task` over `seeds`; store and return it.
-    `fixed`: the defense's other parameters, held at one value through the sweep (blockem's
-    `latents`, interleave's `pick`): each such form is a method of its own, tuned on its own."""
+    The cells train and answer by `model`'s preset (as `em-bench run`'s do), under
+    `train_overrides`, and are scored by `judge`. `fixed`: the defense's other parameters, held
+    at one value through the sweep (blockem's `latents`, interleave's `pick`): each such form is
+    a method of its own, tuned on its own. `anchor`: the strength the rule starts from in place
+    of the default, for a defense whose default is unknown on this model (blockem's lambda on a
+    model with its own SAE); it is stored as the sweep's default."""
     strength = strength_of(defense)
     fixed = fixed or {}
     if strength in fixed:
         raise ConfigError(f"tune sweeps {defense}'s {strength}; it cannot also be fixed")
-    default = check_defense(defense, fixed, model)[strength]
-    base = CellConfig(model=model, split="selection")
+    settings = merge_preset(model, preset_of(model), **(train_overrides or {}))
+    model = settings.model  # a preset's hub id, as its cells name the model
+    anchored = {} if anchor is None else {strength: str(anchor)}
+    default = check_defense(defense, {**fixed, **anchored}, model)[strength]
+    base = CellConfig(model=model, dtype=settings.dtype, split="selection",
+                      sampling=SamplingConfig(**settings.sampling), judge=judge,
+                      metrics={"em_definition": settings.em_definition(judge)})
 
     def scored(name: str, values: dict | None = None) -> Outcome:
-        plan = plan_grid(base, [task], [name], seeds, train_overrides, defense_values=values)
+        plan = plan_grid(base, [task], [name], seeds, settings.train, defense_values=values)
         return outcome(run_grid(store, plan, executor), task)
 
     held = {name: [value] for name, value in fixed.items()}
@@ -89,7 +103,9 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
     except NoLatentKept as e:  # nothing to block at any strength: a finding, stored as one
         selection = not_runnable(defense, strength, default, none, str(e))
     key = {"model": model, "task": task, "defense": defense, "seeds": sorted(seeds),
-           "train": train_overrides or {}, **({"fixed": fixed} if fixed else {})}
+           "train": train_overrides or {}, **({"fixed": fixed} if fixed else {}),
+           **({"judge": judge} if judge != "organism" else {}),  # the organism's: older keys
+           **({"anchor": anchor} if anchor is not None else {})}
     at = selection.default if selection.pick is None else selection.pick
     params = check_defense(defense, {**fixed, strength: str(at)}, model)  # the pick's cells'
     record = {**key, **selection.to_dict(), "params": params}

@@ -9,6 +9,7 @@ import pytest
 from em_bench.cli import main
 from em_bench.errors import ConfigError, NoLatentKept
 from em_bench.grid import tune as tune_module
+from em_bench.grid.plan import plan_grid
 from em_bench.grid.tune import outcome, strength_of, tune_defense
 from em_bench.selection import stored_selections
 from em_bench.store import open_store
@@ -52,6 +53,44 @@ def test_tune_runs_selection_cells_for_each_strength_and_stores_the_pick(tmp_pat
     out = capsys.readouterr().out
     assert "3.16   10.1%      80.0%       10.0%  <- pick" in out and "pick: 3.16" in out
     assert len(stored_selections(store)) == 1  # the same tuning, stored once
+
+
+def test_tune_on_a_preset_model_trains_answers_and_judges_as_its_run_would(tmp_path,
+                                                                           monkeypatch):
+    planned = []
+    scripted = _scripted(planned)
+
+    def file_suite(store, plan, executor=None):  # a task's question file: no world domains
+        return [{**{k: v for k, v in r.items() if k != "em_development"},
+                 "em_rate": r["em_development"]} for r in scripted(store, plan)]
+
+    monkeypatch.setattr(tune_module, "run_grid", file_suite)
+    # planned without reading the model (its weights are not on this machine) or its data
+    monkeypatch.setattr(tune_module, "plan_grid", lambda *a, **kw: plan_grid(
+        *a, **kw, resolve_cells=False))
+    store = open_store(tmp_path / "store")
+    tune_defense(store, "real_finance", "kl", [0, 1], "llama-3.1-8b-instruct",
+                 train_overrides={"steps": 3}, judge="openai:a-judge")
+    assert {c.model for c in planned} == {"meta-llama/Llama-3.1-8B-Instruct"}
+    assert {(c.judge, c.metrics.em_definition, c.dtype) for c in planned} == {
+        ("openai:a-judge", "rubric", "bfloat16")}  # the preset's EM definition for an LLM judge
+    assert {c.sampling.max_new_tokens for c in planned} == {600}
+    trained = {(c.train.steps, c.train.epochs, c.train.lora.rank, c.train.max_len)
+               for c in planned if c.task == "real_finance"}
+    assert trained == {(3, None, 32, 2048)}  # the preset's recipe, the steps given over it
+    (stored,) = stored_selections(store)
+    assert stored["pick"] == 3.16  # EM from the suite's rate, as from the development domains'
+    assert (stored["model"], stored["judge"]) == ("meta-llama/Llama-3.1-8B-Instruct",
+                                                  "openai:a-judge")
+    # a strength with no default on this model is swept from an anchor, stored as the default
+    with pytest.raises(ConfigError, match="lambda"):
+        tune_defense(store, "own_risky_finance", "blockem", [0, 1], "smollm2-135m-instruct")
+    planned.clear()
+    selection = tune_defense(store, "own_risky_finance", "blockem", [0, 1],
+                             "smollm2-135m-instruct", judge="openai:a-judge", anchor=2.0)
+    assert min(c.defense_params["lambda"] for c in planned if c.defense == "blockem") == 0.2
+    assert selection.default == 2.0
+    assert {s["anchor"] for s in stored_selections(store) if s["defense"] == "blockem"} == {2.0}
 
 
 @pytest.mark.usefixtures("organism")
