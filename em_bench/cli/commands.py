@@ -125,7 +125,8 @@ def _cmd_study(args) -> int:
     from em_bench.store import open_store
 
     study = load_study(args.name)
-    index = run_study(study, open_store(store_dir(args.store)), args.out, args.model)
+    index = run_study(study, open_store(store_dir(args.store)), args.out, args.model,
+                      _judge_name(args))
     print(f"study {study.name}: {index}")
     return 0
 

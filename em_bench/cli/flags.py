@@ -7,6 +7,13 @@ from pathlib import Path
 
 from em_bench.cli import options as o
 
+# the judge of the cells a study or a tuning runs (its help, shared by both commands)
+SCORING_JUDGE = dict(
+    judge="the judge that scores the cells, as for `em-bench run` (a real model needs an LLM "
+    "judge: openai with --judge-model)", model="the judge's model name (an LLM judge's)",
+    base_url="the judge API's base URL (else OPENAI_BASE_URL)",
+    deadline="as for `em-bench run` (default: 600)")
+
 # --- the parser --------------------------------------------------------------------------------
 
 
@@ -37,6 +44,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     o.model(study)
     study.add_argument("--out", type=Path, default=Path("leaderboard"),
                        help="the HTML leaderboard's folder (default: leaderboard/)")
+    o.judge(study, "organism", **SCORING_JUDGE)
     o.store(study)
 
     tune = sub.add_parser("tune", help="pick a defense's strength by the selection rule (on "
@@ -54,11 +62,7 @@ def parser(description: str) -> argparse.ArgumentParser:
                       "of it first) in place of the default, for a defense with none on this "
                       "model, e.g. blockem's lambda on a model with an SAE of its own")
     o.model(tune)
-    o.judge(tune, "organism", judge="the judge that scores every strength's cells, as for "
-            "`em-bench run` (a real model needs an LLM judge: openai with --judge-model)",
-            model="the judge's model name (an LLM judge's)",
-            base_url="the judge API's base URL (else OPENAI_BASE_URL)",
-            deadline="as for `em-bench run` (default: 600)")
+    o.judge(tune, "organism", **SCORING_JUDGE)
     o.store(tune)
 
     plan = sub.add_parser("plan", help="how many seeds and samples a study needs to tell two "

@@ -25,6 +25,7 @@ from em_bench.defenses import components, is_combination
 from em_bench.errors import ConfigError, UnknownNameError, load_yaml_model
 from em_bench.grid.plan import PlannedCell, plan_grid
 from em_bench.grid.run import run_grid
+from em_bench.presets import merge_preset, preset_of
 from em_bench.resources import resource_dir
 from em_bench.store import Store
 
@@ -129,24 +130,27 @@ def picked_values(defense: str, fixed: dict[str, list], picks: Picks) -> dict[st
     return values
 
 
-def plan_study(study: Study, model: str = "organism", picks: Picks | None = None
-               ) -> list[PlannedCell]:
+def plan_study(study: Study, model: str = "organism", picks: Picks | None = None,
+               judge: str = "organism") -> list[PlannedCell]:
     """Every run's cells, planned (and so checked) before any of them runs; a cell two runs
-    share is planned once. `picks`: the tuned strengths a picked run needs."""
+    share is planned once. `picks`: the tuned strengths a picked run needs. Each model's cells
+    train and answer by its preset under the run's steps and samples (as `em-bench run`'s do)
+    and are scored by `judge`."""
     plan, seen = [], set()
     for run in study.runs:
-        sampling = SamplingConfig(**({"samples_per_question": run.samples} if run.samples
-                                     else {}))
-        overrides = {"steps": run.steps} if run.steps else {}
         sweeps = ([(d, values) for d in run.defenses
                    if (values := picked_values(d, run.set, picks or {})) is not None]
                   if run.picked else
                   [(run.defenses, {k: [str(v) for v in vs] for k, vs in run.set.items()})])
         for name in run.models or [model]:
-            base = CellConfig(model=name, sampling=sampling, eval_every=run.eval_every)
+            settings = merge_preset(name, preset_of(name), samples=run.samples, steps=run.steps)
+            base = CellConfig(model=settings.model, dtype=settings.dtype,
+                              sampling=SamplingConfig(**settings.sampling),
+                              eval_every=run.eval_every, judge=judge,
+                              metrics={"em_definition": settings.em_definition(judge)})
             for defenses, values in sweeps:
                 defenses = [defenses] if isinstance(defenses, str) else defenses
-                for planned in plan_grid(base, run.tasks, defenses, run.seeds, overrides,
+                for planned in plan_grid(base, run.tasks, defenses, run.seeds, settings.train,
                                          defense_values=values):
                     key = (planned.config.model_dump_json(), planned.view.name)
                     if key not in seen:
@@ -155,7 +159,8 @@ def plan_study(study: Study, model: str = "organism", picks: Picks | None = None
     return plan
 
 
-def tune_study(study: Study, store: Store, model: str = "organism") -> Picks:
+def tune_study(study: Study, store: Store, model: str = "organism",
+               judge: str = "organism") -> Picks:
     """Tune every defense of the study's tune section (cells run or resumed in the store)."""
     from em_bench.grid.tune import tune_defense
 
@@ -165,12 +170,14 @@ def tune_study(study: Study, store: Store, model: str = "organism") -> Picks:
     picks = {}
     for tuned in t.defenses:
         selection = tune_defense(store, t.task, tuned.defense, t.seeds, t.model or model,
-                                 {"steps": t.steps} if t.steps else None, fixed=tuned.set)
+                                 {"steps": t.steps} if t.steps else None, fixed=tuned.set,
+                                 judge=judge)
         picks[tuned.key()] = Pick(selection.strength, selection.pick, selection.not_run)
     return picks
 
 
-def run_study(study: Study, store: Store, out: Path, model: str = "organism") -> Path:
+def run_study(study: Study, store: Store, out: Path, model: str = "organism",
+              judge: str = "organism") -> Path:
     """Tune, run every cell of the study, then write the store's HTML leaderboard to `out` (a
     folder it may not write to fails first, before any cell runs)."""
     from em_bench.board.site import check_out, write_html
@@ -179,7 +186,7 @@ def run_study(study: Study, store: Store, out: Path, model: str = "organism") ->
     # every run planned first with each tuned defense at its default: a typo fails now, not
     # after hours of tuning
     plan_study(study, model, {tuned.key(): Pick("", None) for tuned in
-                              (study.tune.defenses if study.tune else [])})
-    picks = tune_study(study, store, model)
-    run_grid(store, plan_study(study, model, picks))
+                              (study.tune.defenses if study.tune else [])}, judge)
+    picks = tune_study(study, store, model, judge)
+    run_grid(store, plan_study(study, model, picks, judge))
     return write_html(store, out)

@@ -6,7 +6,7 @@ import pytest
 
 from em_bench.board.rows import leaderboard_rows
 from em_bench.errors import ConfigError, UnknownNameError
-from em_bench.grid.study import Pick, load_study, plan_study, run_study
+from em_bench.grid.study import Pick, Study, load_study, plan_study, run_study
 from em_bench.registry import DEFENSES
 from em_bench.store import open_store
 
@@ -53,6 +53,26 @@ def test_the_organism_study_plans_every_run_once_at_its_picks(monkeypatch):
     del picks[("kl", ())]
     with pytest.raises(ConfigError, match="kl has no pick: add it to the study's tune section"):
         plan_study(study, picks=picks)
+
+
+def test_a_study_on_a_preset_model_trains_answers_and_judges_as_its_run_would(monkeypatch):
+    from em_bench.grid import study as study_module
+    from em_bench.grid.plan import plan_grid
+
+    # planned without reading the model (its weights are not on this machine) or its data
+    monkeypatch.setattr(study_module, "plan_grid", lambda *a, **kw: plan_grid(
+        *a, **kw, resolve_cells=False))
+    study = Study.model_validate({"name": "real", "runs": [
+        {"tasks": ["real_finance"], "defenses": ["none", "kl"], "seeds": [0], "steps": 3,
+         "samples": 2}]})
+    plan = plan_study(study, "llama-3.1-8b-instruct", judge="openai:a-judge")
+    assert {(c.model, c.dtype, c.judge, c.metrics.em_definition) for c in
+            (p.config for p in plan)} == {
+        ("meta-llama/Llama-3.1-8B-Instruct", "bfloat16", "openai:a-judge", "rubric")}
+    assert {(p.config.sampling.samples_per_question, p.config.sampling.max_new_tokens)
+            for p in plan} == {(2, 600)}
+    assert {(p.config.train.steps, p.config.train.lora.rank) for p in plan
+            if p.config.task == "real_finance"} == {(3, 32)}  # the preset's recipe, steps over it
 
 
 def test_a_study_names_its_problems(tmp_path):
