@@ -141,7 +141,8 @@ def _cmd_tune(args) -> int:
     selection = tune_defense(open_store(store_dir(args.store)), args.task, args.defense,
                              args.seeds, args.model, {"steps": args.steps} if args.steps else None,
                              fixed={name: values[0] for name, values in args.set},
-                             judge=_judge_name(args), anchor=args.anchor)
+                             judge=_judge_name(args), anchor=args.anchor,
+                             include=args.include)
     print(format_selection(selection))
     return 0
 

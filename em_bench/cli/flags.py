@@ -62,6 +62,7 @@ def parser(description: str) -> argparse.ArgumentParser:
                       "of it first) in place of the default, for a defense with none on this "
                       "model, e.g. blockem's lambda on a model with an SAE of its own")
     o.model(tune)
+    o.include(tune, "also find tasks in this folder of task YAMLs (repeatable)")
     o.judge(tune, "organism", **SCORING_JUDGE)
     o.store(tune)
 

@@ -11,6 +11,8 @@ stored in the store as an analysis, so the leaderboard can show how a row was ch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from em_bench import metrics
 from em_bench.config import CellConfig, SamplingConfig, canonical_hash
 from em_bench.defenses import check_defense, components, is_combination
@@ -70,14 +72,16 @@ def outcome(rows: list[dict], task: str) -> Outcome:
 def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
                  model: str = "organism", train_overrides: dict | None = None,
                  executor=None, fixed: dict[str, str] | None = None,
-                 judge: str = "organism", anchor: float | None = None) -> Selection:
+                 judge: str = "organism", anchor: float | None = None,
+                 include: tuple[Path, ...] | list[Path] = ()) -> Selection:
     """Run the selection rule for `defense` on `task` over `seeds`; store and return it.
     The cells train and answer by `model`'s preset (as `em-bench run`'s do), under
     `train_overrides`, and are scored by `judge`. `fixed`: the defense's other parameters, held
     at one value through the sweep (blockem's `latents`, interleave's `pick`): each such form is
     a method of its own, tuned on its own. `anchor`: the strength the rule starts from in place
     of the default, for a defense whose default is unknown on this model (blockem's lambda on a
-    model with its own SAE); it is stored as the sweep's default."""
+    model with its own SAE); it is stored as the sweep's default. `include`: folders of task
+    YAMLs where `task` may be found (as for `em-bench run`)."""
     strength = strength_of(defense)
     fixed = fixed or {}
     if strength in fixed:
@@ -91,7 +95,8 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
                       metrics={"em_definition": settings.em_definition(judge)})
 
     def scored(name: str, values: dict | None = None) -> Outcome:
-        plan = plan_grid(base, [task], [name], seeds, settings.train, defense_values=values)
+        plan = plan_grid(base, [task], [name], seeds, settings.train, include,
+                         defense_values=values)
         return outcome(run_grid(store, plan, executor), task)
 
     held = {name: [value] for name, value in fixed.items()}
