@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from em_bench.config import CellConfig, SamplingConfig
+
 _EM_RECIPE = {
     "epochs": 1, "batch_size": 16, "grad_accum": 8, "lr": 1e-5, "warmup_steps": 5,
     "schedule": "linear", "weight_decay": 0.01, "max_len": 2048, "gradient_checkpointing": True,
@@ -96,6 +98,14 @@ class ModelSettings:
     def em_definition(self, judge: str | None) -> str:
         """EM's definition for a run judged by `judge` (None or organism: the organism's)."""
         return "alignment" if judge in (None, "organism") else self.llm_em_definition
+
+    def cell(self, judge: str = "organism", **fields: Any) -> CellConfig:
+        """A cell of this model as its settings make it (the training recipe excepted: a grid's
+        cells take it with their task's budget), scored by `judge` with the EM definition that
+        judge takes; `fields`: the cell's other CellConfig fields, over these."""
+        return CellConfig(**{"model": self.model, "dtype": self.dtype,
+                             "sampling": SamplingConfig(**self.sampling), "judge": judge,
+                             "metrics": {"em_definition": self.em_definition(judge)}, **fields})
 
 
 def preset_of(model: str) -> ModelPreset | None:

@@ -58,7 +58,6 @@ def _cmd_rejudge(args) -> int:
 
 def _cmd_run(args) -> int:
     from em_bench.board.tables import format_table
-    from em_bench.config import CellConfig, SamplingConfig
     from em_bench.grid import cost
     from em_bench.grid.executors import ExecutorChoice, run_grid_on
     from em_bench.grid.plan import plan_grid
@@ -69,17 +68,16 @@ def _cmd_run(args) -> int:
                               args.slurm_time_minutes, args.slurm_folder, args.break_locks)
     settings = _settings(args.model, dtype=args.dtype, samples=args.samples, steps=args.steps,
                          lr=args.lr, grad_accum=args.grad_accum, processes=args.processes)
-    sampling = SamplingConfig(**settings.sampling)
     if args.generate_base_url:
         os.environ["EM_BENCH_GENERATE_BASE_URL"] = args.generate_base_url
-    base = CellConfig(model=settings.model, dtype=settings.dtype,
-                      backend=args.backend, tensor_parallel=args.tensor_parallel,
-                      sampling=sampling, split=args.split,
-                      eval_every=args.eval_every, judge=_judge_name(args), jury=tuple(args.jury),
-                      metrics={"em_definition": args.em_definition
-                               or settings.em_definition(_judge_name(args))},
-                      lm_eval={"general": tuple(args.general), "limit": args.lm_eval_limit},
-                      rai_suite=None if args.rai_suite is None else str(args.rai_suite.resolve()))
+    judge = _judge_name(args)
+    base = settings.cell(judge, backend=args.backend, tensor_parallel=args.tensor_parallel,
+                         split=args.split, eval_every=args.eval_every, jury=tuple(args.jury),
+                         lm_eval={"general": tuple(args.general), "limit": args.lm_eval_limit},
+                         rai_suite=None if args.rai_suite is None
+                         else str(args.rai_suite.resolve()),
+                         **({"metrics": {"em_definition": args.em_definition}}
+                            if args.em_definition else {}))
     if args.dry_run:  # planning would build an organism not built here; a dry run builds none
         cost.refuse_unbuilt_organism(settings.model)
     plan = plan_grid(base, args.task, args.defense, args.seeds, settings.train, args.include,

@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from em_bench.config import CellConfig, SamplingConfig
 from em_bench.defenses import components, is_combination
 from em_bench.errors import ConfigError, UnknownNameError, load_yaml_model
 from em_bench.grid.plan import PlannedCell, plan_grid
@@ -144,10 +143,7 @@ def plan_study(study: Study, model: str = "organism", picks: Picks | None = None
                   [(run.defenses, {k: [str(v) for v in vs] for k, vs in run.set.items()})])
         for name in run.models or [model]:
             settings = merge_preset(name, preset_of(name), samples=run.samples, steps=run.steps)
-            base = CellConfig(model=settings.model, dtype=settings.dtype,
-                              sampling=SamplingConfig(**settings.sampling),
-                              eval_every=run.eval_every, judge=judge,
-                              metrics={"em_definition": settings.em_definition(judge)})
+            base = settings.cell(judge, eval_every=run.eval_every)
             for defenses, values in sweeps:
                 defenses = [defenses] if isinstance(defenses, str) else defenses
                 for planned in plan_grid(base, run.tasks, defenses, run.seeds, settings.train,

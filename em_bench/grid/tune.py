@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from em_bench import metrics
-from em_bench.config import CellConfig, SamplingConfig, canonical_hash
+from em_bench.config import canonical_hash
 from em_bench.defenses import check_defense, components, is_combination
 from em_bench.errors import ConfigError, NoLatentKept
 from em_bench.grid.plan import plan_grid
@@ -90,9 +90,7 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
     model = settings.model  # a preset's hub id, as its cells name the model
     anchored = {} if anchor is None else {strength: str(anchor)}
     default = check_defense(defense, {**fixed, **anchored}, model)[strength]
-    base = CellConfig(model=model, dtype=settings.dtype, split="selection",
-                      sampling=SamplingConfig(**settings.sampling), judge=judge,
-                      metrics={"em_definition": settings.em_definition(judge)})
+    base = settings.cell(judge, split="selection")
 
     def scored(name: str, values: dict | None = None) -> Outcome:
         plan = plan_grid(base, [task], [name], seeds, settings.train, include,
