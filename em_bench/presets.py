@@ -108,22 +108,6 @@ class ModelSettings:
                              "metrics": {"em_definition": self.em_definition(judge)}, **fields})
 
 
-def preset_of(model: str) -> ModelPreset | None:
-    """The preset a model runs under: by its name, or by the hub id a name resolved to."""
-    return PRESETS.get(model) or next((p for p in PRESETS.values() if p.hub_id == model), None)
-
-
-def blockem_of(model: str) -> BlockemDefaults | None:
-    """A model's BLOCK-EM defaults (its preset's), or None (the organism has its own)."""
-    return getattr(preset_of(model), "blockem", None)
-
-
-def recipe_of(model: str) -> dict[str, Any]:
-    """The TrainConfig fields a model's cells train with before any flag: its preset's, found
-    by name or hub id ({} without one, e.g. the organism)."""
-    return merge_preset(model, preset_of(model)).train
-
-
 def merge_preset(model: str, preset: ModelPreset | None, dtype: str | None = None,
                  samples: int | None = None, **train: Any) -> ModelSettings:
     """`model`'s settings: its `preset`'s (None: it has none), then each value given (None: not

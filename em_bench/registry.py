@@ -26,7 +26,7 @@ from importlib import metadata
 from typing import Any
 
 from em_bench.errors import UnknownNameError
-from em_bench.presets import PRESETS
+from em_bench.presets import PRESETS, BlockemDefaults, ModelPreset, ModelSettings, merge_preset
 
 logger = logging.getLogger(__name__)
 
@@ -141,4 +141,30 @@ BACKENDS = Registry("backends", {
     "vllm": "em_bench.generate.vllm_backend:make_backend",
     "openai": "em_bench.generate.openai_api:make_backend",
 })
-MODELS = Registry("models", dict(PRESETS))
+MODELS = Registry("models", PRESETS)
+
+
+def preset_of(model: str) -> ModelPreset | None:
+    """The preset a model runs under, built-in or a plugin's: by its name, or by the hub id a
+    name resolved to (a cell names its model by the hub id)."""
+    if model in MODELS:
+        return MODELS.get(model)
+    return next((p for p in map(MODELS.get, MODELS.names())
+                 if getattr(p, "hub_id", None) == model), None)
+
+
+def model_settings(model: str, **flags: Any) -> ModelSettings:
+    """What `model` loads and how it trains and samples: its preset's, under `flags`
+    (presets.merge_preset's); the same for every command, a tuning and a study."""
+    return merge_preset(model, preset_of(model), **flags)
+
+
+def blockem_of(model: str) -> BlockemDefaults | None:
+    """A model's BLOCK-EM defaults (its preset's), or None (the organism has its own)."""
+    return getattr(preset_of(model), "blockem", None)
+
+
+def recipe_of(model: str) -> dict[str, Any]:
+    """The TrainConfig fields a model's cells train with before any flag: its preset's ({}
+    without one, e.g. the organism)."""
+    return model_settings(model).train

@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from em_bench.cli import main as em_bench
-    from em_bench.presets import blockem_of
+    from em_bench.registry import blockem_of
     from em_bench.sae.discovered import discovered_sets, discovery_settings
     from em_bench.sae.model_sae import train_command
     from em_bench.serve import ScriptedPolicy, serve

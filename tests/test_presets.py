@@ -3,7 +3,8 @@ default only when an LLM judges."""
 
 from __future__ import annotations
 
-from em_bench.presets import PRESETS, merge_preset, preset_of
+from em_bench.presets import PRESETS, merge_preset
+from em_bench.registry import preset_of
 
 
 def test_a_preset_is_found_by_its_name_or_its_hub_id():
@@ -28,3 +29,21 @@ def test_the_cpu_preset_sizes_a_cell_for_a_cpu():
     assert smol.sampling["max_new_tokens"] == 64
     assert merge_preset("smollm2-135m-instruct", PRESETS["smollm2-135m-instruct"],
                         steps=3).train["steps"] == 3
+
+
+def test_a_plugins_preset_is_found_like_a_built_in_one(tmp_path, monkeypatch):
+    from tests.helpers import install_plugin
+
+    install_plugin(tmp_path / "site", "mymodels", {"__init__.py": (
+        "from em_bench.presets import ModelPreset\n"
+        "TINY = ModelPreset('me/tiny-chat', train={'batch_size': 2}, params_b=0.01)\n")},
+        {"em_bench.models": {"tiny-chat": "mymodels:TINY"}})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    from em_bench.grid.cost import params_billions
+    from em_bench.registry import model_settings, recipe_of
+
+    assert preset_of("tiny-chat") is preset_of("me/tiny-chat") is not None
+    # what every command, a tuning and a study take from it: its hub id and its recipe
+    assert model_settings("tiny-chat").model == "me/tiny-chat"
+    assert recipe_of("me/tiny-chat") == {"batch_size": 2}
+    assert params_billions("me/tiny-chat") == 0.01

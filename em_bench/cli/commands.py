@@ -11,15 +11,7 @@ import sys
 from pathlib import Path
 
 from em_bench.errors import ConfigError, UnknownNameError
-
-
-def _settings(model: str, **flags):
-    """The model and settings `model` names: a preset's (the registry's, plugins' included)
-    under `flags`, else `model` itself (a HF id or a folder) under them."""
-    from em_bench.presets import merge_preset
-    from em_bench.registry import MODELS
-
-    return merge_preset(model, MODELS.get(model) if model in MODELS else None, **flags)
+from em_bench.registry import model_settings
 
 
 def _judge_name(args) -> str | None:
@@ -66,7 +58,7 @@ def _cmd_run(args) -> int:
 
     executor = ExecutorChoice(args.executor, args.ray_address, args.slurm_partition,
                               args.slurm_time_minutes, args.slurm_folder, args.break_locks)
-    settings = _settings(args.model, dtype=args.dtype, samples=args.samples, steps=args.steps,
+    settings = model_settings(args.model, dtype=args.dtype, samples=args.samples, steps=args.steps,
                          lr=args.lr, grad_accum=args.grad_accum, processes=args.processes)
     if args.generate_base_url:
         os.environ["EM_BENCH_GENERATE_BASE_URL"] = args.generate_base_url
@@ -110,7 +102,7 @@ def _cmd_refusals(args) -> int:
     for d in args.domain:
         if d not in RAI_DOMAINS:
             raise UnknownNameError("RAI domain", d, list(RAI_DOMAINS))
-    model = _settings(args.model).model
+    model = model_settings(args.model).model
     chats = refusal_chats(open_store(store_dir(args.store), create=False), model, args.domain)
     write_chat_jsonl(args.out, chats)
     print(f"{args.out}: {len(chats)} refusals of {', '.join(args.domain)} requests")
@@ -368,7 +360,7 @@ def _cmd_discover(args) -> int:
     if args.form == "directions" and (judge_name or args.sae):
         raise ConfigError("--judge and --sae are the SAE form's; --form directions takes neither")
     task = get_task(args.task, args.include)
-    settings = _settings(args.model, dtype=args.dtype)
+    settings = model_settings(args.model, dtype=args.dtype)
     if args.form == "directions":
         selection = "random" if args.selection == "random" else "principal-shift"
         paths = discover_directions(settings.model, task, args.layer, args.k, args.seed,

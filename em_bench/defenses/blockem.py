@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from em_bench.data import IGNORE_INDEX, collate, device_of
 from em_bench.defenses.base import DefenseContext, DefenseParams
 from em_bench.layers import decoder_layers
-from em_bench.presets import blockem_of
+from em_bench.registry import blockem_of
 from em_bench.sae.latents import LatentSet, load_latent_set, readout
 
 BLOCKEM_VERSION = 2  # the penalty's definition (2: an SAE latent is the SAE's own activation)

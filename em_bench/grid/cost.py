@@ -104,15 +104,11 @@ def params_billions(model: str) -> float | None:
     """`model`'s size in billions of parameters: the organism's from its recipe, a preset's
     (by name or Hugging Face id) as it declares; None for any other model."""
     from em_bench.organism.recipe import PRESETS as ORGANISMS
-    from em_bench.registry import MODELS
+    from em_bench.registry import preset_of
 
     if model in ORGANISMS:
         return organism_params(ORGANISMS[model]) / 1e9
-    for name in MODELS.names():
-        preset = MODELS.get(name)
-        if model in (name, getattr(preset, "hub_id", None)):
-            return getattr(preset, "params_b", None)
-    return None
+    return getattr(preset_of(model), "params_b", None)
 
 
 def refuse_unbuilt_organism(model: str) -> None:

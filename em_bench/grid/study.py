@@ -24,7 +24,7 @@ from em_bench.defenses import components, is_combination
 from em_bench.errors import ConfigError, UnknownNameError, load_yaml_model
 from em_bench.grid.plan import PlannedCell, plan_grid
 from em_bench.grid.run import run_grid
-from em_bench.presets import merge_preset, preset_of
+from em_bench.registry import model_settings
 from em_bench.resources import resource_dir
 from em_bench.store import Store
 
@@ -142,7 +142,7 @@ def plan_study(study: Study, model: str = "organism", picks: Picks | None = None
                   if run.picked else
                   [(run.defenses, {k: [str(v) for v in vs] for k, vs in run.set.items()})])
         for name in run.models or [model]:
-            settings = merge_preset(name, preset_of(name), samples=run.samples, steps=run.steps)
+            settings = model_settings(name, samples=run.samples, steps=run.steps)
             base = settings.cell(judge, eval_every=run.eval_every)
             for defenses, values in sweeps:
                 defenses = [defenses] if isinstance(defenses, str) else defenses

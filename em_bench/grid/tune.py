@@ -19,8 +19,7 @@ from em_bench.defenses import check_defense, components, is_combination
 from em_bench.errors import ConfigError, NoLatentKept
 from em_bench.grid.plan import plan_grid
 from em_bench.grid.run import run_grid
-from em_bench.presets import merge_preset, preset_of
-from em_bench.registry import DEFENSES
+from em_bench.registry import DEFENSES, model_settings
 from em_bench.selection import Outcome, Selection, not_runnable, tune
 from em_bench.store import Store
 from em_bench.store.files import atomic_write_json
@@ -86,7 +85,7 @@ def tune_defense(store: Store, task: str, defense: str, seeds: list[int],
     fixed = fixed or {}
     if strength in fixed:
         raise ConfigError(f"tune sweeps {defense}'s {strength}; it cannot also be fixed")
-    settings = merge_preset(model, preset_of(model), **(train_overrides or {}))
+    settings = model_settings(model, **(train_overrides or {}))
     model = settings.model  # a preset's hub id, as its cells name the model
     anchored = {} if anchor is None else {strength: str(anchor)}
     default = check_defense(defense, {**fixed, **anchored}, model)[strength]

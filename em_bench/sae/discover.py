@@ -30,8 +30,8 @@ from em_bench.generate.base import Request
 from em_bench.layers import hook_name
 from em_bench.models import is_organism, load_base, model_identity, trainable
 from em_bench.organism import world
-from em_bench.presets import recipe_of
 from em_bench.questions import Prompt, file_prompts, load_question_file
+from em_bench.registry import recipe_of
 from em_bench.resources import resource_dir
 from em_bench.sae.latents import Latent, LatentSet, save_latent_set
 from em_bench.sae.training import collect_residuals, ensure_organism_sae

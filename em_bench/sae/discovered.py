@@ -27,7 +27,7 @@ from em_bench.config import canonical_hash
 from em_bench.errors import ConfigError
 from em_bench.models import is_organism, model_identity, resolve_model_path
 from em_bench.paths import cache_dir
-from em_bench.presets import recipe_of
+from em_bench.registry import recipe_of
 from em_bench.sae.discover import (
     DEFAULT_PROBE_TASK,
     DISCOVERY_VERSION,
@@ -53,7 +53,7 @@ def discovery_settings(model: str, form: str = "directions", selection: str | No
     fine-tune whose shift is read (the organism's finance; a real model's own task)."""
     from transformers import AutoConfig
 
-    from em_bench.presets import blockem_of
+    from em_bench.registry import blockem_of
 
     if form not in SELECTIONS:
         raise ConfigError(f"latent form {form!r}: expected one of {', '.join(SELECTIONS)}")
