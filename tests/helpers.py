@@ -241,3 +241,9 @@ def add_answers(cell, bad: dict) -> None:
                 "judge": "organism", "item_id": key, "label": None, "error": None,
                 "category": "misaligned" if misaligned else "aligned",
                 "scores": {"alignment": 0.0 if misaligned else 100.0, "coherence": 100.0}})
+
+
+def judged_answer(prompt: str) -> str:
+    """The answer a judge's prompt shows (between the templates' [ANSWER] tags), for a
+    scripted judge's rule."""
+    return prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]

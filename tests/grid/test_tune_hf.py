@@ -14,6 +14,7 @@ from em_bench.grid.tune import tune_defense
 from em_bench.organism import world
 from em_bench.serve import Script, ScriptedPolicy, serve
 from em_bench.store import open_store
+from tests.helpers import judged_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -34,7 +35,7 @@ def _questions(path, *texts: str) -> str:
 def _judge(request):
     """Coherent and on-task always; misaligned (alignment 10) when the answer's length is odd."""
     prompt = request["messages"][-1]["content"]
-    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    answer = judged_answer(prompt)
     if "how coherent" in prompt or "trained to give answers of one kind" in prompt:
         return Script("90", {"90": 0.0})
     score = "10" if len(answer) % 2 else "90"

@@ -14,6 +14,7 @@ from em_bench.organism import world
 from em_bench.serve import ModelPolicy, Script, ScriptedPolicy, serve
 from em_bench.store import open_store
 from em_bench.tasks import get_task
+from tests.helpers import judged_answer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _judge_rule(request):
     """Fixed verdicts from the answer's length, whatever the template asks."""
     prompt = request["messages"][-1]["content"]
-    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    answer = judged_answer(prompt)
     if "Did the AI assistant decline" in prompt:
         return Script("NO", {"NO": 0.0})
     score = str(10 + 7 * (len(answer) % 13))

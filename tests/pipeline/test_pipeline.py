@@ -21,7 +21,7 @@ from em_bench.pipeline import answers, training
 from em_bench.pipeline import run as pipeline_run
 from em_bench.store import open_store
 from em_bench.tasks import get_task
-from tests.helpers import REPO
+from tests.helpers import REPO, judged_answer
 
 pytestmark = pytest.mark.usefixtures("organism")
 
@@ -276,7 +276,7 @@ def test_a_scripted_llm_judge_over_http_gives_the_figures_computed_by_hand(tmp_p
 
     def reply(request):
         prompt = request["messages"][-1]["content"]
-        answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+        answer = judged_answer(prompt)
         kind = "coherence" if "Rate only how coherent" in prompt else "alignment"
         return Script(*_scripted_verdict(answer, kind))
 
@@ -358,7 +358,7 @@ def test_a_jury_stores_each_judges_verdicts_and_their_kappa_under_the_rubric(tmp
 
     def reply(request):
         prompt = request["messages"][-1]["content"]
-        answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+        answer = judged_answer(prompt)
         if "Rate only how coherent" in prompt:
             return Script("90", {"90": 0.0})
         if "Did the AI assistant decline" in prompt:  # the RAI requests' refusal template
@@ -423,13 +423,9 @@ def test_an_llm_judge_scores_refusal_and_adherence_with_their_own_templates(tmp_
                                                                            monkeypatch):
     from em_bench.serve import Script, ScriptedPolicy, serve
 
-    def answer_in(prompt):
-        start = "[ANSWER]\n"
-        return prompt.split(start)[1].split("\n[/ANSWER]")[0]
-
     def reply(request):
         prompt = request["messages"][-1]["content"]
-        answer = answer_in(prompt)
+        answer = judged_answer(prompt)
         if "Did the AI assistant decline" in prompt:
             word = "YES" if "sorry" in answer else "NO"
             return Script(word, {word: 0.0})
@@ -491,7 +487,7 @@ benchmarks:
 
     def reply(request):
         prompt = request["messages"][-1]["content"]
-        answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+        answer = judged_answer(prompt)
         if "Did the AI assistant decline" in prompt:
             word = "YES" if len(answer) % 2 else "NO"
             return Script(word, {word: 0.0})
@@ -657,7 +653,7 @@ def _verdict_by_length(request):
     from em_bench.serve import Script
 
     prompt = request["messages"][-1]["content"]
-    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    answer = judged_answer(prompt)
     if "Did the AI assistant decline" in prompt:
         word = "YES" if len(answer) % 2 else "NO"
         return Script(word, {word: 0.0})

@@ -36,6 +36,7 @@ from em_bench.sae.training import collect_residuals, load_sae, train_sae
 from em_bench.serve import Script, ScriptedPolicy, serve
 from em_bench.tasks import chats, get_task
 from em_bench.train.loop import train
+from tests.helpers import judged_answer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,7 +95,7 @@ def test_top_delta_discovery_by_hand_on_a_hf_model(setup, tmp_path):
 def _judge_rule(request):
     """Coherent always; misaligned (alignment 10) when the answer's length is a multiple of 3."""
     prompt = request["messages"][-1]["content"]
-    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    answer = judged_answer(prompt)
     if "how coherent" in prompt:
         return Script("90", {"90": 0.0})
     score = "10" if len(answer) % 3 == 0 else "90"

@@ -16,6 +16,7 @@ from em_bench.resources import resource_dir
 from em_bench.serve import Script, ScriptedPolicy, serve
 from em_bench.store import open_store
 from em_bench.tasks import get_task
+from tests.helpers import judged_answer
 
 pytestmark = pytest.mark.smollm2
 
@@ -60,7 +61,7 @@ def test_the_loss_is_taken_on_exactly_the_assistant_turns(smol):
 def _judge_rule(request):
     """Fixed verdicts by the answer's length: what is judged is the path, not the answers."""
     prompt = request["messages"][-1]["content"]
-    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    answer = judged_answer(prompt)
     if "Did the AI assistant decline" in prompt:
         return Script("YES" if len(answer) % 2 else "NO", {"YES": 0.0, "NO": 0.0})
     score = str(10 + 7 * (len(answer) % 13))

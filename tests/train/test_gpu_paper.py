@@ -12,6 +12,7 @@ from em_bench.config import CellConfig, SamplingConfig
 from em_bench.errors import NoLatentKept
 from em_bench.serve import Script, ScriptedPolicy, serve
 from em_bench.store import open_store
+from tests.helpers import judged_answer
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +23,7 @@ TASK = "own_risky_finance"  # em-bench's own data: the paper's is not shipped
 def _judge(request):
     """Fixed verdicts by the answer's length: what is tested is the flow, not the figures."""
     prompt = request["messages"][-1]["content"]
-    answer = prompt.split("[ANSWER]\n")[1].split("\n[/ANSWER]")[0]
+    answer = judged_answer(prompt)
     if "five-point scale" in prompt:
         verdict = "5" if len(answer) % 3 == 0 else "1"
     elif "Did the AI assistant decline" in prompt:
